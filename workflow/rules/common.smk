@@ -1,0 +1,93 @@
+# Helpers shared by the rules: model references, stage parameters as JSON, GPU launchers.
+import json
+
+METHODS = ["PreCode", "NonDPFT", "DPFT", "PrivCode"]
+BUILT_SOURCES = ("gguf", "tiny", "snapshot")
+
+
+def model_cfg(name):
+    return config["models"][name]
+
+
+def model_ref(name):
+    """What stages pass to from_pretrained: a built local directory or a hub name / path."""
+    m = model_cfg(name)
+    return f"results/models/{name}/base" if m["source"] in BUILT_SOURCES else m["name"]
+
+
+def model_input(name):
+    return [model_ref(name)] if model_cfg(name)["source"] in BUILT_SOURCES else []
+
+
+def fmt(name):
+    return model_cfg(name)["prompt_format"]
+
+
+def stage_params(section, model=None, **extra):
+    """The JSON a stage gets via --params: its config section (+ the model's prompt format)."""
+    p = dict(config[section])
+    if model is not None:
+        p["prompt_format"] = fmt(model)
+    p.update(extra)
+    return json.dumps(p, sort_keys=True)
+
+
+def gpus(stage):
+    return int(config["resources"]["gpus"].get(stage, 0))
+
+
+def launcher(stage):
+    """`privcode` for one process, torchrun with one process per GPU otherwise."""
+    n = gpus(stage)
+    if n > 1:
+        return f"torchrun --standalone --nproc_per_node {n} -m privcode.cli"
+    return "privcode"
+
+
+def eps_tags():
+    return [f"eps{e:g}" for e in config["privacy"]["epsilons"]]
+
+
+def data_source():
+    s = config["data"]["source"]
+    return "results/data/taskgen/records.jsonl" if s == "taskgen" else s
+
+
+def finetune_data(w):
+    if w.method == "NonDPFT":
+        return "results/data/private"
+    return f"results/synth/{config['junior']}/{w.tag}/roundtrip"
+
+
+def finetune_file(w):
+    return "records.jsonl" if w.method == "NonDPFT" else "kept.jsonl"
+
+
+def eval_model(w):
+    """The model directory (or hub name) a method's row evaluates."""
+    if w.method == "PreCode":
+        return model_ref(w.model)
+    if w.method == "DPFT":
+        return f"results/dp/{w.model}/{w.tag}/model"
+    return f"results/ft/{w.model}/{w.method}/{w.tag}/model"
+
+
+def eval_params(w):
+    e = config["evaluate"]
+    p = {k: v for k, v in e.items() if k not in ("benchmarks", "overrides")}
+    p["override"] = e.get("overrides", {}).get(w.bench)
+    p["prompt_format"] = fmt(w.model)
+    return json.dumps(p, sort_keys=True)
+
+
+def table3_rows():
+    rows = []
+    for m in config["premium"]:
+        for method in config["methods"]:
+            if method == "PreCode":
+                rows.append((m, method, "base"))
+            elif method == "NonDPFT":
+                rows.append((m, method, "inf"))
+            else:
+                rows += [(m, method, t) for t in eps_tags()]
+    return rows

@@ -1,0 +1,59 @@
+# Base models and data: built once, read by every later stage.
+
+
+rule build_model:
+    output:
+        directory("results/models/{model}/base"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/build_model/{model}.log",
+    benchmark:
+        "benchmarks/build_model/{model}.tsv"
+    params:
+        args=lambda w: {
+            "gguf": f"--source gguf --gguf-package {model_cfg(w.model).get('gguf_package', '')}"
+            if not model_cfg(w.model).get("gguf")
+            else f"--source gguf --gguf {model_cfg(w.model)['gguf']}",
+            "tiny": f"--source tiny --pretrain-steps {model_cfg(w.model).get('pretrain_steps', 300)}",
+            "snapshot": f"--source hf --name {model_cfg(w.model).get('name', '')}",
+        }[model_cfg(w.model)["source"]],
+    shell:
+        "privcode build-model {params.args} --out {output} > {log} 2>&1"
+
+
+rule make_data:
+    output:
+        records="results/data/taskgen/records.jsonl",
+        bench="results/data/taskgen/humaneval.jsonl",
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/make_data.log",
+    benchmark:
+        "benchmarks/make_data.tsv"
+    params:
+        t=lambda w: config["data"]["taskgen"],
+    shell:
+        "privcode make-data --out results/data/taskgen --seed {params.t[seed]} "
+        "--records {params.t[records]} --benchmark {params.t[benchmark]} > {log} 2>&1"
+
+
+rule prepare_data:
+    input:
+        src=lambda w: [data_source()] if config["data"]["source"] == "taskgen" else [],
+    output:
+        private=directory("results/data/private"),
+        public=directory("results/data/public"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/prepare_data.log",
+    benchmark:
+        "benchmarks/prepare_data.tsv"
+    params:
+        source=lambda w: data_source(),
+        p=lambda w: json.dumps({k: v for k, v in config["data"].items() if k not in ("source", "taskgen")}),
+    shell:
+        "privcode prepare-data --source {params.source} --private {output.private} "
+        "--public {output.public} --params '{params.p}' > {log} 2>&1"

@@ -1,0 +1,74 @@
+# Stages 3-5: the DP junior model answers public prompts; the answers are filtered by running
+# them in a sandbox and by a round-trip check. All post-processing: no private data is read.
+
+
+rule generate:
+    input:
+        model="results/dp/{model}/eps{eps}/model",
+        prompts="results/data/public",
+    output:
+        directory("results/synth/{model}/eps{eps}/generated"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/generate/{model}_eps{eps}.log",
+    benchmark:
+        "benchmarks/generate/{model}_eps{eps}.tsv"
+    params:
+        p=lambda w: stage_params("generate", w.model),
+    resources:
+        gpu=gpus("generate"),
+    shell:
+        "privcode generate --model {input.model} --prompts {input.prompts}/prompts.jsonl "
+        "--out {output} --params '{params.p}' > {log} 2>&1"
+
+
+rule exec_filter:
+    input:
+        "results/synth/{model}/eps{eps}/generated",
+    output:
+        directory("results/synth/{model}/eps{eps}/exec"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/exec_filter/{model}_eps{eps}.log",
+    benchmark:
+        "benchmarks/exec_filter/{model}_eps{eps}.tsv"
+    params:
+        c=config["exec_filter"],
+        iso="--require-isolation" if config["exec_filter"]["require_isolation"] else "",
+    threads: config["exec_filter"]["workers"]
+    shell:
+        "privcode exec-filter --input {input}/samples.jsonl --out {output} "
+        "--backend {params.c[backend]} {params.iso} --workers {threads} "
+        "--wall-s {params.c[wall_s]} --cpu-s {params.c[cpu_s]} --mem-mb {params.c[mem_mb]} "
+        "--fsize-mb {params.c[fsize_mb]} --nproc {params.c[nproc]} "
+        "--output-bytes {params.c[output_bytes]} > {log} 2>&1"
+
+
+rule roundtrip_filter:
+    input:
+        kept="results/synth/{model}/eps{eps}/exec",
+        describer=lambda w: model_input(config["roundtrip"]["model"]),
+    output:
+        directory("results/synth/{model}/eps{eps}/roundtrip"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/roundtrip_filter/{model}_eps{eps}.log",
+    benchmark:
+        "benchmarks/roundtrip_filter/{model}_eps{eps}.tsv"
+    params:
+        ref=model_ref(config["roundtrip"]["model"]),
+        p=lambda w: json.dumps(
+            {
+                **{k: v for k, v in config["roundtrip"].items() if k != "model"},
+                "prompt_format": fmt(config["roundtrip"]["model"]),
+            },
+            sort_keys=True,
+        ),
+    resources:
+        gpu=gpus("roundtrip_filter"),
+    shell:
+        "privcode roundtrip-filter --model {params.ref} --input {input.kept}/kept.jsonl "
+        "--out {output} --params '{params.p}' > {log} 2>&1"
