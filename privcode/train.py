@@ -179,6 +179,9 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     from privcode.dp import ledger
     from privcode.models import default_device, load_tokenizer
 
+    if world_size() > 1:
+        raise PrivcodeError("DP fine-tuning runs in one process for now (set resources.gpus.dp_finetune: 1); "
+                            "multi-GPU DP with noise added once per step is tracked in issue #3")
     torch.manual_seed(cfg.seed)
     device = default_device()
     tok = load_tokenizer(model_ref)
@@ -299,14 +302,21 @@ def _save_ckpt(d: Path, gsm, opt, sample_gen, noise_gen, history, losses, step):
 # non-DP
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
+    """Ordinary fine-tuning. One process: plain AdamW. Several (torchrun): DeepSpeed ZeRO-2, each
+    rank taking its share of every global batch; rank 0 writes the artifact."""
     from tqdm import tqdm
 
     from privcode.dp import ledger
     from privcode.models import default_device, load_tokenizer
 
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # same seed on every rank: all ranks agree on the batch order
+    world = world_size()
     device = default_device()
     tok = load_tokenizer(model_ref)
     rows, data_stats = load_rows(data, tok, cfg)
@@ -314,35 +324,76 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     model = build_lora_model(model_ref, cfg, device)
     model.train()
     before = lora_state(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine, rank = None, 0
+    n_micro = max(1, math.ceil(math.ceil(cfg.batch_size / world) / cfg.micro_batch_size))
+    if world > 1:
+        engine, rank = _deepspeed_engine(model, opt, cfg, n_micro)
     order: list[int] = []
     losses, t0 = [], time.time()
-    for _ in tqdm(range(steps), desc="finetune", unit="step"):
+    for _ in tqdm(range(steps), desc="finetune", unit="step", disable=rank != 0):
         if len(order) < cfg.batch_size:
             perm = list(range(len(rows)))
             rng.shuffle(perm)
             order += perm
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        mine = idx[rank::world]  # this rank's share of the global batch
+        micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        if engine is not None:  # every rank runs the same number of micro-steps (ZeRO reduces each one)
+            micro += [[]] * (n_micro - len(micro))
         total = 0.0
-        for i in range(0, len(idx), cfg.micro_batch_size):
-            batch = collate([rows[k] for k in idx[i:i + cfg.micro_batch_size]], tok.pad_token_id, device)
-            loss = per_record_loss(model, batch).sum() / len(idx)
-            loss.backward()
-            total += float(loss.detach())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for mb in micro:
+            batch = collate([rows[k] for k in (mb or idx[:1])], tok.pad_token_id, device)
+            weight = 1.0 if mb else 0.0  # a padding micro-step contributes a zero gradient
+            if engine is None:
+                loss = per_record_loss(model, batch).sum() / len(idx)
+                loss.backward()
+            else:  # DeepSpeed averages over ranks: each rank's sum is scaled by world / |batch|
+                loss = per_record_loss(engine, batch).sum() * (weight * world / len(idx))
+                engine.backward(loss, scale_wrt_gas=False)
+                engine.step()  # steps the optimizer only at the accumulation boundary
+            total += float(loss.detach()) / (world if engine is not None else 1)
+        if engine is None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:  # log the global batch loss, not this rank's share
+            t = torch.tensor([total], device=device)
+            torch.distributed.all_reduce(t)
+            total = float(t)
         losses.append(total)
     elapsed = time.time() - t0
     stats = {"mode": "non-dp", **data_stats, "steps": steps, "losses": losses, "seconds": elapsed,
-             "lora_max_abs_delta": max_lora_delta(before, model), "config": asdict(cfg), "base_model": model_ref}
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json(tmp / "train_stats.json", stats)
-        # reading raw private data without DP composes to ε = inf through the data's own ledger
-        ledger.derive(tmp, stage="finetune", parents=ledger.model_parents(model_ref) + [str(Path(data).parent)])
+             "world_size": world, "lora_max_abs_delta": max_lora_delta(before, model), "config": asdict(cfg),
+             "base_model": model_ref}
+    if rank == 0:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_json(tmp / "train_stats.json", stats)
+            # reading raw private data without DP composes to ε = inf through the data's own ledger
+            ledger.derive(tmp, stage="finetune", parents=ledger.model_parents(model_ref) + [str(Path(data).parent)])
+    if engine is not None:
+        torch.distributed.barrier()
     return stats
+
+
+def _deepspeed_engine(model, opt, cfg: TrainConfig, n_micro: int):
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise PrivcodeError("multi-GPU fine-tuning needs DeepSpeed: pip install 'privcode[gpu]'") from e
+    deepspeed.init_distributed()
+    ds_cfg = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": n_micro,
+        "zero_optimization": {"stage": 2},  # partitions optimizer state and gradients
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "steps_per_print": 10 ** 9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
+    return engine, torch.distributed.get_rank()
 
 
 def main(argv=None, dp: bool = False) -> None:

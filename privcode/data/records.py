@@ -54,7 +54,9 @@ def load_records(source: str, columns: dict | None = None, hf_split: str = "trai
                 raise PrivcodeError("missing required field", path=where, line=line, field=c)
             if not isinstance(v, str) or not v.strip():
                 raise PrivcodeError("expected a non-empty string", path=where, line=line, field=c)
-        lang = r.get(cols["lang"]) or default_lang
+        lang = r.get(cols["lang"])
+        if not isinstance(lang, str) or not lang.strip():  # absent, None or a pandas NaN
+            lang = default_lang
         rec = {"id": str(r.get("id", f"r{line}")), "problem": r[cols["problem"]], "lang": str(lang).lower()}
         if need_solution:
             rec["solution"] = r[cols["solution"]]

@@ -109,8 +109,8 @@ def score(samples_path, dataset: str, override_path: str | None, out_dir, parall
     `evalplus.log` (its console output) and `scores.json` (the returned dict), all atomically."""
     if dataset not in DATASETS:
         raise PrivcodeError(f"unknown dataset '{dataset}' (choose from {sorted(DATASETS)})")
-    samples_path = Path(samples_path)
-    out_dir = Path(out_dir)
+    samples_path = Path(samples_path).resolve()
+    out_dir = Path(out_dir).resolve()  # the evaluator runs with cwd=scratch
     env = dict(os.environ)
     for var in DATASETS.values():
         env.pop(var, None)

@@ -1,0 +1,80 @@
+"""Data loading/splitting and the command line's error reporting."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_records
+from privcode.data.records import load_records, prepare, split
+from privcode.dp import ledger
+from privcode.errors import PrivcodeError
+
+
+def test_parquet_with_own_column_names(tmp_path):
+    import pandas as pd
+
+    p = tmp_path / "mine.parquet"
+    pd.DataFrame({"instruction": ["a", "b"], "output": ["x", "y"], "language": ["Python", None]}).to_parquet(p)
+    recs = load_records(str(p), {"problem": "instruction", "solution": "output", "lang": "language"})
+    assert [r["problem"] for r in recs] == ["a", "b"] and [r["lang"] for r in recs] == ["python", "python"]
+    with pytest.raises(PrivcodeError) as e:
+        load_records(str(p))  # default column names are absent
+    assert e.value.field == "problem" and str(p) in str(e.value)
+
+
+def test_empty_field_names_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"problem": "a", "solution": "b"}\n{"problem": " ", "solution": "b"}\n')
+    with pytest.raises(PrivcodeError) as e:
+        load_records(str(p))
+    assert (e.value.line, e.value.field) == (2, "problem")
+
+
+def test_split_is_seeded_and_disjoint():
+    recs = [{"id": str(i), "problem": f"p{i}", "solution": "s", "lang": "python"} for i in range(100)]
+    a1, b1 = split(recs, 0.26, 42)
+    a2, b2 = split(recs, 0.26, 42)
+    assert a1 == a2 and len(a1) == 26 and len(b1) == 74
+    assert not {r["id"] for r in a1} & {r["id"] for r in b1}
+    assert split(recs, 0.26, 1)[0] != a1
+
+
+def test_prepare_writes_private_and_public_ledgers(tmp_path):
+    src = write_records(tmp_path / "all.jsonl", 10)
+    counts = prepare(str(src), tmp_path / "priv", tmp_path / "pub", private_fraction=0.5, seed=0)
+    assert counts == {"private": 5, "public": 5}
+    assert math.isinf(ledger.read(tmp_path / "priv")["epsilon"])  # raw private data
+    assert ledger.read(tmp_path / "pub")["epsilon"] == 0.0
+    pub = [json.loads(x) for x in (tmp_path / "pub" / "prompts.jsonl").read_text().splitlines()]
+    assert all("solution" not in r for r in pub)
+
+
+def run_cli(*args):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.run(["privcode", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_lists_every_stage():
+    out = run_cli("--help").stdout
+    for cmd in ["build-model", "prepare-data", "dp-finetune", "merge", "generate", "exec-filter",
+                "roundtrip-filter", "finetune", "evaluate", "table3"]:
+        assert cmd in out
+
+
+def test_cli_missing_model_path_is_one_clear_error(tmp_path, private_data):
+    p = run_cli("dp-finetune", "--model", str(tmp_path / "nope"), "--data", str(private_data),
+                "--out", str(tmp_path / "o"), "--params", '{"epsilon": 4, "delta": 1e-5, "steps": 1}')
+    assert p.returncode == 2
+    assert "model path does not exist" in p.stderr and str(tmp_path / "nope") in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_cli_malformed_jsonl_names_line(tmp_path, tiny_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "a", "solution": "b"}\n{"problem": "a"}\n')
+    p = run_cli("finetune", "--model", str(tiny_model), "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and "line 2" in p.stderr and "'solution'" in p.stderr
