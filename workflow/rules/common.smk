@@ -91,3 +91,12 @@ def table3_rows():
             else:
                 rows += [(m, method, t) for t in eps_tags()]
     return rows
+
+
+def exec_filter_args():
+    """Sandbox flags from the exec_filter section (a string: Snakemake compares params by value)."""
+    c = config["exec_filter"]
+    flags = [f"--backend {c['backend']}"] + (["--require-isolation"] if c["require_isolation"] else [])
+    for k in ("wall_s", "cpu_s", "mem_mb", "fsize_mb", "nproc", "output_bytes"):
+        flags.append(f"--{k.replace('_', '-')} {c[k]}")
+    return " ".join(flags)

@@ -33,10 +33,12 @@ rule make_data:
     benchmark:
         "benchmarks/make_data.tsv"
     params:
-        t=lambda w: config["data"]["taskgen"],
+        seed=config["data"].get("taskgen", {}).get("seed", 0),
+        records=config["data"].get("taskgen", {}).get("records", 400),
+        bench=config["data"].get("taskgen", {}).get("benchmark", 40),
     shell:
-        "privcode make-data --out results/data/taskgen --seed {params.t[seed]} "
-        "--records {params.t[records]} --benchmark {params.t[benchmark]} > {log} 2>&1"
+        "privcode make-data --out results/data/taskgen --seed {params.seed} "
+        "--records {params.records} --benchmark {params.bench} > {log} 2>&1"
 
 
 rule prepare_data:
@@ -53,7 +55,10 @@ rule prepare_data:
         "benchmarks/prepare_data.tsv"
     params:
         source=lambda w: data_source(),
-        p=lambda w: json.dumps({k: v for k, v in config["data"].items() if k not in ("source", "taskgen")}),
+        p=lambda w: json.dumps(
+            {k: v for k, v in config["data"].items() if k not in ("source", "taskgen")},
+            sort_keys=True,
+        ),
     shell:
         "privcode prepare-data --source {params.source} --private {output.private} "
         "--public {output.public} --params '{params.p}' > {log} 2>&1"

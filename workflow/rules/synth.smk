@@ -35,15 +35,11 @@ rule exec_filter:
     benchmark:
         "benchmarks/exec_filter/{model}_eps{eps}.tsv"
     params:
-        c=config["exec_filter"],
-        iso="--require-isolation" if config["exec_filter"]["require_isolation"] else "",
+        args=exec_filter_args(),
     threads: config["exec_filter"]["workers"]
     shell:
         "privcode exec-filter --input {input}/samples.jsonl --out {output} "
-        "--backend {params.c[backend]} {params.iso} --workers {threads} "
-        "--wall-s {params.c[wall_s]} --cpu-s {params.c[cpu_s]} --mem-mb {params.c[mem_mb]} "
-        "--fsize-mb {params.c[fsize_mb]} --nproc {params.c[nproc]} "
-        "--output-bytes {params.c[output_bytes]} > {log} 2>&1"
+        "--workers {threads} {params.args} > {log} 2>&1"
 
 
 rule roundtrip_filter:
