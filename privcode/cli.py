@@ -24,6 +24,8 @@ COMMANDS = {
     "finetune": ("privcode.train", "main", {"dp": False}, "stage 6: ordinary fine-tuning (utility boosting, NonDPFT)"),
     "evaluate": ("privcode.evaluate.run", "main", {}, "stage 7: EvalPlus / BigCodeBench pass@1"),
     "table3": ("privcode.report.table3", "main", {}, "stage 8: results/table3.csv (ε from privacy.json)"),
+    "audit": ("privcode.dp.audit", "main", {}, "empirical privacy audit: canaries, exposure, one-run ε lower bound"),
+    "bench": ("privcode.bench", "main", {}, "benchmarks: exec | train | generate"),
 }
 
 

@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 from privcode.data.prompts import render_example
+from privcode.dp.engine import IGNORE, per_record_loss, privsa_lambda
 from privcode.errors import PrivcodeError
 from privcode.io import atomic_dir, iter_jsonl, write_json
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100
 
 
 @dataclass
@@ -60,6 +59,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0        # per-record clipping norm C
     accountant: str = "prv"           # prv (reported) | rdp
     checkpoint_every: int = 0         # steps between resumable checkpoints (0: off)
+    sampler: str = "poisson"          # the only sampler the accountant covers; anything else is refused
+    optimizer: str = "adamw"          # adamw | sgd (sgd: the update is exactly -lr * noisy gradient)
+    # --- PrivSA (DP only): loss_i = CE_i + λ(t)·KL(p_base ‖ p_dp) over record i's syntax tokens ---
+    privsa_lambda_max: float = 0.0    # 0 turns PrivSA off (plain DP-SGD, the DPFT baseline)
+    privsa_lambda_min: float = 0.0
+    privsa_alpha: float = 0.05        # decay rate of λ per optimizer step
+    privsa_interval: int = 1          # λ is held constant over blocks of this many steps
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "--params") -> "TrainConfig":
@@ -74,25 +80,38 @@ class TrainConfig:
 # data: one record -> one row
 
 
-def load_rows(path, tok, cfg: TrainConfig) -> tuple[list[dict], dict]:
-    """Tokenize every record into exactly one row (prompt tokens masked out of the loss)."""
-    rows, truncated, empty_answer = [], 0, 0
+def load_rows(path, tok, cfg: TrainConfig, syntax: bool = False) -> tuple[list[dict], dict]:
+    """Tokenize every record into exactly one row (prompt tokens masked out of the loss).
+    With `syntax`, each row also carries the PrivSA mask of its syntax-token positions."""
+    rows, truncated, empty_answer, unparsed = [], 0, 0, 0
     eos = tok.eos_token or ""
     for lineno, rec in iter_jsonl(path, required=("problem", "solution")):
         prompt, answer = render_example(rec["problem"], rec["solution"], cfg.prompt_format, tok)
         p_ids = tok(prompt, add_special_tokens=cfg.prompt_format == "qa")["input_ids"]
-        a_ids = tok(answer + eos, add_special_tokens=False)["input_ids"]
+        enc = tok(answer + eos, add_special_tokens=False, return_offsets_mapping=syntax)
+        a_ids = enc["input_ids"]
         ids = (p_ids + a_ids)
         labels = [IGNORE] * len(p_ids) + a_ids
+        row = {"input_ids": ids, "labels": labels, "line": lineno}
+        if syntax:
+            from privcode.dp.syntax import syntax_char_spans_in_answer, token_mask
+
+            spans, _, failed = syntax_char_spans_in_answer(answer, rec.get("lang") or "python")
+            unparsed += bool(failed) and not spans
+            row["syntax"] = [False] * len(p_ids) + token_mask(enc["offset_mapping"], spans)
         if len(ids) > cfg.max_length:
             truncated += 1
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-        if all(x == IGNORE for x in labels[1:]):
+            row = {k: (v[: cfg.max_length] if isinstance(v, list) else v) for k, v in row.items()}
+        if all(x == IGNORE for x in row["labels"][1:]):
             empty_answer += 1
-        rows.append({"input_ids": ids, "labels": labels, "line": lineno})
+        rows.append(row)
     if not rows:
         raise PrivcodeError("no training records", path=path)
-    return rows, {"records": len(rows), "truncated": truncated, "no_answer_tokens": empty_answer}
+    stats = {"records": len(rows), "truncated": truncated, "no_answer_tokens": empty_answer}
+    if syntax:
+        stats["privsa_unparsed_records"] = unparsed  # these get KL 0
+        stats["privsa_syntax_tokens"] = sum(sum(r["syntax"]) for r in rows)
+    return rows, stats
 
 
 def collate(rows: list[dict], pad_id: int, device) -> dict:
@@ -100,24 +119,18 @@ def collate(rows: list[dict], pad_id: int, device) -> dict:
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
+    syn = torch.zeros((len(rows), T), dtype=torch.bool) if "syntax" in rows[0] else None
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def per_record_loss(model, batch) -> torch.Tensor:
-    """Mean token cross-entropy of each record's answer: shape [B]. Records are independent
-    (no cross-row reduction), which is what makes per-record clipping meaningful."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                           ignore_index=IGNORE, reduction="none").view(labels.shape)
-    n = (labels != IGNORE).sum(1).clamp(min=1)
-    return ce.sum(1) / n
+        if syn is not None:
+            syn[i, :n] = torch.tensor(r["syntax"], dtype=torch.bool)
+    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    if syn is not None:
+        out["syntax"] = syn.to(device)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,111 +163,68 @@ def max_lora_delta(before: dict, model) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# DP-SGD
-
-
-def check_dp_inputs(cfg: TrainConfig, n_records: int) -> float:
-    """Refuse to start when the run would not match what the accountant assumes. Returns q."""
-    if cfg.epsilon is None and cfg.noise_multiplier is None:
-        raise PrivcodeError("DP training needs a target 'epsilon' (or a fixed 'noise_multiplier')")
-    if cfg.delta is None or not (0 < cfg.delta < 1.0 / n_records):
-        raise PrivcodeError(f"'delta'={cfg.delta} must be in (0, 1/N) = (0, {1.0 / n_records:.3g}) for N={n_records} records")
-    if not cfg.steps or cfg.steps < 1:
-        raise PrivcodeError("DP training needs 'steps' ≥ 1 (the accountant's T)")
-    q = cfg.batch_size / n_records
-    if not (0 < q <= 1):
-        raise PrivcodeError(f"expected batch size {cfg.batch_size} must be in [1, N={n_records}]")
-    if cfg.lora_dropout:
-        raise PrivcodeError("lora_dropout must be 0 under DP (per-record gradients must be deterministic)")
-    return q
+# DP-SGD (mechanism in privcode.dp.engine)
 
 
 def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
     from tqdm import tqdm
 
     from privcode.dp import accountant as acct
-    from privcode.dp import ledger
+    from privcode.dp import engine, ledger
     from privcode.models import default_device, load_tokenizer
 
-    if world_size() > 1:
-        raise PrivcodeError("DP fine-tuning runs in one process for now (set resources.gpus.dp_finetune: 1); "
-                            "multi-GPU DP with noise added once per step is tracked in issue #3")
+    rank, world = engine.init_distributed()
     torch.manual_seed(cfg.seed)
     device = default_device()
     tok = load_tokenizer(model_ref)
-    rows, data_stats = load_rows(data, tok, cfg)
+    privsa = cfg.privsa_lambda_max > 0 or cfg.privsa_lambda_min > 0
+    rows, data_stats = load_rows(data, tok, cfg, syntax=privsa)
     N = len(rows)
-    q = check_dp_inputs(cfg, N)
+    q = engine.check_plan(epsilon=cfg.epsilon, delta=cfg.delta, steps=cfg.steps, batch_size=cfg.batch_size,
+                          n_records=N, lora_dropout=cfg.lora_dropout, sampler=cfg.sampler)
     sigma = cfg.noise_multiplier
     if sigma is None:
         sigma = acct.calibrate_sigma(cfg.epsilon, cfg.delta, q, cfg.steps, cfg.accountant)
     planned_eps = acct.epsilon(q, sigma, cfg.steps, cfg.delta, cfg.accountant)
-    if cfg.epsilon is not None and planned_eps > cfg.epsilon * (1 + 1e-6):
+    if planned_eps > cfg.epsilon * (1 + 1e-6):
         raise PrivcodeError(f"σ={sigma} gives ε={planned_eps:.4f} > target {cfg.epsilon} after {cfg.steps} steps")
-    log.info("DP-SGD: N=%d q=%.5f σ=%.4f C=%g T=%d -> ε=%.4f (δ=%g, %s)", N, q, sigma, cfg.max_grad_norm,
-             cfg.steps, planned_eps, cfg.delta, cfg.accountant)
+    if rank == 0:
+        log.info("DP-SGD: N=%d q=%.5f σ=%.4f C=%g T=%d processes=%d PrivSA=%s -> ε=%.4f (δ=%g, %s)", N, q,
+                 sigma, cfg.max_grad_norm, cfg.steps, world, privsa, planned_eps, cfg.delta, cfg.accountant)
 
     model = build_lora_model(model_ref, cfg, device)
     model.train()
+    dp = engine.DPSGD(model, n_records=N, sample_rate=q, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+                      expected_batch_size=q * N, lr=cfg.lr, weight_decay=cfg.weight_decay, steps=cfg.steps,
+                      seed=cfg.seed, device=device, rank=rank, world=world, optimizer=cfg.optimizer)
     before = lora_state(model)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    params = [p for p in gsm.parameters() if p.requires_grad]
-    base_opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    noise_gen = torch.Generator(device=device if device != "cpu" else "cpu").manual_seed(cfg.seed + 1)
-    opt = DPOptimizer(base_opt, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
-                      expected_batch_size=cfg.batch_size, loss_reduction="sum", generator=noise_gen)
-    # Opacus adds N(0, σ²C²) to the *sum* of clipped gradients; average by the expected batch size
-    # (a public constant) — dividing by the realized batch size would leak it.
-    opt.attach_step_hook(lambda o: [p.grad.div_(cfg.batch_size) for p in o.params])
-    sample_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    sampler = UniformWithReplacementSampler(num_samples=N, sample_rate=q, generator=sample_gen, steps=cfg.steps)
-
-    ckpt_dir = out.parent / f".{out.name}.ckpt"
     history, losses, start = [], [], 0
-    if cfg.checkpoint_every and (ckpt_dir / "state.pt").exists():
-        st = torch.load(ckpt_dir / "state.pt", weights_only=False)
-        for n, p in gsm.named_parameters():
-            if p.requires_grad:
-                p.data.copy_(st["lora"][n])
-        base_opt.load_state_dict(st["opt"])
-        sample_gen.set_state(st["sample_rng"])
-        noise_gen.set_state(st["noise_rng"])
-        history, losses, start = st["history"], st["losses"], st["step"]
-        log.info("resumed from %s at step %d", ckpt_dir, start)
+    st = engine.load_ckpt(out, rank) if cfg.checkpoint_every else None
+    if st is not None:
+        dp.load(st)
+        history, losses, start = [tuple(h) for h in st["history"]], st["losses"], st["step"]
+        log.info("resumed at step %d (ε so far %.4f)", start, acct.epsilon_from_history(history, cfg.delta))
 
-    batch_sizes = []
-    it = iter(sampler)  # on resume the sampler's RNG state was restored: it continues the sequence
+    batch_sizes: list[int] = []
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), desc="dp-finetune", unit="step", initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="dp-finetune", unit="step", initial=start, total=cfg.steps,
+               disable=rank != 0)
     for step in bar:
-        if cfg.epsilon is not None:
-            eps_next = acct.epsilon_from_history(history + [(sigma, q, 1)], cfg.delta, cfg.accountant)
-            if eps_next > cfg.epsilon * (1 + 1e-6):
-                raise PrivcodeError(f"step {step + 1} would spend ε={eps_next:.4f} > target {cfg.epsilon}; stopping")
-        idx = next(it)
-        batch_sizes.append(len(idx))
-        micro = [idx[i:i + cfg.micro_batch_size] for i in range(0, len(idx), cfg.micro_batch_size)] or [[]]
-        step_loss = 0.0
-        for j, mb in enumerate(micro):
-            if mb:
-                batch = collate([rows[i] for i in mb], tok.pad_token_id, device)
-                loss = per_record_loss(gsm, batch)
-                loss.sum().backward()
-                step_loss += float(loss.detach().sum())
-            else:  # an empty Poisson sample still takes a (pure-noise) step
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-            opt.signal_skip_step(do_skip=j < len(micro) - 1)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        eps_next = acct.epsilon_from_history(_merge_history(history, sigma, q), cfg.delta, cfg.accountant)
+        if eps_next > cfg.epsilon * (1 + 1e-6):
+            raise PrivcodeError(f"step {step + 1} would spend ε={eps_next:.4f} > target {cfg.epsilon}; stopping")
+        idx = dp.next_indices()
+        lam = privsa_lambda(step, cfg.privsa_lambda_max, cfg.privsa_lambda_min, cfg.privsa_alpha,
+                            cfg.privsa_interval) if privsa else 0.0
+        micro = [collate([rows[i] for i in idx[k:k + cfg.micro_batch_size]], tok.pad_token_id, device)
+                 for k in range(0, len(idx), cfg.micro_batch_size)]
+        total, count = dp.step(micro, lambda m, b: per_record_loss(m, b, lam=lam, peft_model=model))
         history = _merge_history(history, sigma, q)
-        losses.append(step_loss / max(len(idx), 1))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", batch=len(idx))
+        batch_sizes.append(count)
+        losses.append(total / max(count, 1))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", batch=count, lam=f"{lam:.3g}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_ckpt(ckpt_dir, gsm, base_opt, sample_gen, noise_gen, history, losses, step + 1)
+            engine.save_ckpt(out, rank, dp.state(history, losses, step + 1))
     elapsed = time.time() - t0
 
     delta_max = max_lora_delta(before, model)
@@ -262,23 +232,23 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
         raise PrivcodeError("LoRA weights did not change during DP training (Opacus hooks not attached?)")
     eps = acct.epsilon_from_history(history, cfg.delta, "prv")
     eps_rdp = acct.epsilon_from_history(history, cfg.delta, "rdp")
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        stats = {"mode": "dp", **data_stats, "steps": cfg.steps, "batch_sizes": batch_sizes,
-                 "losses": losses, "seconds": elapsed, "lora_max_abs_delta": delta_max,
-                 "config": asdict(cfg), "base_model": model_ref}
-        write_json(tmp / "train_stats.json", stats)
-        ledger.dp_release(tmp, stage="dp_finetune", epsilon=eps, delta=cfg.delta, accountant="prv",
-                          epsilon_rdp=eps_rdp, sampler="poisson", sample_rate=q, noise_multiplier=sigma,
-                          max_grad_norm=cfg.max_grad_norm, steps=len(batch_sizes) + start,
-                          private_data=data, n_records=N, target_epsilon=cfg.epsilon,
-                          parents=ledger.model_parents(model_ref))
-    if ckpt_dir.exists():
-        import shutil
-
-        shutil.rmtree(ckpt_dir)
-    log.info("done: ε=%.4f (PRV), %.4f (RDP) in %.1fs", eps, eps_rdp, elapsed)
+    stats = {"mode": "dp", **data_stats, "steps": cfg.steps, "batch_sizes": batch_sizes, "losses": losses,
+             "seconds": elapsed, "lora_max_abs_delta": delta_max, "world_size": world, "resumed_at": start,
+             "config": asdict(cfg), "base_model": model_ref}
+    if rank == 0:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_json(tmp / "train_stats.json", stats)
+            ledger.dp_release(tmp, stage="dp_finetune", epsilon=eps, delta=cfg.delta, accountant="prv",
+                              epsilon_rdp=eps_rdp, sampler="poisson", sample_rate=q, noise_multiplier=sigma,
+                              max_grad_norm=cfg.max_grad_norm, steps=sum(h[2] for h in history),
+                              private_data=data, n_records=N, target_epsilon=cfg.epsilon, processes=world,
+                              privsa=privsa, parents=ledger.model_parents(model_ref))
+        engine.clear_ckpt(out)
+        log.info("done: ε=%.4f (PRV), %.4f (RDP) in %.1fs", eps, eps_rdp, elapsed)
+    if world > 1:
+        torch.distributed.barrier()
     return stats
 
 
@@ -286,16 +256,6 @@ def _merge_history(history, sigma, q):
     if history and history[-1][0] == sigma and history[-1][1] == q:
         return history[:-1] + [(sigma, q, history[-1][2] + 1)]
     return history + [(sigma, q, 1)]
-
-
-def _save_ckpt(d: Path, gsm, opt, sample_gen, noise_gen, history, losses, step):
-    d.mkdir(parents=True, exist_ok=True)
-    st = {"lora": {n: p.detach().cpu() for n, p in gsm.named_parameters() if p.requires_grad},
-          "opt": opt.state_dict(), "sample_rng": sample_gen.get_state(), "noise_rng": noise_gen.get_state(),
-          "history": history, "losses": losses, "step": step}
-    tmp = d / "state.pt.tmp"
-    torch.save(st, tmp)
-    os.replace(tmp, d / "state.pt")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,24 @@
+"""`privcode bench <what>`: benchmarks (speed figures live here, never in timed unit tests).
+
+    privcode bench exec       # sandbox / execution-filter throughput (snippets per second per core)
+    privcode bench train      # tokens/s of a training step: privcode vs peers (GPU)
+    privcode bench generate   # tokens/s of the generation stage vs plain model.generate (GPU)
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "exec": "privcode.bench.exec_bench",
+    "train": "privcode.bench.train_bench",
+    "generate": "privcode.bench.generate_bench",
+}
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHES:
+        print(__doc__)
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    importlib.import_module(BENCHES[argv[0]]).main(argv[1:])

@@ -1,0 +1,202 @@
+"""DP-SGD engine: Poisson sampling, per-record clipping, Gaussian noise added once per step.
+
+    privcode dp-finetune --model M --data private/records.jsonl --out DIR --params '{"epsilon": 4, ...}'
+    torchrun --standalone --nproc_per_node 2 -m privcode.cli dp-finetune ...   # one process per GPU
+
+Guarantee: (ε, δ)-DP with one record of the private JSONL as the unit, for the sequence of
+noisy LoRA updates (and so for anything computed from them). Mechanism per step:
+- Poisson sampling: every record is in the step's batch independently with probability q
+  (Opacus's samplers; with several processes each record lives on exactly one rank, each rank
+  draws from its own RNG stream, so inclusions stay independent);
+- the per-record loss (CE + λ(t)·KL on syntax positions — PrivSA) is differentiated per record
+  (Opacus hooks) and each record's gradient is clipped to norm C;
+- N(0, σ²C²) noise is added once to the sum over all records (on rank 0 only; the ranks' sums
+  are then all-reduced), and the result is divided by the *expected* batch size q·N (public);
+- ε is computed by the accountant from the history (σ, q, steps) actually run.
+The KL teacher is the same network with its LoRA adapters disabled: public weights, so the KL
+term is a function of the record and public data only, and is clipped with the rest.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from privcode.errors import PrivcodeError
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+def privsa_lambda(step: int, lam_max: float, lam_min: float, alpha: float, interval: int = 1) -> float:
+    """λ(t) = λmin + (λmax − λmin)·exp(−α·t), held constant over blocks of `interval` steps."""
+    t = (step // max(1, interval)) * max(1, interval)
+    return lam_min + (lam_max - lam_min) * math.exp(-alpha * t)
+
+
+def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft_model=None) -> torch.Tensor:
+    """Loss of each record, shape [B]: ce_weight·CE_i + lam·KL_i.
+
+    CE_i is the mean token cross-entropy over record i's answer tokens. KL_i is
+    KL(p_base ‖ p_dp) averaged over record i's syntax-token positions (batch["syntax"]), where
+    p_base comes from `peft_model` with its adapters disabled (no second model copy). Records
+    are independent: nothing is reduced across rows, which per-record clipping relies on."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                           ignore_index=IGNORE, reduction="none").view(labels.shape)
+    n = (labels != IGNORE).sum(1).clamp(min=1)
+    loss = ce_weight * (ce.sum(1) / n)
+    if lam and "syntax" in batch:
+        m = batch["syntax"][:, 1:].float()
+        if peft_model is None:
+            raise ValueError("PrivSA needs the PEFT model (its adapters are disabled for the teacher)")
+        with torch.no_grad(), peft_model.disable_adapter():
+            base = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).logits[:, :-1].float()
+        logp_base = torch.log_softmax(base, -1)
+        logp_dp = torch.log_softmax(logits, -1)
+        kl_tok = (logp_base.exp() * (logp_base - logp_dp)).sum(-1)  # KL(p_base || p_dp) per position
+        kl = (kl_tok * m).sum(1) / m.sum(1).clamp(min=1)
+        loss = loss + lam * kl
+    return loss
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world) — initializes the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+class DPSGD:
+    """Opacus GradSampleModule + (Distributed)DPOptimizer + Poisson sampler around a PEFT model."""
+
+    def __init__(self, peft_model, *, n_records: int, sample_rate: float, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: float, lr: float, weight_decay: float,
+                 steps: int, seed: int, device, rank: int = 0, world: int = 1, optimizer: str = "adamw"):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+        from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
+                                                  UniformWithReplacementSampler)
+
+        self.peft_model, self.rank, self.world, self.device = peft_model, rank, world, device
+        self.sample_rate, self.noise_multiplier, self.max_grad_norm = sample_rate, noise_multiplier, max_grad_norm
+        self.gsm = GradSampleModule(peft_model, batch_first=True, loss_reduction="sum")
+        self.params = [p for p in self.gsm.parameters() if p.requires_grad]
+        if world > 1:  # identical starting point on every rank (LoRA init is random)
+            for p in self.params:
+                torch.distributed.broadcast(p.data, src=0)
+        if optimizer not in ("adamw", "sgd"):
+            raise PrivcodeError(f"unknown optimizer '{optimizer}' (adamw, sgd)")
+        Base = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+        self.base_opt = Base(self.params, lr=lr, weight_decay=weight_decay)
+        gen_dev = device if str(device).startswith("cuda") else "cpu"
+        self.noise_gen = torch.Generator(device=gen_dev).manual_seed(seed + 1)
+        self.sample_gen = torch.Generator().manual_seed(seed + 2 + 1000 * rank)  # own stream per rank
+        Opt = DistributedDPOptimizer if world > 1 else DPOptimizer
+        self.opt = Opt(self.base_opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                       expected_batch_size=int(round(expected_batch_size)), loss_reduction="sum",
+                       generator=self.noise_gen)
+        # Opacus adds N(0, σ²C²) to the *sum* of clipped gradients; dividing by the expected batch
+        # size (a public constant) keeps the sensitivity analysis intact — the realized size is not.
+        self.opt.attach_step_hook(lambda o: [p.grad.div_(expected_batch_size) for p in o.params])
+        if world > 1:
+            self.sampler = DistributedUniformWithReplacementSampler(
+                total_size=n_records, sample_rate=sample_rate, shuffle=True, shuffle_seed=seed,
+                steps=steps, generator=self.sample_gen)
+        else:
+            self.sampler = UniformWithReplacementSampler(num_samples=n_records, sample_rate=sample_rate,
+                                                         generator=self.sample_gen, steps=steps)
+        self._it = None
+
+    def next_indices(self) -> list[int]:
+        if self._it is None:
+            self._it = iter(self.sampler)
+        return list(next(self._it))
+
+    def step(self, batches, loss_fn) -> tuple[float, int]:
+        """One DP-SGD step over this rank's Poisson sample, given as a list of micro-batches
+        (each a collated batch, or None for an empty sample). Returns (sum of losses, records)."""
+        total, count = 0.0, 0
+        batches = list(batches) or [None]
+        for j, batch in enumerate(batches):
+            if batch is not None:
+                loss = loss_fn(self.gsm, batch)
+                loss.sum().backward()
+                total += float(loss.detach().sum())
+                count += int(loss.shape[0])
+            else:  # an empty Poisson sample still takes a (pure-noise) step
+                for p in self.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            self.opt.signal_skip_step(do_skip=j < len(batches) - 1)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return total, count
+
+    # --- checkpoints: LoRA weights, optimizer, RNG streams, accountant history ---
+    def state(self, history, losses, step) -> dict:
+        return {"lora": {n: p.detach().cpu() for n, p in self.gsm.named_parameters() if p.requires_grad},
+                "opt": self.base_opt.state_dict(), "sample_rng": self.sample_gen.get_state(),
+                "noise_rng": self.noise_gen.get_state(), "history": history, "losses": losses, "step": step,
+                "sampler_epoch": getattr(self.sampler, "epoch", 0)}
+
+    def load(self, st: dict) -> None:
+        for n, p in self.gsm.named_parameters():
+            if p.requires_grad:
+                p.data.copy_(st["lora"][n].to(p.device))
+        self.base_opt.load_state_dict(st["opt"])
+        self.sample_gen.set_state(st["sample_rng"])
+        self.noise_gen.set_state(st["noise_rng"])
+        self._it = None
+
+
+def ckpt_path(out: Path, rank: int) -> Path:
+    return out.parent / f".{out.name}.ckpt" / f"rank{rank}.pt"
+
+
+def save_ckpt(out: Path, rank: int, state: dict) -> None:
+    p = ckpt_path(out, rank)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, p)
+
+
+def load_ckpt(out: Path, rank: int) -> dict | None:
+    p = ckpt_path(out, rank)
+    return torch.load(p, weights_only=False) if p.exists() else None
+
+
+def clear_ckpt(out: Path) -> None:
+    shutil.rmtree(ckpt_path(out, 0).parent, ignore_errors=True)
+
+
+def check_plan(*, epsilon: float | None, delta: float | None, steps: int | None, batch_size: float,
+               n_records: int, lora_dropout: float, sampler: str = "poisson") -> float:
+    """Refuse to start when the run would not match what the accountant assumes. Returns q."""
+    if sampler != "poisson":
+        raise PrivcodeError(f"sampler '{sampler}' is not covered by the accountant: only 'poisson' is")
+    if epsilon is None:
+        raise PrivcodeError("DP training needs a target 'epsilon' (σ is calibrated to it, or checked against it)")
+    if delta is None or not (0 < delta < 1.0 / n_records):
+        raise PrivcodeError(f"'delta'={delta} must be in (0, 1/N) = (0, {1.0 / n_records:.3g}) for N={n_records} records")
+    if not steps or steps < 1:
+        raise PrivcodeError("DP training needs 'steps' ≥ 1 (the accountant's T)")
+    q = batch_size / n_records
+    if not (0 < q <= 1):
+        raise PrivcodeError(f"expected batch size {batch_size} must be in [1, N={n_records}]")
+    if lora_dropout:
+        raise PrivcodeError("lora_dropout must be 0 under DP (per-record gradients must be deterministic)")
+    return q

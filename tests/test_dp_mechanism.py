@@ -1,0 +1,200 @@
+"""DP-SGD mechanism checks (#3): noise scale, single vs. several processes, PrivSA gradients,
+checkpoint/resume, and the accountant against Google's dp-accounting (PLD) as the oracle."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, write_records
+from privcode.dp import accountant, engine, ledger
+from privcode.models import load_tokenizer
+from privcode.train import TrainConfig, build_lora_model, collate, load_rows, train_dp
+
+SIGMA, C, Q = 2.0, 0.5, 0.5
+
+
+def _env():
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                PYTHONPATH=f"{REPO}:{REPO / 'tests'}", OMP_NUM_THREADS="1")
+
+
+def _noise_update(tiny_model, tmp_path, nproc):
+    data = write_records(tmp_path / f"d{nproc}.jsonl", 40)
+    out = tmp_path / f"u{nproc}.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "tests" / "dist_worker.py"), str(tiny_model), str(out), str(data)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return torch.load(out)["update"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_noise_is_added_once_with_the_single_process_std(tiny_model, tmp_path, nproc):
+    """Zero gradients: the update is the noise alone, with std σ·C / (q·N) whatever the number
+    of processes (noise added on every rank would give √world times that)."""
+    u = _noise_update(tiny_model, tmp_path, nproc)
+    expected = SIGMA * C / (Q * 40)
+    assert u.numel() > 3000
+    assert abs(float(u.mean())) < 0.1 * expected
+    assert float(u.std()) == pytest.approx(expected, rel=0.08)
+
+
+def test_same_epsilon_on_one_and_two_processes(tiny_model, tmp_path):
+    data = write_records(tmp_path / "private" / "records.jsonl", 40)
+    ledger.private_source(data.parent, stage="test", private_data=str(data), n_records=40)
+    params = json.dumps({"epsilon": 3.0, "delta": 1e-3, "steps": 2, "batch_size": 10, "max_length": 48,
+                         "lora_targets": ["q_proj", "v_proj"], "prompt_format": "qa"})
+    eps = {}
+    for n in (1, 2):
+        out = tmp_path / f"a{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
+               "privcode.cli", "dp-finetune", "--model", str(tiny_model), "--data", str(data), "--out", str(out),
+               "--params", params]
+        p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        rec = ledger.read(out)
+        eps[n] = rec["epsilon"]
+        assert rec["releases"][0]["processes"] == n
+        assert json.loads((out / "train_stats.json").read_text())["world_size"] == n
+    assert eps[1] == eps[2] <= 3.0
+
+
+def _rows_with_syntax(tiny_model, tmp_path, n=3):
+    cfg = TrainConfig(max_length=64, lora_targets=["q_proj", "v_proj"])
+    tok = load_tokenizer(str(tiny_model))
+    rows, _ = load_rows(write_records(tmp_path / "r.jsonl", n, long=6), tok, cfg)
+    for r in rows:  # a fixed syntax mask: every other answer token (the mechanism, not the parser)
+        r["syntax"] = [lab != -100 and i % 2 == 0 for i, lab in enumerate(r["labels"])]
+    return cfg, tok, rows
+
+
+def _random_lora(tiny_model, cfg):
+    torch.manual_seed(0)
+    model = build_lora_model(str(tiny_model), cfg, "cpu")
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.2)
+    return model
+
+
+def test_kl_term_has_per_record_gradients_equal_to_batch_of_one(tiny_model, tmp_path):
+    from opacus import GradSampleModule
+
+    cfg, tok, rows = _rows_with_syntax(tiny_model, tmp_path)
+    model = _random_lora(tiny_model, cfg)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    params = [(n, p) for n, p in gsm.named_parameters() if p.requires_grad]
+    loss = lambda b: engine.per_record_loss(gsm, b, lam=0.7, peft_model=model)  # noqa: E731
+    loss(collate(rows, tok.pad_token_id, "cpu")).sum().backward()
+    batched = {n: p.grad_sample.detach().clone() for n, p in params}
+    for i, r in enumerate(rows):
+        gsm.zero_grad(set_to_none=True)
+        for _, p in params:
+            p.grad_sample = None
+        loss(collate([r], tok.pad_token_id, "cpu")).sum().backward()
+        for n, p in params:
+            torch.testing.assert_close(batched[n][i], p.grad.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_kl_alone_moves_the_lora_weights(tiny_model, tmp_path):
+    cfg, tok, rows = _rows_with_syntax(tiny_model, tmp_path)
+    model = _random_lora(tiny_model, cfg)
+    batch = collate(rows, tok.pad_token_id, "cpu")
+    kl = engine.per_record_loss(model, batch, lam=1.0, ce_weight=0.0, peft_model=model)
+    assert (kl > 0).all()
+    kl.sum().backward()
+    g = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(x is not None for x in g) and max(float(x.abs().max()) for x in g) > 0
+    # without syntax positions the KL term is exactly zero
+    batch["syntax"][:] = False
+    assert float(engine.per_record_loss(model, batch, lam=1.0, ce_weight=0.0, peft_model=model).abs().max()) == 0.0
+
+
+def test_privsa_schedule():
+    assert engine.privsa_lambda(0, 1.0, 0.1, 0.5) == pytest.approx(1.0)
+    assert engine.privsa_lambda(1000, 1.0, 0.1, 0.5) == pytest.approx(0.1)
+    assert engine.privsa_lambda(3, 1.0, 0.1, 0.5, interval=2) == engine.privsa_lambda(2, 1.0, 0.1, 0.5)
+
+
+def _lora_tensors(d):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(d) / "adapter_model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_model_and_epsilon(tiny_model, private_data, tmp_path):
+    params = {"epsilon": 6.0, "delta": 1e-3, "steps": 40, "batch_size": 5, "max_length": 48, "lr": 1e-2,
+              "lora_targets": ["q_proj", "v_proj"], "prompt_format": "qa", "checkpoint_every": 5}
+    ref = tmp_path / "ref"
+    train_dp(str(tiny_model), str(private_data), ref, TrainConfig(**{**params, "checkpoint_every": 0}))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "privcode.cli", "dp-finetune", "--model", str(tiny_model), "--data",
+           str(private_data), "--out", str(out), "--params", json.dumps(params)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = engine.ckpt_path(out, 0)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not out.exists(), "the run should have been killed after a checkpoint"
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < killed_at < 40
+    stats = train_dp(str(tiny_model), str(private_data), out, TrainConfig(**params))
+    assert stats["resumed_at"] == killed_at and not ckpt.parent.exists()
+    assert ledger.read(out)["epsilon"] == ledger.read(ref)["epsilon"]
+    a, b = _lora_tensors(out), _lora_tensors(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_run_that_would_exceed_its_target_stops(tiny_model, private_data, tmp_path):
+    from privcode.errors import PrivcodeError
+
+    cfg = TrainConfig(epsilon=1.0, delta=1e-3, steps=5, batch_size=5, noise_multiplier=0.5, max_length=48,
+                      lora_targets=["q_proj"], prompt_format="qa")
+    with pytest.raises(PrivcodeError, match="ε=.*> target"):
+        train_dp(str(tiny_model), str(private_data), tmp_path / "x", cfg)
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_poisson_sampler_is_refused(tiny_model, private_data, tmp_path):
+    from privcode.errors import PrivcodeError
+
+    cfg = TrainConfig(epsilon=4, delta=1e-3, steps=2, batch_size=5, sampler="shuffle", prompt_format="qa")
+    with pytest.raises(PrivcodeError, match="poisson"):
+        train_dp(str(tiny_model), str(private_data), tmp_path / "x", cfg)
+
+
+# --- the accountant against Google's dp-accounting PLD accountant ----------------------------
+
+def _pld_epsilon(q, sigma, steps, delta):
+    from dp_accounting import dp_event, pld
+
+    acc = pld.PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("q,sigma,steps,delta,eps_rdp", [
+    (256 / 19000, 0.8, 100, 1e-5, 2.560),
+    (0.04, 1.5, 2250, 1e-5, 7.329),
+])
+def test_accountant_matches_the_pld_oracle(q, sigma, steps, delta, eps_rdp):
+    pytest.importorskip("dp_accounting")
+    oracle = _pld_epsilon(q, sigma, steps, delta)
+    ours = accountant.epsilon(q, sigma, steps, delta, "prv")
+    assert oracle <= ours * 1.001 and ours == pytest.approx(oracle, rel=0.01)  # PRV: an upper bound
+    assert accountant.epsilon(q, sigma, steps, delta, "rdp") == pytest.approx(eps_rdp, rel=0.01)
+
+
+def test_calibrated_sigma_reproduces_the_target():
+    sigma = accountant.calibrate_sigma(4.0, 1e-5, 256 / 19000, 100)
+    eps = accountant.epsilon(256 / 19000, sigma, 100, 1e-5)
+    assert 3.96 <= eps <= 4.0
