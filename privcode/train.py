@@ -209,10 +209,13 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), desc="dp-finetune", unit="step", initial=start, total=cfg.steps,
                disable=rank != 0)
+    # ε is monotone in the steps taken, so checking the whole remaining plan once (also after a
+    # resume, whose history may come from another σ or q) guards every step of this run.
+    full = history + [(sigma, q, cfg.steps - start)] if cfg.steps > start else history
+    eps_full = acct.epsilon_from_history(full, cfg.delta, cfg.accountant)
+    if eps_full > cfg.epsilon * (1 + 1e-6):
+        raise PrivcodeError(f"finishing this run would spend ε={eps_full:.4f} > target {cfg.epsilon}; not starting")
     for step in bar:
-        eps_next = acct.epsilon_from_history(_merge_history(history, sigma, q), cfg.delta, cfg.accountant)
-        if eps_next > cfg.epsilon * (1 + 1e-6):
-            raise PrivcodeError(f"step {step + 1} would spend ε={eps_next:.4f} > target {cfg.epsilon}; stopping")
         idx = dp.next_indices()
         lam = privsa_lambda(step, cfg.privsa_lambda_max, cfg.privsa_lambda_min, cfg.privsa_alpha,
                             cfg.privsa_interval) if privsa else 0.0

@@ -198,3 +198,39 @@ def test_calibrated_sigma_reproduces_the_target():
     sigma = accountant.calibrate_sigma(4.0, 1e-5, 256 / 19000, 100)
     eps = accountant.epsilon(256 / 19000, sigma, 100, 1e-5)
     assert 3.96 <= eps <= 4.0
+
+
+def test_privsa_run_uses_real_syntax_positions(tiny_model, private_data, tmp_path):
+    """End to end through load_rows: tree-sitter positions -> KL on them -> a DP release."""
+    from privcode.train import train_dp
+
+    cfg = TrainConfig(epsilon=6.0, delta=1e-3, steps=2, batch_size=5, max_length=64, prompt_format="qa",
+                      lora_targets=["q_proj", "v_proj"], privsa_lambda_max=10.0, privsa_lambda_min=0.1,
+                      privsa_alpha=0.5)
+    stats = train_dp(str(tiny_model), str(private_data), tmp_path / "a", cfg)
+    assert stats["privsa_syntax_tokens"] > 0 and stats["privsa_unparsed_records"] == 0
+    rel = ledger.read(tmp_path / "a")["releases"][0]
+    assert rel["privsa"] is True and rel["epsilon"] <= 6.0
+    tok = load_tokenizer(str(tiny_model))
+    rows, _ = load_rows(private_data, tok, cfg, syntax=True)
+    for r in rows:  # syntax positions lie inside the answer (never the prompt) and hit "def"/"return"
+        assert not any(s and lab == -100 for s, lab in zip(r["syntax"], r["labels"]))
+        text = tok.decode([t for t, s in zip(r["input_ids"], r["syntax"]) if s])
+        assert "def" in text and "return" in text
+
+
+def test_resume_whose_history_would_exceed_the_target_stops(tiny_model, private_data, tmp_path):
+    """A checkpoint's accountant history counts: a resumed run that could not finish within the
+    target ε refuses to take another step."""
+    from privcode.errors import PrivcodeError
+
+    params = dict(epsilon=6.0, delta=1e-3, steps=4, batch_size=5, max_length=48, prompt_format="qa",
+                  lora_targets=["q_proj"], checkpoint_every=2)
+    model = build_lora_model(str(tiny_model), TrainConfig(**params), "cpu")
+    dp = engine.DPSGD(model, n_records=20, sample_rate=0.25, noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=5, lr=1e-3, weight_decay=0, steps=4, seed=0, device="cpu")
+    out = tmp_path / "a"
+    engine.save_ckpt(out, 0, dp.state([(0.3, 0.25, 50)], [0.0] * 2, 2))  # a history far past ε=6
+    with pytest.raises(PrivcodeError, match="would spend"):
+        train_dp(str(tiny_model), str(private_data), out, TrainConfig(**params))
+    assert not out.exists()

@@ -1,5 +1,6 @@
 """The whole DAG on a tiny config, then what a parameter change re-runs (snakemake -n reasons)."""
 import csv
+import json
 import math
 import shutil
 
@@ -7,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from privcode.dp import ledger
 from test_workflow import jobs, snakemake
 
 SNAKEFILE = str(REPO / "workflow" / "Snakefile")
@@ -34,7 +36,7 @@ def test_table3_from_the_whole_dag(tiny_run):
         assert 0.0 <= float(r["HumanEval"]) <= 100.0 and 0.0 <= float(r["HumanEval+"]) <= 100.0
     # every artifact carries a ledger, and every filter kept something
     artifacts = ["models/smol/base", "models/tiny/base", "data/private", "data/public",
-                 "dp/smol/eps8/adapter", "dp/smol/eps8/model", "dp/tiny/eps8/model",
+                 "dp/smol/privsa/eps8/adapter", "dp/smol/privsa/eps8/model", "dp/tiny/dpsgd/eps8/model",
                  "synth/smol/eps8/generated", "synth/smol/eps8/exec", "synth/smol/eps8/roundtrip",
                  "ft/tiny/NonDPFT/inf/model", "ft/tiny/PrivCode/eps8/model"]
     artifacts += [f"eval/tiny/{m}/{t}/humaneval" for m, t in
@@ -45,6 +47,10 @@ def test_table3_from_the_whole_dag(tiny_run):
     assert (work / "results/synth/smol/eps8/exec/kept.jsonl").stat().st_size > 0
     assert (work / "results/synth/smol/eps8/roundtrip/scores.jsonl").exists()
     assert (work / "results/eval/tiny/PrivCode/eps8/humaneval/evaluator").exists()
+    # PrivSA ran for the junior only, and found syntax tokens to regularize
+    stats = json.loads((work / "results/dp/smol/privsa/eps8/adapter/train_stats.json").read_text())
+    assert stats["privsa_syntax_tokens"] > 0 and stats["config"]["privsa_lambda_max"] > 0
+    assert ledger.read(work / "results/dp/tiny/dpsgd/eps8/adapter")["releases"][0]["privsa"] is False
 
 
 def test_changing_one_stage_reruns_only_it_and_what_follows(tiny_run):

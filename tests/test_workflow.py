@@ -53,7 +53,8 @@ def jobs(out: str) -> dict:
 
 def test_dry_run_demo_config():
     j = jobs(snakemake("-n", "results/table3.csv"))
-    assert j["evaluate"] == 4 and j["dp_finetune"] == 1 and j["finetune"] == 2 and j["table3"] == 1
+    # DP runs: the junior with PrivSA (PrivCode) and the premium with plain DP-SGD (DPFT)
+    assert j["evaluate"] == 4 and j["dp_finetune"] == 2 and j["finetune"] == 2 and j["table3"] == 1
 
 
 def test_dry_run_paper_config_plans_full_grid():

@@ -309,13 +309,9 @@ def exposure(model, tok, canaries: list[dict], n_candidates: int = 1000, seed: i
         secret = secret_of(c)
         d = len(secret)
         space = 10 ** d
-        n = min(n_candidates, space)
-        others: set[int] = set()
-        while len(others) < n - 1:
-            x = rng.randrange(space)
-            if x != int(secret):
-                others.add(x)
-        cands = [secret] + [str(x).zfill(d) for x in sorted(others)]
+        n = max(2, min(n_candidates, space))
+        others = [x for x in rng.sample(range(space), n) if x != int(secret)][: n - 1]
+        cands = [secret] + [str(x).zfill(d) for x in others]
         nll, _ = _answer_nll(model, tok, [_secret_pair(c, s) for s in cands], prompt_format, batch_size=batch_size)
         true = nll[0]
         rank = 1 + int(np.sum(nll[1:] <= true))  # ties ranked above the secret (conservative)
@@ -473,6 +469,19 @@ def _stats(xs) -> dict:
     return {"n": len(xs), "mean": float(np.mean(xs)), "max": float(np.max(xs)), "min": float(np.min(xs))}
 
 
+def check_canary_length(model_ref: str, canaries: list[dict], tcfg) -> None:
+    """Refuse canaries whose secret would fall beyond max_length: training truncates each record
+    (one record = one row), and a truncated secret is never trained on, so the audit would be void."""
+    from privcode.models import load_tokenizer
+
+    tok = load_tokenizer(model_ref)
+    rows = _rows(tok, [_secret_pair(c, secret_of(c)) for c in canaries], tcfg.prompt_format, eos=False)
+    need = max(len(r["input_ids"]) for r in rows)
+    if need > tcfg.max_length:
+        raise PrivcodeError(f"canary secrets end at token {need} but training keeps max_length={tcfg.max_length} "
+                            f"tokens per record; raise 'max_length'")
+
+
 def run_audit(model_ref: str, data_path: str, out_dir, cfg: AuditConfig) -> dict:
     """Train on private records + the coin-selected canaries, measure, write out_dir/audit.json."""
     import torch
@@ -488,6 +497,15 @@ def run_audit(model_ref: str, data_path: str, out_dir, cfg: AuditConfig) -> dict
     canaries = make_canaries(m, cfg.seed)
     coins = np.random.default_rng([cfg.seed, 0x0a0d17]).integers(0, 2, size=m).astype(bool)  # secret coins
     included = [c for c, b in zip(canaries, coins) if b]
+    tcfg = TrainConfig.from_dict({**cfg.train, "seed": cfg.seed,
+                                  **({} if cfg.control else {"epsilon": cfg.epsilon, "delta": cfg.delta})})
+    k_pos = m // 4 if cfg.k_pos is None else cfg.k_pos
+    k_neg = m // 4 if cfg.k_neg is None else cfg.k_neg
+    if k_pos + k_neg == 0:
+        k_pos = 1
+    if k_pos < 0 or k_neg < 0 or k_pos + k_neg > m:
+        raise PrivcodeError(f"need 0 ≤ k_pos, k_neg and k_pos + k_neg ≤ canaries = {m}, got {k_pos}, {k_neg}")
+    check_canary_length(model_ref, canaries, tcfg)
     rows = inject(private, included, cfg.copies, seed=cfg.seed)
     write_json(out / "canaries.json", {"note": "audit ground truth: canary secrets and inclusion coins",
                                        "copies": cfg.copies, "canaries": [
@@ -501,15 +519,12 @@ def run_audit(model_ref: str, data_path: str, out_dir, cfg: AuditConfig) -> dict
     write_jsonl(data_file, rows)
     ledger.private_source(data_dir, stage="audit_data", private_data=str(data_file), n_records=len(rows),
                           source=str(data_path), canaries=len(included), copies=cfg.copies)
-    tcfg = TrainConfig.from_dict({**cfg.train, "seed": cfg.seed,
-                                  **({} if cfg.control else {"epsilon": cfg.epsilon, "delta": cfg.delta})})
     adapter = out / "adapter"
-    if cfg.control:
-        tstats = train_nondp(model_ref, str(data_file), adapter, tcfg)
-    else:
-        tstats = train_dp(model_ref, str(data_file), adapter, tcfg)
-    if not cfg.keep_data:
-        shutil.rmtree(data_dir)
+    try:
+        tstats = (train_nondp if cfg.control else train_dp)(model_ref, str(data_file), adapter, tcfg)
+    finally:  # the copy holds the raw private records: gone unless asked for, also after a failure
+        if not cfg.keep_data:
+            shutil.rmtree(data_dir, ignore_errors=True)
     claim = ledger.read(adapter)
     eps_c, delta_c = claim["epsilon"], (cfg.delta if cfg.control else claim["delta"])
     eps_unit, delta_unit = group_privacy(eps_c, delta_c, cfg.copies)
@@ -519,10 +534,6 @@ def run_audit(model_ref: str, data_path: str, out_dir, cfg: AuditConfig) -> dict
     fmt = tcfg.prompt_format
     torch.manual_seed(cfg.seed)
     scores = loss_scores(model, tok, canaries, prompt_format=fmt)
-    k_pos = m // 4 if cfg.k_pos is None else cfg.k_pos
-    k_neg = m // 4 if cfg.k_neg is None else cfg.k_neg
-    if k_pos + k_neg == 0:
-        k_pos = 1
     guesses = guesses_from_scores([s["score"] for s in scores], k_pos, k_neg)
     counts = audit_counts(guesses, coins)
     eps_lb = eps_lower_bound(m, counts["guesses"], counts["correct"], audit_delta, cfg.beta)

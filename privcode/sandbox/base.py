@@ -2,11 +2,17 @@
 
 Backends, strongest first (`get_backend("auto")` picks the first that works on this machine):
 
+- ``container`` (privcode.sandbox.container, isolation ``"container"``): Docker, Podman or
+  Apptainer/Singularity running the image of containers/sandbox.Dockerfile (sandbox.def): the
+  image's own root file system and toolchains, no network, uid 65534, all capabilities dropped,
+  no_new_privs, the engine's seccomp profile and cgroup memory/pids limits (Docker/Podman).
+  Available only when an engine is installed AND usable AND the image exists.
 - ``bwrap`` (privcode.sandbox.bwrap, isolation ``"namespaces+fs"``): bubblewrap. New network, PID,
   IPC, UTS (and cgroup) namespaces; a new root file system that holds only read-only /usr (and the
-  /bin, /lib symlinks), a few harmless files of /etc, a fresh /proc, a minimal /dev and a small
-  size-limited tmpfs /tmp. The project, the data and result directories, /home, /root are simply
-  not there. The program runs as uid/gid 65534 (nobody), no capabilities, no_new_privs.
+  /bin, /lib symlinks), a few harmless files of /etc, the toolchains' directories (read-only), a
+  fresh /proc, a minimal /dev and small size-limited tmpfs /tmp and /dev/shm. The project, the
+  data and result directories, /home, /root are simply not there. The program runs as uid/gid
+  65534 (nobody), no capabilities, no_new_privs.
 - ``unshare`` (privcode.sandbox.rlimit, isolation ``"namespaces"``): util-linux ``unshare`` + ``setpriv``
   (needs root). New network, PID, IPC, UTS and mount namespaces; inside the mount namespace every
   mount is made read-only and /tmp, /var/tmp and /dev/shm are fresh small tmpfs; the program runs as
@@ -22,24 +28,34 @@ Backends, strongest first (`get_backend("auto")` picks the first that works on t
 
 What every backend does: an empty environment (PATH=/usr/bin:/bin, LANG=C.UTF-8, HOME=the working
 directory), stdin from /dev/null, a fresh temporary working directory removed afterwards, rlimits
-(RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_CORE=0, applied with prlimit(1)), a
-wall-clock limit after which the whole process group (and with namespaces, the whole PID namespace)
-is SIGKILLed, and stdout/stderr read incrementally and capped (the program is killed when either
-stream passes the cap).
+(RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_CORE=0), a wall-clock limit after which
+the whole process group (and with namespaces, the whole PID namespace) is SIGKILLed, and
+stdout/stderr read incrementally and capped (the program is killed when either stream passes the
+cap).
 
-What NO backend protects against: kernel exploits (no seccomp filter), CPU/memory side channels,
-exhausting host RAM through tmpfs files or many concurrent runs (RLIMIT_AS is per process),
-RLIMIT_NPROC being shared by all processes of uid 65534 on the host (so concurrent sandboxes share
-it), and reading world-readable files (unshare/rlimit only).
+Two ways to run (same limits, same isolation): `Backend.run` starts one sandbox per snippet
+(Python and shell: the interpreter directly; compiled languages and containers: a one-shot
+privcode.sandbox.server doing the compile and run steps). `Backend.pool(workers)` keeps
+`workers` long-lived sandboxes, each running the fork server (privcode.sandbox.server), which
+forks one child per snippet -- no sandbox or interpreter start per snippet. What snippets of one
+fork-server worker share, and how later snippets are protected: see docs/sandbox.md and the
+server's docstring.
 
-Interpreters: Python code runs under the *system* interpreter (/usr/bin/python3, else
-/usr/local/bin/python3), never the project's virtualenv, whose path lies under the project
-directory that bwrap hides; the program therefore sees only the system's site-packages. Shell code
-runs under /bin/sh. Any other language gives status "toolchain_missing" (extend `LANGUAGES`).
+What NO backend protects against: kernel exploits (no seccomp filter, except the container
+engine's), CPU/memory side channels, exhausting host RAM through tmpfs files or many concurrent
+runs (RLIMIT_AS is per process), RLIMIT_NPROC being shared by all processes of uid 65534 on the
+host (so concurrent sandboxes share it), and reading world-readable files (unshare/rlimit only).
+
+Languages (privcode.sandbox.toolchains): python, shell, cpp, java, rust, javascript, typescript,
+php, csharp, swift -- each where its toolchain exists (else status "toolchain_missing"). Python
+code runs under the *system* interpreter (/usr/bin/python3, else /usr/local/bin/python3), never
+the project's virtualenv; the program therefore sees only the system's site-packages. Compiled
+languages are compiled inside the sandbox too, with their own limit (`Limits.compile_s`).
 """
 from __future__ import annotations
 
 import abc
+import base64
 import dataclasses
 import os
 import resource
@@ -55,24 +71,27 @@ from pathlib import Path
 
 from privcode.data.prompts import LANG_ALIASES
 from privcode.errors import PrivcodeError
+from privcode.sandbox.toolchains import COMPILE_MEM_MB, LANGUAGES, TOOLS, Plan, plan_from, resolve_host_tool
 
 # ---- default limits -------------------------------------------------------------------------
-WALL_S = 10            # wall-clock seconds, sandbox start-up included
+WALL_S = 10            # wall-clock seconds, sandbox start-up included (run step)
 CPU_S = 10             # RLIMIT_CPU seconds (soft; SIGKILL one second later)
 MEM_MB = 1024          # RLIMIT_AS, MiB of address space per process
 FSIZE_MB = 16          # RLIMIT_FSIZE, MiB per written file (bwrap/unshare /tmp is 4x this)
 NPROC = 64             # RLIMIT_NPROC, processes of the sandbox uid (65534) host-wide
 OUTPUT_BYTES = 64 * 1024  # cap per stream (stdout, stderr); the program is killed beyond it
+COMPILE_S = 30         # wall and CPU seconds of a compile step (javac, rustc, tsc are slow)
 
 STATUSES = ("ok", "error", "timeout", "oom", "killed", "toolchain_missing", "no_code")
-ISOLATION_LEVELS = ("rlimit", "namespaces", "namespaces+fs")  # weakest first
+ISOLATION_LEVELS = ("rlimit", "namespaces", "namespaces+fs", "container")  # weakest first
 
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
 SANDBOX_PATH = "/usr/bin:/bin"
 
 _MEMORY_MARKERS = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory",
-                   "OutOfMemoryError")
+                   "OutOfMemoryError", "memory allocation of", "Allowed memory size",
+                   "Fatal process out of memory", "OutOfMemoryException")
 
 
 @dataclass(frozen=True)
@@ -83,11 +102,12 @@ class Limits:
     fsize_mb: int = FSIZE_MB
     nproc: int = NPROC
     output_bytes: int = OUTPUT_BYTES
+    compile_s: float = COMPILE_S
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or v <= 0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise PrivcodeError(f"sandbox limit {f.name} must be a positive number, got {v!r}")
 
     def as_dict(self) -> dict:
@@ -100,11 +120,14 @@ class RunResult:
     returncode: int | None      # exit code; -N when killed by signal N; None if never run
     stdout: str = ""            # decoded (utf-8, errors replaced), at most limits.output_bytes
     stderr: str = ""
-    wall_s: float = 0.0
+    wall_s: float = 0.0         # of the run step (of the compile step when that failed)
     backend: str = ""
     cpu_s: float = 0.0          # user+sys CPU of the program tree (as far as the kernel reports)
     truncated: bool = False     # output passed the cap (and the program was killed)
     detail: str = ""            # why, in words: "wall-clock limit 10s", "cpu limit", ...
+    phase: str = "run"          # "compile" when the compile step is what failed
+    compile_s: float = 0.0      # wall seconds of the compile step (0 for interpreted languages)
+    fork_server: bool = False   # ran on a fork-server worker
 
     @property
     def ok(self) -> bool:
@@ -112,37 +135,6 @@ class RunResult:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Toolchain:
-    """How to run one language: the source file name and the command, with "{exe}" (the first
-    existing path in `candidates`) and "{file}" (the source file) filled in. A compiled language
-    can use a shell command line, e.g. ("/bin/sh", "-c", "g++ -O2 -o p {file} && exec ./p")."""
-    filename: str
-    candidates: tuple[str, ...]
-    command: tuple[str, ...]
-    syntax_markers: tuple[str, ...] = ()  # stderr text that means "does not even parse/compile"
-
-    def exe(self) -> str | None:
-        for c in self.candidates:
-            if os.path.isfile(c) and os.access(c, os.X_OK):
-                return c
-        return None
-
-    def argv(self, file: str) -> list[str] | None:
-        exe = self.exe()
-        if exe is None:
-            return None
-        return [a.replace("{exe}", exe).replace("{file}", file) for a in self.command]
-
-
-LANGUAGES: dict[str, Toolchain] = {
-    "python": Toolchain("main.py", ("/usr/bin/python3", "/usr/local/bin/python3"),
-                        ("{exe}", "-B", "-s", "{file}"),
-                        ("SyntaxError", "IndentationError", "TabError")),
-    "shell": Toolchain("main.sh", ("/bin/sh",), ("{exe}", "{file}"), ("Syntax error", "syntax error")),
-}
 
 
 def canonical_lang(lang: str | None) -> str:
@@ -155,8 +147,13 @@ def canonical_lang(lang: str | None) -> str:
 
 
 def is_syntax_error(result: RunResult, lang: str) -> bool:
+    """The code does not even parse: a failed compile step, or an interpreter's syntax error."""
+    if result.status != "error":
+        return False
+    if result.phase == "compile":
+        return True
     tc = LANGUAGES.get(canonical_lang(lang))
-    if tc is None or result.status != "error":
+    if tc is None:
         return False
     tail = result.stderr[-2000:]
     return any(m in tail for m in tc.syntax_markers)
@@ -290,9 +287,13 @@ def _decode(b: bytes) -> str:
 
 # ---- backends ---------------------------------------------------------------------------------
 
+_plan_lock = threading.Lock()
+_plan_cache: dict = {}
+
+
 class Backend(abc.ABC):
-    """Runs one program. Subclasses build the command line; limits, output capping, killing and
-    classification are shared. `run` is thread-safe (one temporary directory per call).
+    """Runs one program. Subclasses build the command lines; toolchains, limits, output capping,
+    killing and classification are shared. `run` is thread-safe (one temporary directory per call).
     What each concrete backend protects and does not protect: see this module's docstring."""
 
     name: str = "?"
@@ -300,6 +301,11 @@ class Backend(abc.ABC):
     # True when the wrapper reports "killed by signal N" as exit status 128+N (bwrap, and the
     # /bin/sh that is PID 1 in unshare's namespace)
     signal_as_128_plus: bool = False
+    # languages `run` starts directly (one interpreter per sandbox); the rest go through a
+    # one-shot fork server (compile + run steps)
+    direct_langs: tuple[str, ...] = ("python", "shell")
+    # how toolchains are found: "bind" (host tools, bound into the sandbox), "host", "image"
+    tool_mode: str = "bind"
 
     @abc.abstractmethod
     def available(self) -> bool:
@@ -312,6 +318,10 @@ class Backend(abc.ABC):
     def _argv(self, cmd: list[str], workdir: Path, src: Path, limits: Limits) -> tuple[list[str], dict, str]:
         """(argv, env, cwd) running `cmd` (paths as the program sees them) in the sandbox."""
 
+    def _server_spec(self, limits: Limits):
+        """How to start privcode.sandbox.server in this sandbox (a forkserver.ServerSpec)."""
+        raise PrivcodeError(f"backend {self.name} has no fork server")
+
     def _program_dir(self, workdir: Path) -> str:
         """Where the source file is, as the program sees it."""
         return str(workdir)
@@ -319,24 +329,85 @@ class Backend(abc.ABC):
     def _prepare(self, workdir: Path, src: Path) -> None:
         """Make the working directory usable by the sandbox uid (hook)."""
 
-    def run(self, code: str | None, lang: str, limits: Limits | None = None) -> RunResult:
-        limits = limits or Limits()
-        if code is None or not code.strip():
-            return RunResult("no_code", None, backend=self.name, detail="no code to run")
+    # ---- toolchains ----
+    def _tool_lookup(self, tool: str):
+        """Resolved | str for one tool (see privcode.sandbox.toolchains)."""
+        return resolve_host_tool(TOOLS[tool], self.tool_mode)
+
+    def _tool_isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def plan(self, lang: str) -> Plan | str:
+        """The language made concrete here (tool paths, binds), or why it cannot run. Cached."""
         clang = canonical_lang(lang)
-        tc = LANGUAGES.get(clang)
-        if tc is None:
-            return RunResult("toolchain_missing", None, backend=self.name,
-                             detail=f"no toolchain for language '{lang}' (have: {', '.join(LANGUAGES)})")
+        key = (self.name, self.tool_mode, clang)
+        with _plan_lock:
+            if key in _plan_cache:
+                return _plan_cache[key]
+        spec = LANGUAGES.get(clang)
+        if spec is None:
+            p = f"no toolchain for language '{lang}' (have: {', '.join(LANGUAGES)})"
+        else:
+            try:
+                p = plan_from(spec, self._tool_lookup, self._tool_isdir)
+            except Exception as e:  # a lookup must never crash a run
+                p = f"toolchain lookup for '{clang}' failed: {type(e).__name__}: {e}"
+        with _plan_lock:
+            _plan_cache[key] = p
+        return p
+
+    def toolchains(self) -> dict:
+        """{language: "ok" or why not} for every known language."""
+        return {n: ("ok" if isinstance(self.plan(n), Plan) else self.plan(n)) for n in LANGUAGES}
+
+    def sandbox_binds(self) -> tuple[list, list]:
+        """(binds, etc paths) of every language that can run here: what a worker that serves any
+        language must see."""
+        binds, etc = [], []
+        for n in LANGUAGES:
+            p = self.plan(n)
+            if isinstance(p, Plan):
+                binds += [b for b in p.binds if b not in binds]
+                etc += [e for e in p.etc if e not in etc]
+        return binds, etc
+
+    def server_python(self) -> str:
+        p = self.plan("python")
+        if not isinstance(p, Plan):
+            raise PrivcodeError(f"the fork server needs a system python in the sandbox: {p}")
+        return p.tools["python"]
+
+    # ---- running ----
+    def run(self, code: str | None, lang: str, limits: Limits | None = None) -> RunResult:
+        """One snippet in a sandbox of its own."""
+        limits = limits or Limits()
+        prepared = self._prepare_request(code, lang, limits)
+        if not isinstance(prepared, tuple):
+            return prepared
+        plan = prepared[0]
+        if plan.lang.name in self.direct_langs:
+            return self._run_direct(code, plan, limits)
+        from privcode.sandbox.forkserver import Worker
+        w = Worker(self, limits)
+        try:
+            return self._run_request(w, prepared, limits, fork_server=False)
+        finally:
+            w.close()
+
+    def pool(self, workers: int = 1, limits: Limits | None = None):
+        """`workers` fork-server sandboxes (privcode.sandbox.forkserver.WorkerPool); close it."""
+        from privcode.sandbox.forkserver import WorkerPool
+        self.server_python()  # fail now if there is no interpreter for the server
+        return WorkerPool(self, workers, limits)
+
+    def _run_direct(self, code: str, plan: Plan, limits: Limits) -> RunResult:
         workdir = Path(tempfile.mkdtemp(prefix="privcode-sbx-"))
         try:
-            src = workdir / tc.filename
+            name, _ = plan.source_name(code)
+            src = workdir / name
             src.write_text(code, encoding="utf-8")
             src.chmod(0o644)
-            cmd = tc.argv(str(Path(self._program_dir(workdir)) / tc.filename))
-            if cmd is None:
-                return RunResult("toolchain_missing", None, backend=self.name,
-                                 detail=f"none of {', '.join(tc.candidates)} exists for '{clang}'")
+            cmd = plan.argv(plan.lang.run, str(Path(self._program_dir(workdir)) / name), {})
             self._prepare(workdir, src)
             argv, env, cwd = self._argv(cmd, workdir, src, limits)
             ex = execute(argv, env=env, cwd=cwd, limits=limits)
@@ -344,10 +415,85 @@ class Backend(abc.ABC):
             shutil.rmtree(workdir, ignore_errors=True)
         return self._classify(ex, limits)
 
-    def _classify(self, ex: _Exec, limits: Limits) -> RunResult:
+    def _prepare_request(self, code, lang, limits: Limits):
+        """(plan, request, host timeout) for the fork server, or the RunResult that needs no run."""
+        if code is None or not code.strip():
+            return RunResult("no_code", None, backend=self.name, detail="no code to run")
+        plan = self.plan(lang)
+        if not isinstance(plan, Plan):
+            return RunResult("toolchain_missing", None, backend=self.name, detail=plan)
+        spec = plan.lang
+        name, subst = plan.source_name(code)
+        run_mem = max(int(limits.mem_mb), spec.min_mem_mb)
+        subst["heap"] = max(32, run_mem // 2)
+        base = {"nproc": int(limits.nproc), "output_bytes": int(limits.output_bytes)}
+        steps = []
+        if spec.compiled:
+            steps.append(dict(base, name="compile", argv=plan.argv(spec.compile, name, subst),
+                              wall_s=float(limits.compile_s), cpu_s=float(limits.compile_s),
+                              mem_mb=max(int(limits.mem_mb), COMPILE_MEM_MB),
+                              fsize_mb=max(int(limits.fsize_mb), 64)))
+        run = dict(base, name="run", wall_s=float(limits.wall_s), cpu_s=float(limits.cpu_s), mem_mb=run_mem,
+                   fsize_mb=int(limits.fsize_mb))
+        if spec.inproc_python:
+            run["python"] = name
+        else:
+            run["argv"] = plan.argv(spec.run, name, subst)
+        steps.append(run)
+        req = {"files": {name: code}, "steps": steps}
+        timeout = sum(st["wall_s"] for st in steps) + 5.0
+        return plan, req, timeout
+
+    def _run_request(self, worker, prepared, limits: Limits, *, fork_server: bool) -> RunResult:
+        from privcode.sandbox.forkserver import WorkerError
+        plan, req, timeout = prepared
+        req = dict(req, env=self._server_env(worker))
+        try:
+            resp = worker.call(req, timeout)
+        except WorkerError as e:
+            tail = worker.stderr_tail(300)
+            status = "timeout" if e.timeout else "killed"
+            return RunResult(status, None, backend=self.name, fork_server=fork_server,
+                             detail=f"sandbox worker {e} (killed, replaced)" + (f": {tail}" if tail else ""))
+        return self._from_response(resp, req, limits, fork_server)
+
+    def _server_env(self, worker) -> dict:
+        return sandbox_env(worker.spec.cfg["workdir"])
+
+    def _from_response(self, resp: dict, req: dict, limits: Limits, fork_server: bool) -> RunResult:
+        steps = resp.get("steps") or []
+        if not steps:
+            return RunResult("killed", None, backend=self.name, fork_server=fork_server,
+                             detail=f"sandbox worker failed: {resp.get('tainted') or 'no result'}")
+        compile_s = 0.0
+        res = None
+        for st, spec in zip(steps, req["steps"]):
+            if st.get("error"):
+                return RunResult("error", None, backend=self.name, fork_server=fork_server, phase=st["name"],
+                                 detail=f"sandbox: {st['error']}")
+            ex = _Exec(st["rc"], st["sig"], base64.b64decode(st["stdout"]), base64.b64decode(st["stderr"]),
+                       float(st["wall_s"]), float(st["cpu_s"]), bool(st["timed_out"]), bool(st["exceeded"]))
+            if st["name"] == "compile":
+                compile_s = ex.wall_s
+                clim = Limits(wall_s=spec["wall_s"], cpu_s=spec["cpu_s"], mem_mb=spec["mem_mb"],
+                              fsize_mb=spec["fsize_mb"], nproc=spec["nproc"], output_bytes=spec["output_bytes"])
+                res = self._classify(ex, clim, raw=True)
+                if res.status != "ok":
+                    res.phase = "compile"
+                    res.detail = f"compile step: {res.detail}"
+                    res.stderr = (res.stdout + res.stderr)[-int(limits.output_bytes):]  # tsc reports on stdout
+                    res.stdout = ""
+                    break
+            else:
+                res = self._classify(ex, Limits(**{**limits.as_dict(), "mem_mb": spec["mem_mb"]}), raw=True)
+        res.compile_s = round(compile_s, 4)
+        res.fork_server = fork_server
+        return res
+
+    def _classify(self, ex: _Exec, limits: Limits, raw: bool = False) -> RunResult:
         stdout, stderr = _decode(ex.stdout), _decode(ex.stderr)
         sig, rc = ex.signal, ex.returncode
-        if rc is not None and self.signal_as_128_plus and 128 < rc <= 128 + 64:
+        if not raw and rc is not None and self.signal_as_128_plus and 128 < rc <= 128 + 64:
             sig, rc = rc - 128, None
         returncode = -sig if sig is not None else rc
         res = RunResult("ok", returncode, stdout, stderr, round(ex.wall_s, 4), self.name,
@@ -381,7 +527,7 @@ class Backend(abc.ABC):
 
 # ---- probing and selection -------------------------------------------------------------------
 
-_probe_lock = threading.Lock()
+_probe_lock = threading.RLock()  # probes may nest (container: engine, tools, run)
 _probe_cache: dict[str, tuple[bool, str]] = {}
 
 
@@ -398,16 +544,19 @@ def probe(key: str, fn) -> tuple[bool, str]:
 
 def _registry() -> dict:
     from privcode.sandbox.bwrap import BwrapBackend
+    from privcode.sandbox.container import ContainerBackend
     from privcode.sandbox.rlimit import RlimitBackend, UnshareBackend
-    return {"bwrap": BwrapBackend, "unshare": UnshareBackend, "rlimit": RlimitBackend}
+    return {"container": ContainerBackend, "bwrap": BwrapBackend, "unshare": UnshareBackend,
+            "rlimit": RlimitBackend}
 
 
-BACKENDS = ("bwrap", "unshare", "rlimit")  # strongest first
+BACKENDS = ("container", "bwrap", "unshare", "rlimit")  # strongest first
+ISOLATING = ("container", "namespaces+fs", "namespaces")
 
 
 def get_backend(name: str = "auto", *, require_isolation: bool = False) -> Backend:
-    """A ready backend. `auto` = the strongest available (bwrap > unshare > rlimit).
-    With `require_isolation`, a backend without namespaces (`rlimit`) is refused."""
+    """A ready backend. `auto` = the strongest available (container > bwrap > unshare > rlimit).
+    With `require_isolation`, a backend without namespaces or a container (`rlimit`) is refused."""
     reg = _registry()
     if isinstance(name, Backend):
         b = name
@@ -422,7 +571,7 @@ def get_backend(name: str = "auto", *, require_isolation: bool = False) -> Backe
             reasons.append(f"{n}: {cand.why_unavailable()}")
         if b is None:  # pragma: no cover - rlimit is always available on Linux
             raise PrivcodeError("no sandbox backend works here (" + "; ".join(reasons) + ")")
-        if require_isolation and b.isolation == "rlimit":
+        if require_isolation and b.isolation not in ISOLATING:
             raise PrivcodeError("no isolating sandbox backend works here and isolation is required ("
                                 + "; ".join(reasons) + "); install bubblewrap (apt-get install bubblewrap)"
                                 " or run as root for unshare, or drop --require-isolation to use the"
@@ -434,7 +583,7 @@ def get_backend(name: str = "auto", *, require_isolation: bool = False) -> Backe
         b = reg[name]()
     if not b.available():
         raise PrivcodeError(f"sandbox backend '{b.name}' does not work here: {b.why_unavailable()}")
-    if require_isolation and b.isolation == "rlimit":
+    if require_isolation and b.isolation not in ISOLATING:
         raise PrivcodeError(f"sandbox backend '{b.name}' has no namespace isolation and isolation is required")
     return b
 
@@ -445,3 +594,14 @@ def sandbox_env(home: str) -> dict:
 
 def can_setuid() -> bool:
     return os.geteuid() == 0
+
+
+def server_prlimit_prefix(limits: Limits) -> list[str]:
+    """rlimits of a fork-server wrapper: no core files and the file size limit; CPU, address space
+    and process count are set per snippet by the server (a long-lived server must not run out of
+    CPU seconds, and must be able to fork while a fork bomb elsewhere holds the uid's quota)."""
+    prl = shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if prl is None:
+        return []
+    fsz = max(int(limits.fsize_mb), 64) * 1024 * 1024
+    return [prl, "--core=0:0", f"--fsize={fsz}:{fsz}", "--"]

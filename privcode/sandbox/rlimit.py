@@ -27,11 +27,15 @@ rlimit (isolation "rlimit"), what it does: the same rlimits, empty environment, 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from privcode.sandbox.base import (SANDBOX_GID, SANDBOX_UID, Backend, Limits, probe, sandbox_env)
+from privcode.sandbox.base import (SANDBOX_GID, SANDBOX_UID, Backend, Limits, probe, sandbox_env,
+                                   server_prlimit_prefix)
+from privcode.sandbox.toolchains import TC_ROOT
 
 _SYS_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 SANDBOX_DIR = "/tmp/sandbox"  # the program's working directory inside the namespaced backends
@@ -54,8 +58,9 @@ def tmpfs_bytes(limits: Limits) -> int:
 
 # Runs as root, PID 1 of the new PID namespace, in the new mount namespace (mount changes here do
 # not reach the host). One system-python process does all mounts (exec'ing mount(8) per mount point
-# costs ~5 ms each). argv: source file on the host, its name in the sandbox, tmpfs size in bytes,
-# then the command to exec (setpriv ... program).
+# costs ~5 ms each). argv: source file on the host ("-": none, the fork server), its name in the
+# sandbox, tmpfs size in bytes, the toolchain binds (JSON [[host dir, sandbox dir], ...]), then the
+# command to exec (setpriv ... program).
 _SHIM = r"""
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -74,10 +79,13 @@ def unescape(s):
         else:
             out.append(s[i]); i += 1
     return "".join(out)
-src, name, size = sys.argv[1:4]
-cmd = sys.argv[4:]
-with open(src, "rb") as fh:
-    code = fh.read()
+import json
+src, name, size, binds = sys.argv[1:5]
+cmd = sys.argv[5:]
+code = None
+if src != "-":
+    with open(src, "rb") as fh:
+        code = fh.read()
 covered = ("/proc", "/sys", "/tmp", "/var/tmp", "/dev/shm")
 seen = set()
 with open("/proc/self/mountinfo") as fh:
@@ -101,6 +109,20 @@ for d, o in (("/var/tmp", b"size=1m,mode=1777"), ("/dev/shm", opts)):
         mount(b"tmpfs", d, b"tmpfs", MS_NOSUID | MS_NODEV, o)
 if os.path.isdir("/sys"):
     mount(b"tmpfs", "/sys", b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=755")
+for host, inside in json.loads(binds):  # toolchains: read-only, in root-owned dirs under /tmp
+    os.makedirs(inside, 0o755, exist_ok=True)
+    mount(host.encode(), inside, None, MS_BIND | 16384, None)  # MS_REC
+    f = os.statvfs(inside).f_flag
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    for st, ms in KEEP:
+        if f & st:
+            flags |= ms
+    mount(None, inside, None, flags, None)
+if os.path.isdir("/tmp/.privcode-tc"):
+    os.chmod("/tmp/.privcode-tc", 0o755)
+if code is None:
+    os.chdir("/tmp")
+    os.execv(cmd[0], cmd)
 os.mkdir("/tmp/sandbox")
 os.chmod("/tmp/sandbox", 0o1777)
 path = "/tmp/sandbox/" + name
@@ -153,11 +175,23 @@ class UnshareBackend(Backend):
 
     def _argv(self, cmd, workdir, src, limits):
         inner = setpriv_argv() + ["/bin/sh", "-c", '"$@"; exit $?', "sh"] + cmd
-        argv = [_which("unshare") or "/usr/bin/unshare", "--net", "--pid", "--fork", "--kill-child",
+        return self._unshare(src, src.name, limits, "[]") + inner, sandbox_env(SANDBOX_DIR), str(workdir)
+
+    def _unshare(self, src, name, limits, binds_json) -> list[str]:
+        return [_which("unshare") or "/usr/bin/unshare", "--net", "--pid", "--fork", "--kill-child",
                 "--ipc", "--uts", "--mount", "--mount-proc",
                 _shim_python() or SHIM_PYTHON[0], "-I", "-S", "-B", "-c", _SHIM,
-                str(src), src.name, str(tmpfs_bytes(limits))] + inner
-        return argv, sandbox_env(SANDBOX_DIR), str(workdir)
+                str(src), name, str(tmpfs_bytes(limits)), binds_json]
+
+    def _server_spec(self, limits):
+        from privcode.sandbox.forkserver import ServerSpec, server_command
+        binds, _ = self.sandbox_binds()  # /etc is visible as it is
+        cfg = {"workdir": SANDBOX_DIR, "wipe": ["/tmp", "/var/tmp", "/dev/shm"],
+               "keep": [TC_ROOT.rsplit("/", 1)[1]]}
+        # no /bin/sh in between: the server is PID 1 (unsignalable from inside, reaps everything)
+        argv = self._unshare("-", "-", limits, json.dumps(binds)) + setpriv_argv() + \
+            server_command(self.server_python(), cfg)
+        return ServerSpec(server_prlimit_prefix(limits) + argv, sandbox_env(SANDBOX_DIR), "/", cfg)
 
 
 class RlimitBackend(Backend):
@@ -166,6 +200,10 @@ class RlimitBackend(Backend):
     name = "rlimit"
     isolation = "rlimit"
     signal_as_128_plus = False
+
+    @property
+    def tool_mode(self) -> str:
+        return "host-nobody" if self.drops_uid else "host"
 
     def available(self) -> bool:
         return probe(self.name, self._probe)[0]
@@ -193,6 +231,19 @@ class RlimitBackend(Backend):
     def _argv(self, cmd, workdir, src, limits):
         argv = (setpriv_argv() if self.drops_uid else []) + cmd
         return argv, sandbox_env(str(workdir)), str(workdir)
+
+    def _server_spec(self, limits):
+        from privcode.sandbox.forkserver import ServerSpec, server_command
+        base = tempfile.mkdtemp(prefix="privcode-fsrv-")
+        if self.drops_uid:
+            os.chown(base, SANDBOX_UID, SANDBOX_GID)
+        os.chmod(base, 0o700)
+        workdir = os.path.join(base, "sandbox")
+        # no private /tmp to wipe and no PID namespace: the server removes only its own directory
+        # and kills what re-parents to it (it is a child subreaper)
+        cfg = {"workdir": workdir, "wipe": [], "keep": [], "own_ipc": False}
+        argv = (setpriv_argv() if self.drops_uid else []) + server_command(self.server_python(), cfg)
+        return ServerSpec(server_prlimit_prefix(limits) + argv, sandbox_env(workdir), base, cfg, cleanup=[base])
 
     def describe(self) -> dict:
         return {**super().describe(), "uid": SANDBOX_UID if self.drops_uid else os.geteuid()}

@@ -156,7 +156,7 @@ def _run_python(path, workdir, env):
     except SystemExit as e:  # pragma: no cover
         _finish(_exit_code(e))
     except BaseException as e:  # SyntaxError & co: printed like the interpreter prints them
-        sys.excepthook(type(e), e, None)
+        sys.excepthook(type(e), e.with_traceback(None), None)
         _finish(1)
     try:
         exec(code, mod.__dict__)
@@ -164,7 +164,8 @@ def _run_python(path, workdir, env):
         _finish(_exit_code(e))
     except BaseException as e:
         tb = e.__traceback__
-        sys.excepthook(type(e), e, tb.tb_next if tb is not None else None)
+        tb = tb.tb_next if tb is not None else None  # not the server's own frame
+        sys.excepthook(type(e), e.with_traceback(tb), tb)
         _finish(1)
     _finish(0)
 

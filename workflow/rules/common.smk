@@ -68,7 +68,7 @@ def eval_model(w):
     if w.method == "PreCode":
         return model_ref(w.model)
     if w.method == "DPFT":
-        return f"results/dp/{w.model}/{w.tag}/model"
+        return f"results/dp/{w.model}/dpsgd/{w.tag}/model"
     return f"results/ft/{w.model}/{w.method}/{w.tag}/model"
 
 
@@ -100,3 +100,16 @@ def exec_filter_args():
     for k in ("wall_s", "cpu_s", "mem_mb", "fsize_mb", "nproc", "output_bytes"):
         flags.append(f"--{k.replace('_', '-')} {c[k]}")
     return " ".join(flags)
+
+
+def privsa_params(variant):
+    """PrivSA settings for a DP variant: the config's `privsa` section, or off for plain DP-SGD."""
+    if variant == "dpsgd":
+        return {"privsa_lambda_max": 0.0, "privsa_lambda_min": 0.0}
+    c = config["privsa"]
+    return {
+        "privsa_lambda_max": c["lambda_max"],
+        "privsa_lambda_min": c["lambda_min"],
+        "privsa_alpha": c["alpha"],
+        "privsa_interval": c["interval"],
+    }

@@ -1,5 +1,6 @@
 # Stage 1-2: DP-SGD LoRA fine-tuning on the private records, then merge (post-processing).
-# Used for the junior model (PrivCode) and for the premium models directly (DPFT).
+# variant "privsa": PrivCode's stage 1 (junior model, DP-SGD + the PrivSA syntax-aware KL term);
+# variant "dpsgd": plain DP-SGD, the DPFT baseline (premium model trained directly).
 
 
 rule dp_finetune:
@@ -7,17 +8,21 @@ rule dp_finetune:
         model=lambda w: model_input(w.model),
         data="results/data/private",
     output:
-        directory("results/dp/{model}/eps{eps}/adapter"),
+        directory("results/dp/{model}/{variant}/eps{eps}/adapter"),
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/dp_finetune/{model}_eps{eps}.log",
+        "logs/dp_finetune/{model}_{variant}_eps{eps}.log",
     benchmark:
-        "benchmarks/dp_finetune/{model}_eps{eps}.tsv"
+        "benchmarks/dp_finetune/{model}_{variant}_eps{eps}.tsv"
     params:
         ref=lambda w: model_ref(w.model),
         p=lambda w: stage_params(
-            "dp_finetune", w.model, epsilon=float(w.eps), delta=config["privacy"]["delta"]
+            "dp_finetune",
+            w.model,
+            epsilon=float(w.eps),
+            delta=config["privacy"]["delta"],
+            **privsa_params(w.variant),
         ),
         run=launcher("dp_finetune"),
     resources:
@@ -30,15 +35,15 @@ rule dp_finetune:
 rule merge_dp:
     input:
         model=lambda w: model_input(w.model),
-        adapter="results/dp/{model}/eps{eps}/adapter",
+        adapter="results/dp/{model}/{variant}/eps{eps}/adapter",
     output:
-        directory("results/dp/{model}/eps{eps}/model"),
+        directory("results/dp/{model}/{variant}/eps{eps}/model"),
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/merge_dp/{model}_eps{eps}.log",
+        "logs/merge_dp/{model}_{variant}_eps{eps}.log",
     benchmark:
-        "benchmarks/merge_dp/{model}_eps{eps}.tsv"
+        "benchmarks/merge_dp/{model}_{variant}_eps{eps}.tsv"
     params:
         ref=lambda w: model_ref(w.model),
     shell:

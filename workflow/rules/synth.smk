@@ -4,7 +4,7 @@
 
 rule generate:
     input:
-        model="results/dp/{model}/eps{eps}/model",
+        model="results/dp/{model}/privsa/eps{eps}/model",
         prompts="results/data/public",
     output:
         directory("results/synth/{model}/eps{eps}/generated"),

@@ -1,0 +1,234 @@
+"""The `container` backend (isolation "container"): Docker, Podman or Apptainer/Singularity running
+the sandbox image (containers/sandbox.Dockerfile, containers/sandbox.def).
+
+Which engine: the first of ENGINES that is installed AND usable (docker/podman: `info` answers,
+i.e. there is an engine, and the image PRIVCODE_SANDBOX_IMAGE (default "privcode-sandbox") exists;
+apptainer/singularity: the image file PRIVCODE_SANDBOX_SIF (default
+containers/privcode-sandbox.sif) exists), and a probe run in it works. Otherwise `available()` is
+false and `why_unavailable()` says what is missing, per engine. Build the image with
+
+    docker build -f containers/sandbox.Dockerfile -t privcode-sandbox containers
+    apptainer build containers/privcode-sandbox.sif containers/sandbox.def
+
+What it does (docker/podman): `run --rm -i --network none --user 65534:65534 --cap-drop ALL
+--security-opt no-new-privileges --read-only --tmpfs /tmp (exec, size-limited) --pids-limit
+--memory --ulimit core=0,fsize --ipc private` with the image's own root file system; the
+engine's default seccomp profile applies. Every snippet goes through privcode.sandbox.server (the
+image's /usr/bin/python3): one container per snippet (`fork_server: false`) or one long-lived
+container per worker (the server is the container's PID 1). A container is killed with
+`<engine> rm -f <name>` (the client alone is not the container).
+Apptainer/Singularity: `exec --containall --net --network none --no-privs` (PID, IPC, mount
+namespaces, an empty private /tmp, a clean environment); as root the server drops to uid 65534
+with the image's setpriv. Limits are the server's per-snippet rlimits (no cgroup limits).
+
+Toolchains are the image's (probed once with `command -v`), not the host's.
+
+Not protected: kernel exploits beyond what the seccomp profile blocks, and (apptainer without
+root) the uid is the caller's.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from privcode.sandbox.base import SANDBOX_GID, SANDBOX_UID, Backend, Limits, probe
+from privcode.sandbox.toolchains import COMPILE_MEM_MB, TOOLS, Resolved
+
+ENGINES = ("docker", "podman", "apptainer", "singularity")
+IMAGE = "privcode-sandbox"
+PROJECT = Path(__file__).resolve().parents[2]
+SANDBOX_DIR = "/tmp/sandbox"
+_SEARCH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+_TOOL_PROBE = r"""
+for t in python3 bash sh g++ clang++ javac java rustc node nodejs tsc php mcs mono swiftc setpriv; do
+  p=$(command -v "$t" 2>/dev/null) && echo "T $t $p $(readlink -f "$p")"
+done
+for d in /usr/lib/node_modules/@types/node /usr/local/lib/node_modules/@types/node; do
+  [ -d "$d" ] && echo "D $d"
+done
+id -u
+"""
+
+
+def image_name() -> str:
+    return os.environ.get("PRIVCODE_SANDBOX_IMAGE", IMAGE)
+
+
+def sif_path() -> str:
+    return os.environ.get("PRIVCODE_SANDBOX_SIF", str(PROJECT / "containers" / "privcode-sandbox.sif"))
+
+
+def _quiet(argv, timeout=60) -> tuple[int, str]:
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return 1, f"{type(e).__name__}: {e}"
+    return r.returncode, (r.stderr.strip() or r.stdout.strip())[-300:]
+
+
+class ContainerBackend(Backend):
+    name = "container"
+    isolation = "container"
+    signal_as_128_plus = False
+    direct_langs = ()          # every language through the (one-shot) server in the image
+    tool_mode = "image"
+
+    def __init__(self, engine: str | None = None):
+        self._forced = engine
+
+    # ---- engine selection ----
+    def _engine_state(self):
+        """(engine name, engine path) of the first usable engine, or (None, reasons)."""
+        reasons = []
+        for eng in ((self._forced,) if self._forced else ENGINES):
+            exe = shutil.which(eng, path=os.environ.get("PATH", "") + ":" + _SEARCH)
+            if exe is None:
+                reasons.append(f"{eng}: not installed")
+                continue
+            if eng in ("docker", "podman"):
+                rc, msg = _quiet([exe, "info", "--format", "{{json .}}"], timeout=20)
+                if rc != 0:
+                    reasons.append(f"{eng}: installed but not usable (no engine: {msg.splitlines()[-1] if msg else rc})")
+                    continue
+                rc, msg = _quiet([exe, "image", "inspect", image_name()], timeout=20)
+                if rc != 0:
+                    reasons.append(f"{eng}: image '{image_name()}' missing (docker build -f "
+                                   f"containers/sandbox.Dockerfile -t {image_name()} containers)")
+                    continue
+            else:
+                if not os.path.isfile(sif_path()):
+                    reasons.append(f"{eng}: image {sif_path()} missing (apptainer build {sif_path()} "
+                                   "containers/sandbox.def)")
+                    continue
+            return eng, exe
+        return None, "; ".join(reasons)
+
+    def _engine(self):
+        ok, why = probe(self._key("engine"), self._probe_engine)
+        if not ok:
+            return None
+        return self._found_engine
+
+    def _key(self, what: str) -> str:
+        return f"container:{self._forced or 'any'}:{what}"
+
+    _engines_cache: dict = {}
+
+    def _probe_engine(self):
+        eng, exe_or_why = self._engine_state()
+        if eng is None:
+            return False, exe_or_why
+        ContainerBackend._engines_cache[self._key("engine")] = (eng, exe_or_why)
+        return True, ""
+
+    @property
+    def _found_engine(self):
+        return ContainerBackend._engines_cache.get(self._key("engine"))
+
+    def available(self) -> bool:
+        return probe(self._key("ok"), self._probe)[0]
+
+    def why_unavailable(self) -> str:
+        return probe(self._key("ok"), self._probe)[1]
+
+    def _probe(self):
+        ok, why = probe(self._key("engine"), self._probe_engine)
+        if not ok:
+            return False, f"no usable container engine with the sandbox image ({why})"
+        tools = self._image_tools()
+        if "python3" not in tools:
+            return False, "the sandbox image has no python3 (needed by privcode.sandbox.server)"
+        r = self.run("id -u\n", "shell", Limits(wall_s=60))
+        if r.status != "ok" or r.stdout.strip() != str(SANDBOX_UID):
+            return False, f"probe run failed ({r.status}: {(r.stderr or r.detail).strip()[-300:]})"
+        return True, ""
+
+    # ---- toolchains of the image ----
+    def _image_tools(self) -> dict:
+        ok, _ = probe(self._key("tools"), self._probe_tools)
+        return ContainerBackend._engines_cache.get(self._key("tools"), {}) if ok else {}
+
+    def _probe_tools(self):
+        eng, exe = self._found_engine
+        if eng in ("docker", "podman"):
+            argv = [exe, "run", "--rm", "--network", "none", "--user", f"{SANDBOX_UID}:{SANDBOX_GID}",
+                    "--log-driver", "none", image_name(), "/bin/sh", "-c", _TOOL_PROBE]
+        else:
+            argv = [exe, "exec", "--containall", "--cleanenv", sif_path(), "/bin/sh", "-c", _TOOL_PROBE]
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return False, f"tool probe failed: {e}"
+        if r.returncode != 0:
+            return False, f"tool probe failed: {r.stderr.strip()[-300:]}"
+        tools, dirs = {}, set()
+        for line in r.stdout.splitlines():
+            f = line.split()
+            if len(f) >= 4 and f[0] == "T":
+                tools[f[1]] = (f[2], f[3])
+            elif len(f) == 2 and f[0] == "D":
+                dirs.add(f[1])
+        tools["_dirs"] = dirs
+        ContainerBackend._engines_cache[self._key("tools")] = tools
+        return True, ""
+
+    def _tool_lookup(self, tool: str):
+        found = self._image_tools()
+        for n in TOOLS[tool].names:
+            hit = found.get(os.path.basename(n))
+            if hit:
+                path, real = hit
+                # a script (mcs) or a JS file (tsc) is run by its real path; binaries likewise
+                return Resolved(real if tool in ("tsc", "rustc", "java", "javac", "g++") else path)
+        return f"'{TOOLS[tool].names[0]}' not in the image {image_name()}"
+
+    def _tool_isdir(self, path: str) -> bool:
+        return path in self._image_tools().get("_dirs", set())
+
+    # ---- command lines ----
+    def _argv(self, cmd, workdir, src, limits):  # pragma: no cover - direct runs are not used
+        raise NotImplementedError("the container backend runs everything through the server")
+
+    def container_argv(self, limits: Limits, name: str, cmd: list[str]) -> list[str]:
+        eng, exe = self._found_engine or (self._forced or "docker", self._forced or "docker")
+        tmpfs = max(64, 4 * int(limits.fsize_mb)) * 1024 * 1024
+        if eng in ("docker", "podman"):
+            mem = max(COMPILE_MEM_MB, 2 * int(limits.mem_mb)) + 256
+            fsz = max(int(limits.fsize_mb), 64) * 1024 * 1024
+            return [exe, "run", "--rm", "-i", "--name", name, "--network", "none",
+                    "--user", f"{SANDBOX_UID}:{SANDBOX_GID}", "--cap-drop", "ALL",
+                    "--security-opt", "no-new-privileges", "--read-only", "--ipc", "private",
+                    "--tmpfs", f"/tmp:rw,exec,nosuid,nodev,size={tmpfs},mode=1777",
+                    "--shm-size", str(tmpfs),
+                    "--pids-limit", str(int(limits.nproc) + 16),
+                    "--memory", f"{mem}m", "--memory-swap", f"{mem}m",
+                    "--ulimit", "core=0", "--ulimit", f"fsize={fsz}",
+                    "--env", "LANG=C.UTF-8", "--env", "PATH=/usr/bin:/bin", "--env", f"HOME={SANDBOX_DIR}",
+                    "--workdir", "/tmp", "--log-driver", "none", "--pull", "never",
+                    image_name()] + cmd
+        drop = []
+        if os.geteuid() == 0:
+            setpriv = self._image_tools().get("setpriv", ("/usr/bin/setpriv",))[0]
+            drop = [setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}", "--clear-groups",
+                    "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
+        return [exe, "exec", "--containall", "--cleanenv", "--net", "--network", "none", "--no-privs",
+                "--env", "LANG=C.UTF-8", "--env", f"HOME={SANDBOX_DIR}", "--pwd", "/tmp",
+                sif_path()] + drop + cmd
+
+    def _server_spec(self, limits):
+        from privcode.sandbox.forkserver import ServerSpec, server_command
+        eng, exe = self._found_engine or (self._forced or "docker", self._forced or "docker")
+        cfg = {"workdir": SANDBOX_DIR, "wipe": ["/tmp", "/dev/shm"], "keep": [], "own_ipc": True}
+        name = f"privcode-sbx-{uuid.uuid4().hex[:16]}"
+        argv = self.container_argv(limits, name, server_command(self.server_python(), cfg))
+        kill = [exe, "rm", "-f", name] if eng in ("docker", "podman") else None
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_HOST", "XDG_RUNTIME_DIR",
+                                                            "CONTAINER_HOST", "APPTAINER_CACHEDIR")}
+        return ServerSpec(argv, env, "/", cfg, kill_argv=kill)
+
+    def describe(self) -> dict:
+        eng = self._found_engine
+        return {**super().describe(), "engine": eng[0] if eng else None, "image": image_name()}

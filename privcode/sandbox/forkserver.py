@@ -1,0 +1,295 @@
+"""Host side of the fork server (see privcode.sandbox.server for the part inside the sandbox).
+
+`Worker`: one sandbox (of any backend) running the server; requests go in over its stdin, results
+come back over its stdout. The host keeps its own deadline per request (the steps' wall limits +
+a margin): a worker that does not answer in time, dies, or reports itself "tainted" is killed
+(its whole sandbox) and not reused.
+
+`WorkerPool`: `workers` such sandboxes, each serving one snippet at a time; `pool.run(code, lang,
+limits)` is thread-safe and blocks while all workers are busy. A dead worker is replaced by a
+fresh one on the next request (`pool.restarts` counts them).
+
+The same Worker in one-shot use (start, one request, close) is how the per-snippet path
+(`fork_server: false`) runs compiled languages and every language in a container.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import selectors
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from privcode.errors import PrivcodeError
+
+SERVER_SOURCE = (Path(__file__).with_name("server.py")).read_text(encoding="utf-8")
+START_TIMEOUT_S = 60.0   # sandbox + interpreter start (first start may page in a lot)
+MARGIN_S = 5.0           # host deadline beyond the sum of the steps' wall limits
+
+
+class WorkerError(Exception):
+    def __init__(self, msg: str, *, timeout: bool = False):
+        super().__init__(msg)
+        self.timeout = timeout
+
+
+@dataclass
+class ServerSpec:
+    """How a backend starts the server: argv/env/cwd of the wrapper, the server's config, host
+    directories to delete afterwards and an optional command that kills the sandbox (containers
+    run under a daemon, so killing the client is not enough)."""
+    argv: list[str]
+    env: dict
+    cwd: str
+    cfg: dict
+    cleanup: list[str] = field(default_factory=list)
+    kill_argv: list[str] | None = None
+
+
+def server_command(python: str, cfg: dict) -> list[str]:
+    return [python, "-B", "-s", "-c", SERVER_SOURCE, json.dumps(cfg)]
+
+
+class Worker:
+    def __init__(self, backend, limits):
+        self.backend = backend
+        self.spec: ServerSpec = backend._server_spec(limits)
+        self._err = tempfile.TemporaryFile(prefix="privcode-worker-")
+        self.served = 0
+        self.dead = False
+        self.proc = subprocess.Popen(self.spec.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, cwd=self.spec.cwd, env=self.spec.env,
+                                     start_new_session=True, close_fds=True)
+        self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        os.set_blocking(self._in, False)
+        os.set_blocking(self._out, False)
+        self._rbuf = bytearray()
+        try:
+            hello = self._read_frame(time.monotonic() + START_TIMEOUT_S)
+        except WorkerError as e:
+            tail = self.stderr_tail()
+            self.kill()
+            raise PrivcodeError(f"the {backend.name} sandbox worker did not start: {e}"
+                                + (f" ({tail})" if tail else "")) from None
+        if not hello.get("ready"):
+            self.kill()
+            raise PrivcodeError(f"the {backend.name} sandbox worker did not start: {hello}")
+        self.hello = hello
+
+    # ---- framing with deadlines (never blocks past them) ----
+    def _write(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._in, selectors.EVENT_WRITE)
+            while view:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WorkerError("timed out sending the request", timeout=True)
+                if not sel.select(min(remaining, 1.0)):
+                    continue
+                try:
+                    n = os.write(self._in, view)
+                except BlockingIOError:
+                    continue
+                except (BrokenPipeError, OSError) as e:
+                    raise WorkerError(f"worker gone ({e})") from None
+                view = view[n:]
+
+    def _read_exact(self, n: int, deadline: float) -> bytes:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._out, selectors.EVENT_READ)
+            while len(self._rbuf) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WorkerError("no answer in time", timeout=True)
+                if not sel.select(min(remaining, 1.0)):
+                    continue
+                try:
+                    chunk = os.read(self._out, max(65536, n - len(self._rbuf)))
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    raise WorkerError("worker exited")
+                self._rbuf += chunk
+        data = bytes(self._rbuf[:n])
+        del self._rbuf[:n]
+        return data
+
+    def _read_frame(self, deadline: float) -> dict:
+        (n,) = struct.unpack(">I", self._read_exact(4, deadline))
+        return json.loads(self._read_exact(n, deadline).decode("utf-8"))
+
+    def call(self, req: dict, timeout: float) -> dict:
+        """One request; on any failure the worker is killed and WorkerError raised."""
+        if self.dead:
+            raise WorkerError("worker is dead")
+        deadline = time.monotonic() + timeout
+        data = json.dumps(req).encode("utf-8")
+        try:
+            self._write(struct.pack(">I", len(data)) + data, deadline)
+            resp = self._read_frame(deadline)
+        except WorkerError:
+            self.kill()
+            raise
+        self.served += 1
+        if resp.get("tainted"):
+            self.kill()
+        return resp
+
+    def stderr_tail(self, n: int = 600) -> str:
+        try:
+            self._err.seek(0, os.SEEK_END)
+            size = self._err.tell()
+            self._err.seek(max(0, size - n))
+            return self._err.read().decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            return ""
+
+    def kill(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        if self.spec.kill_argv:
+            try:
+                subprocess.run(self.spec.kill_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._reap()
+
+    def close(self) -> None:
+        """Ask the server to exit (it kills and wipes what is left), then make sure."""
+        if not self.dead:
+            try:
+                self.proc.stdin.close()  # EOF: the server exits
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a SIGKILLed group always ends
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self._err.close()
+        except OSError:
+            pass
+        for d in self.spec.cleanup:
+            _rmtree(d)
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    def onerror(fn, p, exc):
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+        except OSError:
+            pass
+    shutil.rmtree(path, onerror=onerror)
+
+
+class WorkerPool:
+    """`workers` fork-server sandboxes of one backend; thread-safe `run`."""
+
+    def __init__(self, backend, workers: int = 1, limits=None):
+        from privcode.sandbox.base import Limits
+        if int(workers) < 1:
+            raise PrivcodeError(f"workers must be at least 1, got {workers}")
+        self.backend = backend
+        self.limits = limits or Limits()
+        self.size = int(workers)
+        self._slots = threading.BoundedSemaphore(self.size)
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self._all: set = set()
+        self.started = 0
+        self.restarts = 0
+        self.closed = False
+
+    def _take(self) -> Worker:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        w = Worker(self.backend, self.limits)
+        with self._lock:
+            self._all.add(w)
+            self.started += 1
+        return w
+
+    def _give(self, w: Worker) -> None:
+        if w.dead or self.closed:
+            with self._lock:
+                self._all.discard(w)
+                if w.dead and not self.closed:
+                    self.restarts += 1
+            w.close()
+        else:
+            self._idle.put(w)
+
+    def run(self, code, lang, limits=None):
+        """Like Backend.run, on a fork-server worker."""
+        if self.closed:
+            raise PrivcodeError("worker pool is closed")
+        limits = limits or self.limits
+        prepared = self.backend._prepare_request(code, lang, limits)
+        if not isinstance(prepared, tuple):
+            return prepared  # no_code / toolchain_missing
+        with self._slots:
+            w = self._take()
+            try:
+                return self.backend._run_request(w, prepared, limits, fork_server=True)
+            finally:
+                self._give(w)
+
+    def close(self) -> None:
+        self.closed = True
+        while True:
+            try:
+                w = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                self._all.discard(w)
+            w.close()
+        with self._lock:
+            rest = list(self._all)
+        for w in rest:  # busy ones (an exception elsewhere): kill
+            w.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def describe(self) -> dict:
+        return {"workers": self.size, "started": self.started, "restarts": self.restarts}
