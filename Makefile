@@ -1,5 +1,5 @@
 # privcode — two commands on a fresh machine:
-#   make demo    # install into .venv, then run the whole DAG on config/config.yaml -> results/table3.csv
+#   make demo    # install into .venv, run the whole DAG on config/config.yaml -> results/table{3,4,5}.csv, report.html
 #   make test    # install into .venv, then run the test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,9 +14,13 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || \
-	  echo "note: bubblewrap not installed; the exec filter falls back to unshare/rlimit"; }
+	# sandbox + toolchains for generated code (as root on Debian/Ubuntu; elsewhere install them yourself)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  command -v bwrap >/dev/null && command -v php >/dev/null && command -v mcs >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends bubblewrap php-cli mono-mcs >/dev/null; }; \
+	else command -v bwrap >/dev/null || echo "note: no bubblewrap: the exec filter falls back to unshare/rlimit"; fi
+	@command -v tsc >/dev/null 2>&1 || { command -v npm >/dev/null 2>&1 && npm install -g -s typescript@5 @types/node@20 >/dev/null 2>&1; } || \
+	  echo "note: no TypeScript compiler: TypeScript samples are recorded as toolchain_missing"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
@@ -26,8 +30,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	snakemake --cores all results/table3.csv
-	@echo; cat results/table3.csv
+	snakemake --cores all
+	snakemake --report report.html
+	@echo; for t in results/table3.csv results/table4.csv results/table5.csv results/vuln.csv; do \
+	  [ -f $$t ] && { echo "== $$t"; cat $$t; echo; }; done; echo "report: report.html"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -25,6 +25,15 @@ COMMANDS = {
     "evaluate": ("privcode.evaluate.run", "main", {}, "stage 7: EvalPlus / BigCodeBench pass@1"),
     "table3": ("privcode.report.table3", "main", {}, "stage 8: results/table3.csv (ε from privacy.json)"),
     "audit": ("privcode.dp.audit", "main", {}, "empirical privacy audit: canaries, exposure, one-run ε lower bound"),
+    "mask-pii": ("privcode.data.mask", "main", {}, "JFT: replace detected PII in the private records by placeholders"),
+    "inject-canaries": ("privcode.evaluate.leakage", "inject_main", {}, "put PII canaries (k copies each) into the private data"),
+    "leakage": ("privcode.evaluate.leakage", "main", {}, "table 4: canary leakage, exposure and PII in a model's outputs"),
+    "vuln": ("privcode.evaluate.vuln", "main", {}, "vulnerability rate of generated code (Bandit; CodeQL if installed)"),
+    "table4": ("privcode.report.table4", "main", {}, "results/table4.csv: leakage per model/method (ε from privacy.json)"),
+    "vulntable": ("privcode.report.table4", "vuln_main", {}, "results/vuln.csv: safe rate per model/method"),
+    "table5": ("privcode.report.table5", "main", {}, "results/table5.csv: sensitivity sweeps (PARAM=VALUE:EVAL_DIR)"),
+    "rethreshold": ("privcode.report.table5", "rethreshold_main", {}, "re-apply round-trip τ without regenerating"),
+    "figures": ("privcode.report.figures", "main", {}, "privacy–utility and synthesis-funnel PNGs"),
     "bench": ("privcode.bench", "main", {}, "benchmarks: exec | train | generate"),
 }
 

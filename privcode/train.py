@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,14 +30,16 @@ import torch
 from privcode.data.prompts import render_example
 from privcode.dp.engine import IGNORE, per_record_loss, privsa_lambda
 from privcode.errors import PrivcodeError
+from privcode.params import Params
 from privcode.io import atomic_dir, iter_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Params):
     """Hyper-parameters of one fine-tuning run (the `dp` / `finetune` sections of the config)."""
+    _what = "training"
     steps: int | None = None          # optimizer steps; DP: the accountant's T. Non-DP: overrides epochs
     epochs: float = 1.0               # non-DP only: passes over the data when steps is None
     batch_size: int = 8               # DP: expected batch size q*N (Poisson); non-DP: records per step
@@ -67,13 +69,6 @@ class TrainConfig:
     privsa_alpha: float = 0.05        # decay rate of λ per optimizer step
     privsa_interval: int = 1          # λ is held constant over blocks of this many steps
 
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "--params") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise PrivcodeError(f"unknown training option(s) {unknown}; known: {sorted(known)}", path=where)
-        return cls(**d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +201,7 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
         log.info("resumed at step %d (ε so far %.4f)", start, acct.epsilon_from_history(history, cfg.delta))
 
     batch_sizes: list[int] = []
+    timer = StepTimer(device, world)
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), desc="dp-finetune", unit="step", initial=start, total=cfg.steps,
                disable=rank != 0)
@@ -221,7 +217,9 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
                             cfg.privsa_interval) if privsa else 0.0
         micro = [collate([rows[i] for i in idx[k:k + cfg.micro_batch_size]], tok.pad_token_id, device)
                  for k in range(0, len(idx), cfg.micro_batch_size)]
+        timer.start()
         total, count = dp.step(micro, lambda m, b: per_record_loss(m, b, lam=lam, peft_model=model))
+        timer.stop(sum(len(rows[i]["input_ids"]) for i in idx))
         history = _merge_history(history, sigma, q)
         batch_sizes.append(count)
         losses.append(total / max(count, 1))
@@ -235,7 +233,8 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
         raise PrivcodeError("LoRA weights did not change during DP training (Opacus hooks not attached?)")
     eps = acct.epsilon_from_history(history, cfg.delta, "prv")
     eps_rdp = acct.epsilon_from_history(history, cfg.delta, "rdp")
-    stats = {"mode": "dp", **data_stats, "steps": cfg.steps, "batch_sizes": batch_sizes, "losses": losses,
+    stats = {"mode": "dp", **data_stats, **timer.summary(), "steps": cfg.steps, "batch_sizes": batch_sizes,
+             "losses": losses,
              "seconds": elapsed, "lora_max_abs_delta": delta_max, "world_size": world, "resumed_at": start,
              "config": asdict(cfg), "base_model": model_ref}
     if rank == 0:
@@ -263,6 +262,44 @@ def _merge_history(history, sigma, q):
 
 # --------------------------------------------------------------------------------------------
 # non-DP
+
+
+class StepTimer:
+    """Per-step wall time (synchronized on GPUs) and global token counts, for throughput figures."""
+
+    def __init__(self, device, world: int):
+        self.device, self.world, self.seconds, self.tokens = device, world, [], []
+        self._t = None
+        if str(device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _sync(self):
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def stop(self, local_tokens: int):
+        self._sync()
+        self.seconds.append(time.perf_counter() - self._t)
+        t = torch.tensor([float(local_tokens)], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        self.tokens.append(int(t.item()))
+
+    def summary(self) -> dict:
+        """Throughput over steps after the first (warm-up), and the peak GPU memory of any rank."""
+        peak = 0.0
+        if str(self.device).startswith("cuda"):
+            m = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2 ** 30], device=self.device)
+            if self.world > 1:
+                torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
+            peak = float(m)
+        secs, toks = self.seconds[1:] or self.seconds, self.tokens[1:] or self.tokens
+        return {"step_seconds": self.seconds, "step_tokens": self.tokens,
+                "tokens_per_s": sum(toks) / max(sum(secs), 1e-9), "peak_mem_gib_max_rank": peak}
 
 
 def world_size() -> int:
@@ -295,7 +332,9 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
         engine, rank = _deepspeed_engine(model, opt, cfg, n_micro)
     order: list[int] = []
     losses, t0 = [], time.time()
+    timer = StepTimer(device, world)
     for _ in tqdm(range(steps), desc="finetune", unit="step", disable=rank != 0):
+        timer.start()
         if len(order) < cfg.batch_size:
             perm = list(range(len(rows)))
             rng.shuffle(perm)
@@ -325,8 +364,9 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
             torch.distributed.all_reduce(t)
             total = float(t)
         losses.append(total)
+        timer.stop(sum(len(rows[k]["input_ids"]) for k in mine))
     elapsed = time.time() - t0
-    stats = {"mode": "non-dp", **data_stats, "steps": steps, "losses": losses, "seconds": elapsed,
+    stats = {"mode": "non-dp", **data_stats, **timer.summary(), "steps": steps, "losses": losses, "seconds": elapsed,
              "world_size": world, "lora_max_abs_delta": max_lora_delta(before, model), "config": asdict(cfg),
              "base_model": model_ref}
     if rank == 0:

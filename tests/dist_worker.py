@@ -6,22 +6,23 @@ import torch
 
 from privcode.dp import engine
 from privcode.train import TrainConfig, build_lora_model, collate, load_rows
-from privcode.models import load_tokenizer
+from privcode.models import default_device, load_tokenizer
 
 model_dir, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
 rank, world = engine.init_distributed()
+device = default_device()  # CPU + gloo in CI; one GPU per process + NCCL on a GPU host
 cfg = TrainConfig(lora_targets=["q_proj", "v_proj"], max_length=48, lora_r=16)
 tok = load_tokenizer(model_dir)
 rows, _ = load_rows(data, tok, cfg)
 torch.manual_seed(0)
-model = build_lora_model(model_dir, cfg, "cpu")
+model = build_lora_model(model_dir, cfg, device)
 dp = engine.DPSGD(model, n_records=len(rows), sample_rate=0.5, noise_multiplier=2.0, max_grad_norm=0.5,
                   expected_batch_size=0.5 * len(rows), lr=1.0, weight_decay=0.0, steps=1, seed=7,
-                  device="cpu", rank=rank, world=world, optimizer="sgd")
+                  device=device, rank=rank, world=world, optimizer="sgd")
 before = torch.cat([p.detach().flatten().clone() for p in dp.params])
 idx = dp.next_indices()
-batches = [collate([rows[i] for i in idx], tok.pad_token_id, "cpu")] if idx else []
+batches = [collate([rows[i] for i in idx], tok.pad_token_id, device)] if idx else []
 dp.step(batches, lambda m, b: engine.per_record_loss(m, b) * 0.0)
 after = torch.cat([p.detach().flatten() for p in dp.params])
 if rank == 0:
-    torch.save({"update": after - before, "local_batch": len(idx)}, out)
+    torch.save({"update": (after - before).cpu(), "local_batch": len(idx)}, out)

@@ -1,4 +1,5 @@
-"""The execution filter end to end, on the strongest sandbox backend available here."""
+"""The execution filter end to end, on the strongest sandbox backend available here (fork server
+on by default; the per-snippet path where named)."""
 from __future__ import annotations
 
 import json
@@ -35,9 +36,11 @@ def gen_dir(tmp_path):
     return d
 
 
-def test_end_to_end(gen_dir, tmp_path):
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "per-snippet"])
+def test_end_to_end(gen_dir, tmp_path, fork_server):
     out = tmp_path / "filtered"
-    stats = exec_filter.run(gen_dir / "samples.jsonl", out, limits=LIM, workers=2, progress=False)
+    stats = exec_filter.run(gen_dir / "samples.jsonl", out, limits=LIM, workers=2, progress=False,
+                            fork_server=fork_server)
     assert sorted(p.name for p in out.iterdir()) == ["dropped.jsonl", "kept.jsonl", "privacy.json", "stats.json"]
 
     kept = read_jsonl(out / "kept.jsonl")
@@ -57,8 +60,11 @@ def test_end_to_end(gen_dir, tmp_path):
     assert st["dropped_by_reason"] == {"no_code": 1, "syntax_error": 1, "timeout": 1}
     assert st["by_lang"] == {"python": {"input": 5, "kept": 2, "dropped": 3},
                              "shell": {"input": 1, "kept": 1, "dropped": 0}}
+    assert st["dropped_by_lang_reason"] == {"python": {"no_code": 1, "syntax_error": 1, "timeout": 1}}
+    assert st["toolchains"] == {"python": "ok", "shell": "ok"}
     be = get_backend("auto")
-    assert (st["backend"], st["isolation"]) == (be.name, be.isolation)
+    assert (st["backend"], st["isolation"], st["fork_server"]) == (be.name, be.isolation, fork_server)
+    assert st["worker_restarts"] == 0
     assert st["limits"]["wall_s"] == 4 and st["executed"] == 6 and st["resumed"] == 0
     assert st["throughput_samples_per_s"] > 0
 
@@ -83,7 +89,8 @@ def test_resume_after_interruption(gen_dir, tmp_path):
 
     be.run = flaky
     with pytest.raises(RuntimeError, match="simulated crash"):
-        exec_filter.run(gen_dir / "samples.jsonl", out, backend=be, limits=LIM, workers=1, progress=False)
+        exec_filter.run(gen_dir / "samples.jsonl", out, backend=be, limits=LIM, workers=1, progress=False,
+                        fork_server=False)
     assert not out.exists()
     progress = tmp_path / "filtered.progress.jsonl"
     n_done = len(read_jsonl(progress))
@@ -91,7 +98,8 @@ def test_resume_after_interruption(gen_dir, tmp_path):
 
     calls.clear()
     be.run = lambda code, lang, limits: (calls.append(code), real_run(code, lang, limits))[1]
-    st = exec_filter.run(gen_dir / "samples.jsonl", out, backend=be, limits=LIM, workers=2, progress=False)
+    st = exec_filter.run(gen_dir / "samples.jsonl", out, backend=be, limits=LIM, workers=2, progress=False,
+                         fork_server=False)
     assert (st["resumed"], st["executed"], len(calls)) == (n_done, 6 - n_done, 6 - n_done)
     assert (st["n_kept"], st["n_dropped"]) == (3, 3)
     assert not progress.exists()
@@ -159,8 +167,63 @@ def test_cli(gen_dir, tmp_path, capsys):
                            "--workers", "2", "--wall-s", "4", "--cpu-s", "1", "--no-progress"])
     assert rc == 0
     st = read_json(out / "stats.json")
-    assert (st["backend"], st["isolation"], st["n_kept"]) == ("rlimit", "rlimit", 3)
+    assert (st["backend"], st["isolation"], st["n_kept"], st["fork_server"]) == ("rlimit", "rlimit", 3, True)
+    out2 = tmp_path / "cli_out2"
+    rc = exec_filter.main(["--input", str(gen_dir / "samples.jsonl"), "--out", str(out2), "--no-fork-server",
+                           "--compile-s", "20", "--wall-s", "4", "--cpu-s", "1", "--no-progress"])
+    assert rc == 0
+    st = read_json(out2 / "stats.json")
+    assert (st["fork_server"], st["limits"]["compile_s"], st["n_kept"]) == (False, 20, 3)
     rc = exec_filter.main(["--input", str(gen_dir / "samples.jsonl"), "--out", str(tmp_path / "x"),
                            "--backend", "rlimit", "--require-isolation", "--no-progress"])
     assert rc == 2 and "isolation" in capsys.readouterr().err
     assert not Path(tmp_path / "x").exists()
+
+
+def test_languages_hostile_samples_and_stats(tmp_path):
+    """Several languages from the records' `lang` (with aliases), hostile samples among them: the
+    filter survives, drops them with the right reasons and keeps the good ones."""
+    be = get_backend("auto")
+    have = {lang: not isinstance(be.plan(lang), str) for lang in ("cpp", "java", "javascript")}
+    # the memory bomb only where the isolation is confirmed (PID namespace, uid 65534, RLIMIT_NPROC)
+    probe = be.run("import os, resource\nprint(os.getuid(), resource.getrlimit(resource.RLIMIT_NPROC)[0],"
+                   " sum(d.isdigit() for d in os.listdir('/proc')))\n", "python", LIM)
+    uid, nproc, visible = (int(x) for x in probe.stdout.split()) if probe.ok else (0, 0, 99)
+    bomb = uid == 65534 and 0 < nproc <= 64 and visible <= 5
+    samples = [
+        {"id": "py", "problem": "p", "lang": "py", "code": "assert sum([1, 2]) == 3\n"},
+        {"id": "parent", "problem": "p", "lang": "python",
+         "code": "import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\nexcept OSError:\n    pass\n"},
+        {"id": "bg", "problem": "p", "lang": "bash", "code": "(sleep 30 &)\necho ok\n"},
+        {"id": "cpp", "problem": "p", "lang": "c++", "code": "#include <cstdio>\nint main(){ std::puts(\"hi\"); }\n"},
+        {"id": "cpp_bad", "problem": "p", "lang": "cpp", "code": "int main( {\n"},
+        {"id": "java", "problem": "p", "lang": "java",
+         "code": "public class Solution { public static void main(String[] a) { System.out.println(1); } }\n"},
+        {"id": "js", "problem": "p", "lang": "js", "code": "if (1 + 1 !== 2) process.exit(1);\n"},
+        {"id": "cob", "problem": "p", "lang": "cobol", "code": "DISPLAY 'HI'.\n"},
+    ]
+    if bomb:
+        samples.append({"id": "mem", "problem": "p", "lang": "python", "code": "x = bytearray(8 * 1024**3)\n"})
+    d = tmp_path / "gen"
+    d.mkdir()
+    write_jsonl(d / "s.jsonl", samples)
+    ledger.derive(d, stage="generate")
+    st = exec_filter.run(d / "s.jsonl", tmp_path / "out", limits=Limits(wall_s=8, cpu_s=4, compile_s=60),
+                         workers=2, progress=False)
+    kept = {k["id"] for k in read_jsonl(tmp_path / "out" / "kept.jsonl")}
+    dropped = {x["id"]: x for x in read_jsonl(tmp_path / "out" / "dropped.jsonl")}
+    assert {"py", "bg"} <= kept
+    assert dropped["cob"]["reason"] == "toolchain_missing"
+    assert not bomb or dropped["mem"]["reason"] == "oom"
+    assert "parent" in kept or dropped["parent"]["reason"] == "killed"  # its server (rlimit) may die
+    for lang, ids in (("cpp", ("cpp",)), ("java", ("java",)), ("javascript", ("js",))):
+        for i in ids:
+            assert (i in kept) == have[lang], (i, dropped.get(i))
+    if have["cpp"]:
+        assert dropped["cpp_bad"]["reason"] == "syntax_error" and dropped["cpp_bad"]["phase"] == "compile"
+        assert st["dropped_by_lang_reason"]["cpp"] == {"syntax_error": 1}
+        assert read_jsonl(tmp_path / "out" / "kept.jsonl")[[k["id"] for k in read_jsonl(
+            tmp_path / "out" / "kept.jsonl")].index("cpp")]["lang"] == "cpp"
+    assert st["by_lang"]["cobol"] == {"input": 1, "kept": 0, "dropped": 1}
+    assert st["toolchains"]["cobol"].startswith("no toolchain") and st["toolchains"]["python"] == "ok"
+    assert st["fork_server"] is True

@@ -52,16 +52,20 @@ def jobs(out: str) -> dict:
 
 
 def test_dry_run_demo_config():
-    j = jobs(snakemake("-n", "results/table3.csv"))
-    # DP runs: the junior with PrivSA (PrivCode) and the premium with plain DP-SGD (DPFT)
-    assert j["evaluate"] == 4 and j["dp_finetune"] == 2 and j["finetune"] == 2 and j["table3"] == 1
+    out = snakemake("-n", "--forceall")
+    j = jobs(out)
+    # DP runs: junior with PrivSA (PrivCode), premium with plain DP-SGD (DPFT), JFT's DP stage
+    assert j["dp_finetune"] == 3 and j["finetune"] == 4  # NonDPFT, JFTmask, PrivCode, PrivCode at τ'
+    assert j["evaluate"] == 6 and j["leakage"] == 5 and j["vuln"] == 5 and j["rethreshold"] == 1
+    for rule in ("table3", "table4", "table5", "vulntable", "figures", "inject_canaries", "mask_pii"):
+        assert j[rule] == 1, rule
 
 
 def test_dry_run_paper_config_plans_full_grid():
     out = snakemake("-n", "results/table3.csv", "--configfile", "config/paper.yaml")
     j = jobs(out)
-    # 4 premium models x 4 methods x 6 benchmarks; DP runs: junior + 4 premium (DPFT)
-    assert j["evaluate"] == 4 * 4 * 6 and j["dp_finetune"] == 5 and j["finetune"] == 8
+    # 4 premium models x 5 methods x 6 benchmarks; DP runs: junior + 4 DPFT + 4 JFT
+    assert j["evaluate"] == 4 * 5 * 6 and j["dp_finetune"] == 9 and j["finetune"] == 12
     assert "build_model" not in j and "make_data" not in j  # hub names: nothing to build, no network
     assert "torchrun --standalone --nproc_per_node 4" in out
 
@@ -75,3 +79,12 @@ def test_slurm_profile_dry_run_requests_gpus():
 def test_lint_clean():
     out = snakemake("--lint")
     assert "Congratulations, your workflow is in a good condition!" in out
+
+
+def test_dry_run_paper_sweeps_and_tables():
+    out = snakemake("-n", "--configfile", "config/paper.yaml")
+    j = jobs(out)
+    # τ sweep re-uses the round-trip scores (3 rethresholds, no new generation per τ);
+    # ε sweep: 3 more junior DP runs + synthesis; λmax sweep: 3 more junior DP runs + synthesis
+    assert j["rethreshold"] == 3 and j["generate"] == 1 + 3 + 3
+    assert j["table4"] == j["table5"] == j["vulntable"] == j["figures"] == 1

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
+from privcode.params import Params
 from privcode.io import atomic_dir, iter_jsonl, write_json, write_jsonl
 
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
@@ -27,7 +28,8 @@ EVALPLUS = ("humaneval", "mbpp")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Params):
+    _what = "evaluate"
     override: str | None = None    # EvalPlus-format dataset file (HUMANEVAL/MBPP_OVERRIDE_PATH) or BigCodeBench file
     prompt_format: str = "qa"
     backend: str = "hf"
@@ -37,12 +39,6 @@ class EvalConfig:
     dtype: str = "float32"
     parallel: int | None = None    # evaluator worker processes
 
-    @classmethod
-    def from_dict(cls, d):
-        bad = set(d) - {f.name for f in fields(cls)}
-        if bad:
-            raise PrivcodeError(f"unknown evaluate option(s) {sorted(bad)}", path="--params")
-        return cls(**d)
 
 
 def load_tasks(benchmark: str, override: str | None) -> list[dict]:

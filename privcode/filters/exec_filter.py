@@ -6,15 +6,22 @@ output `raw`, from which the code is taken with `privcode.data.prompts.extract_c
 
 Output directory (appears atomically, complete or not at all):
   kept.jsonl     {id, problem, solution ("```lang\\n<code>\\n```"), code, lang}
-  dropped.jsonl  {id, lang, reason, detail, returncode, stderr_tail}; reason is one of
-                 no_code, syntax_error, error, timeout, oom, killed, toolchain_missing
-  stats.json     counts per reason and per language, throughput, backend and isolation level
+  dropped.jsonl  {id, lang, reason, detail, returncode, phase, stderr_tail}; reason is one of
+                 no_code, syntax_error (does not parse / compile), error, timeout, oom, killed,
+                 toolchain_missing
+  stats.json     counts per reason, per language and per (language, reason), throughput, backend,
+                 isolation level, fork server (on/off, worker restarts), the toolchains seen
   privacy.json   post-processing of the input directory's artifact (ledger.derive)
 
 Resumable: per-sample results go to `<out>.progress.jsonl` beside the output directory (keyed by
 id, with a fingerprint of code, language, limits and backend, so changed inputs are re-run) and
 the file is deleted on success. If no sample is kept, `<out>.dropped.jsonl` and `<out>.stats.json`
 are written beside the (not created) output directory and PrivcodeError is raised.
+
+Speed: by default (`fork_server=True`) `workers` long-lived sandboxes each run a fork server
+(privcode.sandbox.server) that forks one child per sample -- no sandbox or interpreter start per
+sample; `fork_server=False` starts one sandbox per sample (see docs/sandbox.md for both).
+The language of a sample is its record's `lang` field (aliases such as py, c++, ts, c# accepted).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import concurrent.futures as cf
 import contextlib
 import hashlib
 import json
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -88,8 +96,10 @@ def _validated(in_path: Path, lang_field: str, code_field: str | None):
 
 def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, limits: Limits | None = None,
         workers: int = 2, lang_field: str = "lang", code_field: str | None = None,
-        progress: bool = True) -> dict:
-    """Run every sample in the sandbox and keep those that exit 0. Returns the stats dict."""
+        progress: bool = True, fork_server: bool = True) -> dict:
+    """Run every sample in the sandbox and keep those that exit 0. Returns the stats dict.
+    `fork_server`: run on `workers` fork-server sandboxes (falls back, with a note on stderr, to
+    one sandbox per sample where the sandbox has no python for the server)."""
     in_path, out_dir = Path(in_path), Path(out_dir)
     limits = limits or Limits()
     if int(workers) < 1:
@@ -108,7 +118,18 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
     results: dict = {}
     executed = 0
     t0 = time.monotonic()
-    with ResumableJsonl(prog_path, key="id") as prog:
+    pool = None
+    runner = be.run
+    if fork_server:
+        try:
+            pool = be.pool(int(workers), limits)
+            runner = pool.run
+        except PrivcodeError as e:
+            print(f"privcode: note: no fork server ({e}); one sandbox per sample", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        if pool is not None:
+            stack.callback(pool.close)
+        prog = stack.enter_context(ResumableJsonl(prog_path, key="id"))
         todo = []
         for rid, lang, code, fp in tasks:
             old = prog.done.get(rid)
@@ -132,7 +153,7 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
                         except StopIteration:
                             exhausted = True
                             break
-                        pending[ex.submit(be.run, code, lang, limits)] = (rid, lang, fp)
+                        pending[ex.submit(runner, code, lang, limits)] = (rid, lang, fp)
                     if not pending:
                         break
                     done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -144,8 +165,9 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
                             continue
                         r = fut.result()
                         rec = {"id": rid, "fingerprint": fp, "status": r.status, "reason": reason_for(r, lang),
-                               "detail": r.detail, "returncode": r.returncode,
-                               "stderr_tail": r.stderr[-STDERR_TAIL:], "wall_s": r.wall_s}
+                               "detail": r.detail, "returncode": r.returncode, "phase": r.phase,
+                               "stderr_tail": r.stderr[-STDERR_TAIL:], "wall_s": r.wall_s,
+                               "compile_s": r.compile_s}
                         results[rid] = rec
                         if r.status not in _NOT_CACHED:
                             prog.add(rec)
@@ -162,12 +184,17 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
     kept, dropped = [], []
     by_lang: dict = defaultdict(lambda: {"input": 0, "kept": 0, "dropped": 0})
     reasons: Counter = Counter()
+    lang_reasons: dict = defaultdict(Counter)
+    toolchains: dict = {}
     langs = {rid: (lang, code) for rid, lang, code, _ in tasks}
     for _, rec in iter_jsonl(in_path):
         rid = rec["id"]
         lang, code = langs[rid]
         res = results[rid]
         by_lang[lang]["input"] += 1
+        if lang not in toolchains:
+            plan = be.plan(lang)
+            toolchains[lang] = "ok" if not isinstance(plan, str) else plan
         if res["reason"] is None:
             by_lang[lang]["kept"] += 1
             kept.append({"id": rid, "problem": rec["problem"],
@@ -175,8 +202,10 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
         else:
             by_lang[lang]["dropped"] += 1
             reasons[res["reason"]] += 1
+            lang_reasons[lang][res["reason"]] += 1
             dropped.append({"id": rid, "lang": lang, "reason": res["reason"], "detail": res.get("detail", ""),
-                            "returncode": res.get("returncode"), "stderr_tail": res.get("stderr_tail", "")})
+                            "returncode": res.get("returncode"), "phase": res.get("phase", "run"),
+                            "stderr_tail": res.get("stderr_tail", "")})
 
     stats = {
         "stage": STAGE,
@@ -186,14 +215,19 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
         "n_dropped": len(dropped),
         "dropped_by_reason": dict(sorted(reasons.items())),
         "by_lang": {k: by_lang[k] for k in sorted(by_lang)},
+        "dropped_by_lang_reason": {k: dict(sorted(lang_reasons[k].items())) for k in sorted(lang_reasons)},
+        "toolchains": dict(sorted(toolchains.items())),
         "backend": be.name,
         "isolation": be.isolation,
+        "fork_server": pool is not None,
+        "worker_restarts": pool.restarts if pool is not None else 0,
         "limits": limits.as_dict(),
         "workers": int(workers),
         "executed": executed,
         "resumed": resumed,
         "elapsed_s": round(elapsed, 3),
         "throughput_samples_per_s": round(executed / elapsed, 2) if executed and elapsed > 0 else None,
+        "cpu_count": os.cpu_count(),
     }
 
     side_dropped, side_stats = sibling(out_dir, ".dropped.jsonl"), sibling(out_dir, ".stats.json")
@@ -224,11 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse the unisolated rlimit fallback")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--wall-s", type=float, default=sb.WALL_S)
-    p.add_argument("--cpu-s", type=int, default=sb.CPU_S)
+    p.add_argument("--cpu-s", type=float, default=sb.CPU_S)
     p.add_argument("--mem-mb", type=int, default=sb.MEM_MB)
     p.add_argument("--fsize-mb", type=int, default=sb.FSIZE_MB)
     p.add_argument("--nproc", type=int, default=sb.NPROC)
     p.add_argument("--output-bytes", type=int, default=sb.OUTPUT_BYTES)
+    p.add_argument("--compile-s", type=float, default=sb.COMPILE_S,
+                   help="wall/CPU seconds of a compile step (C++, Java, Rust, TypeScript, C#, Swift)")
+    p.add_argument("--fork-server", action=argparse.BooleanOptionalAction, default=True,
+                   help="long-lived sandboxes forking one child per sample (default); "
+                        "--no-fork-server starts one sandbox per sample")
     p.add_argument("--lang-field", default="lang")
     p.add_argument("--code-field", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -239,15 +278,16 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         limits = Limits(wall_s=a.wall_s, cpu_s=a.cpu_s, mem_mb=a.mem_mb, fsize_mb=a.fsize_mb,
-                        nproc=a.nproc, output_bytes=a.output_bytes)
+                        nproc=a.nproc, output_bytes=a.output_bytes, compile_s=a.compile_s)
         stats = run(a.input, a.out, backend=a.backend, require_isolation=a.require_isolation, limits=limits,
                     workers=a.workers, lang_field=a.lang_field, code_field=a.code_field,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, fork_server=a.fork_server)
     except PrivcodeError as e:
         print(f"privcode: error: {e}", file=sys.stderr)
         return 2
     print(f"exec filter: kept {stats['n_kept']} of {stats['n_input']} "
-          f"(backend {stats['backend']}, isolation {stats['isolation']}) -> {a.out}", file=sys.stderr)
+          f"(backend {stats['backend']}, isolation {stats['isolation']}, "
+          f"fork server {'on' if stats['fork_server'] else 'off'}) -> {a.out}", file=sys.stderr)
     return 0
 
 

@@ -36,11 +36,12 @@ import math
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from privcode.data.prompts import FORMATS, describe_prompt, parse_description, render_prompt
 from privcode.errors import PrivcodeError
+from privcode.params import Params
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ _GEN_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "prompt_format", "pr
 
 
 @dataclass
-class RoundTripConfig:
+class RoundTripConfig(Params):
+    _what = "roundtrip-filter"
     backend: str = "hf"                  # hf | vllm | auto (the describer)
     batch_size: int = 16                 # sequences per generate call (HF: batch_size // n prompts)
     n: int = 20                          # descriptions per program (paper: 20)
@@ -78,14 +80,6 @@ class RoundTripConfig:
     limit: int | None = None             # filter only the first `limit` programs (demo budget)
     prefill: bool = False                # start each answer with PREFILL (small models ignore the format)
 
-    @classmethod
-    def from_dict(cls, d):
-        if not isinstance(d, dict):
-            raise PrivcodeError("expected a JSON object of round-trip options", path="--params")
-        bad = set(d) - {f.name for f in fields(cls)}
-        if bad:
-            raise PrivcodeError(f"unknown roundtrip-filter option(s) {sorted(bad)}", path="--params")
-        return cls(**d)
 
     def __post_init__(self):
         def need(ok, field, msg):

@@ -30,6 +30,23 @@ def columns_for(benchmark: str, scores: dict) -> dict:
     raise PrivcodeError(f"unknown benchmark '{benchmark}'")
 
 
+def note_for(priv: dict, seen=None) -> str:
+    """A plain-words caveat for the ε column, from the artifact's ancestry in the ledger."""
+    from privcode.dp import ledger
+
+    seen = set() if seen is None else seen
+    if priv.get("pii_masked"):
+        return "selective DP only: a non-private stage read PII-masked private data"
+    for parent in priv.get("parents", []):
+        if parent in seen or not (Path(parent) / ledger.FILENAME).exists():
+            continue
+        seen.add(parent)
+        note = note_for(ledger.read(parent), seen)
+        if note:
+            return note
+    return ""
+
+
 def build(eval_dirs: list[str]):
     import pandas as pd
 
@@ -42,7 +59,7 @@ def build(eval_dirs: list[str]):
         scores = read_json(d / "scores.json")
         key = (model, method, tag)
         row = rows.setdefault(key, {"model": model, "method": method, "epsilon": priv["epsilon"],
-                                    "delta": priv["delta"]})
+                                    "delta": priv["delta"], "note": note_for(priv)})
         if not (row["epsilon"] == priv["epsilon"] or (math.isinf(row["epsilon"]) and math.isinf(priv["epsilon"]))):
             raise PrivcodeError(f"one model, two ε ({row['epsilon']} vs {priv['epsilon']})", path=d)
         row.update(columns_for(bench, scores))
@@ -51,7 +68,7 @@ def build(eval_dirs: list[str]):
     df = pd.DataFrame(list(rows.values()))
     df["_m"] = df["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
     df = df.sort_values(["model", "_m", "epsilon"]).drop(columns="_m")
-    return df
+    return df[[c for c in df.columns if c != "note"] + ["note"]]  # the caveat last
 
 
 def main(argv=None) -> None:

@@ -23,8 +23,8 @@ Backends, strongest first (`get_backend("auto")` picks the first that works on t
   As root it still drops to uid 65534 (setpriv); otherwise the program runs as *your* user. It
   does NOT protect the network (the program can connect anywhere, including localhost services),
   the file system (it can read and write whatever that uid can), or other processes of the same
-  uid, and a child that calls setsid() can outlive the wall-clock kill (RLIMIT_CPU still ends a
-  busy one). Use ``require_isolation=True`` to refuse it.
+  uid (it can kill its own server and other sandboxes of that uid). Leftover processes are killed
+  by the server (a child subreaper). Use ``require_isolation=True`` to refuse it.
 
 What every backend does: an empty environment (PATH=/usr/bin:/bin, LANG=C.UTF-8, HOME=the working
 directory), stdin from /dev/null, a fresh temporary working directory removed afterwards, rlimits
@@ -81,6 +81,7 @@ FSIZE_MB = 16          # RLIMIT_FSIZE, MiB per written file (bwrap/unshare /tmp 
 NPROC = 64             # RLIMIT_NPROC, processes of the sandbox uid (65534) host-wide
 OUTPUT_BYTES = 64 * 1024  # cap per stream (stdout, stderr); the program is killed beyond it
 COMPILE_S = 30         # wall and CPU seconds of a compile step (javac, rustc, tsc are slow)
+HOST_MARGIN_S = 5.0    # the host gives a fork-server worker the steps' wall limits + this to answer
 
 STATUSES = ("ok", "error", "timeout", "oom", "killed", "toolchain_missing", "no_code")
 ISOLATION_LEVELS = ("rlimit", "namespaces", "namespaces+fs", "container")  # weakest first
@@ -329,6 +330,10 @@ class Backend(abc.ABC):
     def _prepare(self, workdir: Path, src: Path) -> None:
         """Make the working directory usable by the sandbox uid (hook)."""
 
+    def _tmp_root(self) -> str | None:
+        """Where host-side working directories go (None: tempfile's default)."""
+        return None
+
     # ---- toolchains ----
     def _tool_lookup(self, tool: str):
         """Resolved | str for one tool (see privcode.sandbox.toolchains)."""
@@ -385,8 +390,9 @@ class Backend(abc.ABC):
         if not isinstance(prepared, tuple):
             return prepared
         plan = prepared[0]
-        if plan.lang.name in self.direct_langs:
-            return self._run_direct(code, plan, limits)
+        if plan.lang.name in self.direct_langs or (
+                plan.lang.name == "shell" and not isinstance(self.plan("python"), Plan) and self.tool_mode != "image"):
+            return self._run_direct(code, plan, limits)  # (shell without a python for the server)
         from privcode.sandbox.forkserver import Worker
         w = Worker(self, limits)
         try:
@@ -401,11 +407,11 @@ class Backend(abc.ABC):
         return WorkerPool(self, workers, limits)
 
     def _run_direct(self, code: str, plan: Plan, limits: Limits) -> RunResult:
-        workdir = Path(tempfile.mkdtemp(prefix="privcode-sbx-"))
+        workdir = Path(tempfile.mkdtemp(prefix="privcode-sbx-", dir=self._tmp_root()))
         try:
             name, _ = plan.source_name(code)
             src = workdir / name
-            src.write_text(code, encoding="utf-8")
+            src.write_text(code, encoding="utf-8", errors="replace")
             src.chmod(0o644)
             cmd = plan.argv(plan.lang.run, str(Path(self._program_dir(workdir)) / name), {})
             self._prepare(workdir, src)
@@ -425,8 +431,8 @@ class Backend(abc.ABC):
         spec = plan.lang
         name, subst = plan.source_name(code)
         run_mem = max(int(limits.mem_mb), spec.min_mem_mb)
-        subst["heap"] = max(32, run_mem // 2)
-        base = {"nproc": int(limits.nproc), "output_bytes": int(limits.output_bytes)}
+        subst["heap"] = max(32, run_mem // 4)  # JVM heap: a quarter of the address space
+        base = {"nproc": int(limits.nproc), "output_bytes": int(limits.output_bytes), "env": dict(spec.env)}
         steps = []
         if spec.compiled:
             steps.append(dict(base, name="compile", argv=plan.argv(spec.compile, name, subst),
@@ -441,7 +447,7 @@ class Backend(abc.ABC):
             run["argv"] = plan.argv(spec.run, name, subst)
         steps.append(run)
         req = {"files": {name: code}, "steps": steps}
-        timeout = sum(st["wall_s"] for st in steps) + 5.0
+        timeout = sum(st["wall_s"] for st in steps) + HOST_MARGIN_S
         return plan, req, timeout
 
     def _run_request(self, worker, prepared, limits: Limits, *, fork_server: bool) -> RunResult:
@@ -454,11 +460,11 @@ class Backend(abc.ABC):
             tail = worker.stderr_tail(300)
             status = "timeout" if e.timeout else "killed"
             return RunResult(status, None, backend=self.name, fork_server=fork_server,
-                             detail=f"sandbox worker {e} (killed, replaced)" + (f": {tail}" if tail else ""))
+                             detail=f"sandbox worker {e} (killed and replaced)" + (f": {tail}" if tail else ""))
         return self._from_response(resp, req, limits, fork_server)
 
     def _server_env(self, worker) -> dict:
-        return sandbox_env(worker.spec.cfg["workdir"])
+        return sandbox_env(worker.spec.cfg.get("home") or worker.spec.cfg["workdir"])
 
     def _from_response(self, resp: dict, req: dict, limits: Limits, fork_server: bool) -> RunResult:
         steps = resp.get("steps") or []

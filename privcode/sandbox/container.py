@@ -91,7 +91,8 @@ class ContainerBackend(Backend):
             if eng in ("docker", "podman"):
                 rc, msg = _quiet([exe, "info", "--format", "{{json .}}"], timeout=20)
                 if rc != 0:
-                    reasons.append(f"{eng}: installed but not usable (no engine: {msg.splitlines()[-1] if msg else rc})")
+                    last = msg.splitlines()[-1] if msg else f"exit status {rc}"
+                    reasons.append(f"{eng}: installed but not usable (no engine: {last})")
                     continue
                 rc, msg = _quiet([exe, "image", "inspect", image_name()], timeout=20)
                 if rc != 0:
@@ -106,16 +107,10 @@ class ContainerBackend(Backend):
             return eng, exe
         return None, "; ".join(reasons)
 
-    def _engine(self):
-        ok, why = probe(self._key("engine"), self._probe_engine)
-        if not ok:
-            return None
-        return self._found_engine
-
     def _key(self, what: str) -> str:
         return f"container:{self._forced or 'any'}:{what}"
 
-    _engines_cache: dict = {}
+    _engines_cache: dict = {}  # probe results (engine, image tools) shared by all instances
 
     def _probe_engine(self):
         eng, exe_or_why = self._engine_state()

@@ -31,7 +31,6 @@ from privcode.errors import PrivcodeError
 
 SERVER_SOURCE = (Path(__file__).with_name("server.py")).read_text(encoding="utf-8")
 START_TIMEOUT_S = 60.0   # sandbox + interpreter start (first start may page in a lot)
-MARGIN_S = 5.0           # host deadline beyond the sum of the steps' wall limits
 
 
 class WorkerError(Exception):
@@ -57,6 +56,22 @@ def server_command(python: str, cfg: dict) -> list[str]:
     return [python, "-B", "-s", "-c", SERVER_SOURCE, json.dumps(cfg)]
 
 
+_spawner = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(argv, **kw) -> subprocess.Popen:
+    """Popen from one long-lived thread. Wrappers die with the *thread* that started them
+    (bwrap --die-with-parent and the server's own PR_SET_PDEATHSIG are per thread): a worker
+    started from a short-lived thread (a ThreadPoolExecutor that is shut down) would be killed."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            import concurrent.futures as cf
+            _spawner = cf.ThreadPoolExecutor(1, thread_name_prefix="privcode-sandbox-spawner")
+    return _spawner.submit(subprocess.Popen, argv, **kw).result()
+
+
 class Worker:
     def __init__(self, backend, limits):
         self.backend = backend
@@ -64,13 +79,17 @@ class Worker:
         self._err = tempfile.TemporaryFile(prefix="privcode-worker-")
         self.served = 0
         self.dead = False
-        self.proc = subprocess.Popen(self.spec.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, cwd=self.spec.cwd, env=self.spec.env,
-                                     start_new_session=True, close_fds=True)
+        self.proc = _spawn(self.spec.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=self._err, cwd=self.spec.cwd, env=self.spec.env,
+                           start_new_session=True, close_fds=True)
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self._in, False)
         os.set_blocking(self._out, False)
         self._rbuf = bytearray()
+        self._rsel = selectors.DefaultSelector()
+        self._rsel.register(self._out, selectors.EVENT_READ)
+        self._wsel = selectors.DefaultSelector()
+        self._wsel.register(self._in, selectors.EVENT_WRITE)
         try:
             hello = self._read_frame(time.monotonic() + START_TIMEOUT_S)
         except WorkerError as e:
@@ -86,38 +105,34 @@ class Worker:
     # ---- framing with deadlines (never blocks past them) ----
     def _write(self, data: bytes, deadline: float) -> None:
         view = memoryview(data)
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._in, selectors.EVENT_WRITE)
-            while view:
+        while view:
+            try:
+                n = os.write(self._in, view)  # usually all at once: no select needed
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                raise WorkerError(f"is gone ({e})") from None
+            view = view[n:]
+            if view:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise WorkerError("timed out sending the request", timeout=True)
-                if not sel.select(min(remaining, 1.0)):
-                    continue
-                try:
-                    n = os.write(self._in, view)
-                except BlockingIOError:
-                    continue
-                except (BrokenPipeError, OSError) as e:
-                    raise WorkerError(f"worker gone ({e})") from None
-                view = view[n:]
+                    raise WorkerError("did not take the request in time", timeout=True)
+                self._wsel.select(min(remaining, 1.0))
 
     def _read_exact(self, n: int, deadline: float) -> bytes:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._out, selectors.EVENT_READ)
-            while len(self._rbuf) < n:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WorkerError("no answer in time", timeout=True)
-                if not sel.select(min(remaining, 1.0)):
-                    continue
-                try:
-                    chunk = os.read(self._out, max(65536, n - len(self._rbuf)))
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    raise WorkerError("worker exited")
-                self._rbuf += chunk
+        while len(self._rbuf) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerError("did not answer in time", timeout=True)
+            if not self._rsel.select(min(remaining, 1.0)):
+                continue
+            try:
+                chunk = os.read(self._out, max(65536, n - len(self._rbuf)))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise WorkerError("exited")
+            self._rbuf += chunk
         data = bytes(self._rbuf[:n])
         del self._rbuf[:n]
         return data
@@ -129,7 +144,7 @@ class Worker:
     def call(self, req: dict, timeout: float) -> dict:
         """One request; on any failure the worker is killed and WorkerError raised."""
         if self.dead:
-            raise WorkerError("worker is dead")
+            raise WorkerError("is dead")
         deadline = time.monotonic() + timeout
         data = json.dumps(req).encode("utf-8")
         try:
@@ -152,10 +167,39 @@ class Worker:
         except (OSError, ValueError):
             return ""
 
+    def _kill_children(self) -> None:
+        """SIGKILL the wrapper's own children (the server, PID 1 of its namespace). Needed: an init
+        of a PID namespace ignores its PR_SET_PDEATHSIG, and with `bwrap --new-session` it is
+        not in the wrapper's process group. A pidfd pins each process, and it is signalled only
+        if it is still the wrapper's child (no pid-reuse race)."""
+        pid = self.proc.pid
+        try:
+            kids = [int(k) for t in os.listdir(f"/proc/{pid}/task")
+                    for k in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+        except OSError:
+            return
+        for k in kids:
+            fd = None
+            try:
+                fd = os.pidfd_open(k) if hasattr(os, "pidfd_open") else None
+                st = Path(f"/proc/{k}/stat").read_text()
+                if int(st[st.rfind(")") + 2:].split()[1]) != pid:
+                    continue
+                if fd is not None:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                else:  # pragma: no cover - kernels before 5.3
+                    os.kill(k, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
     def kill(self) -> None:
         if self.dead:
             return
         self.dead = True
+        self._kill_children()
         if self.spec.kill_argv:
             try:
                 subprocess.run(self.spec.kill_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -192,28 +236,39 @@ class Worker:
                 f.close()
             except OSError:
                 pass
-        try:
-            self._err.close()
-        except OSError:
-            pass
-        for d in self.spec.cleanup:
+        for closable in (self._err, self._rsel, self._wsel):
+            try:
+                closable.close()
+            except (OSError, ValueError):
+                pass
+        cleanup, self.spec.cleanup = self.spec.cleanup, []
+        for d in cleanup:
             _rmtree(d)
 
 
 def _rmtree(path: str) -> None:
+    """Remove a worker's host directory; fixes permissions the program may have taken away, but
+    only below `path` (never touches its parent), and a missing tree is fine."""
     import shutil
+    root = os.path.abspath(path)
 
     def onerror(fn, p, exc):
+        if isinstance(exc[1], FileNotFoundError):
+            return
+        p = os.path.abspath(p)
+        parent = os.path.dirname(p)
         try:
-            os.chmod(os.path.dirname(p), 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
+            if parent.startswith(root + os.sep) or parent == root:
+                os.chmod(parent, 0o700)
+            if p != root and os.path.isdir(p) and not os.path.islink(p):
                 os.chmod(p, 0o700)
                 shutil.rmtree(p, ignore_errors=True)
-            else:
+            elif p != root:
                 os.unlink(p)
         except OSError:
             pass
-    shutil.rmtree(path, onerror=onerror)
+    if os.path.lexists(root):
+        shutil.rmtree(root, onerror=onerror)
 
 
 class WorkerPool:
@@ -235,10 +290,15 @@ class WorkerPool:
         self.closed = False
 
     def _take(self) -> Worker:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
+        while True:
+            try:
+                w = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if w.proc.poll() is None:
+                return w
+            w.kill()  # died while idle (killed from outside): clean up, replace it
+            self._give(w)
         w = Worker(self.backend, self.limits)
         with self._lock:
             self._all.add(w)

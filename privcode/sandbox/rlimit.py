@@ -16,14 +16,24 @@ unshare (isolation "namespaces"), what it does:
   Does NOT protect: READS -- the host file system is all there, read-only; whatever is readable
   by uid 65534 (world-readable project files, data sets, results) can be read and printed.
   Disk: the tmpfs are size-limited but count against host RAM.
+  Toolchains outside /usr (rustup's sysroot) are bind-mounted read-only by SHIM under
+  /tmp/.privcode-tc/<tool> (root-owned). Fork server / compiled languages: SHIM execs
+  setpriv ... python3 -c <privcode.sandbox.server>, which is then PID 1 of the namespace (no
+  /bin/sh in between): snippets cannot signal it, and its kill(-1) reaches every leftover.
 
-rlimit (isolation "rlimit"), what it does: the same rlimits, empty environment, temporary working
-  directory and process-group kill, in a plain subprocess; as root it still drops to uid 65534 with
-  setpriv (no_new_privs, no capabilities). Does NOT protect: the network (it can reach any host and
-  localhost services), the file system (reads and writes whatever its uid may: as nobody, all
-  world-writable places such as /tmp; as your user, your files), other processes of the same uid,
-  and a child that calls setsid() escapes the wall-clock kill. Use it only for trusted code or
-  when nothing else works; `require_isolation=True` refuses it.
+rlimit (isolation "rlimit"), what it does: the same rlimits, empty environment and a temporary
+  working directory (in a tmp dir that uid 65534 can traverse), without namespaces; as root it
+  drops to uid 65534 with setpriv (no_new_privs, no capabilities). Every snippet -- one per
+  sandbox or on a fork-server worker -- runs as a child of privcode.sandbox.server, a child
+  subreaper: processes that leave the process group (setsid, double fork) are re-parented to it
+  and killed after the snippet. Tools the sandbox uid cannot reach (e.g. rustup under /root, mode
+  0700) count as missing. Does NOT protect: the network (it can reach any host and localhost
+  services), the file system (reads and writes whatever its uid may: as nobody, all
+  world-writable places such as /tmp; as your user, your files), other processes of the same uid
+  (a snippet can kill its server -- the snippet is then "killed" and the worker replaced -- or
+  other sandboxes of uid 65534), disk space (RLIMIT_FSIZE is per file), and leftovers of a snippet
+  that killed its server first. Use it only for trusted code or when nothing else works;
+  `require_isolation=True` refuses it.
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ from pathlib import Path
 
 from privcode.sandbox.base import (SANDBOX_GID, SANDBOX_UID, Backend, Limits, probe, sandbox_env,
                                    server_prlimit_prefix)
-from privcode.sandbox.toolchains import TC_ROOT
+from privcode.sandbox.toolchains import TC_ROOT, world_reachable
 
 _SYS_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 SANDBOX_DIR = "/tmp/sandbox"  # the program's working directory inside the namespaced backends
@@ -200,6 +210,9 @@ class RlimitBackend(Backend):
     name = "rlimit"
     isolation = "rlimit"
     signal_as_128_plus = False
+    # without a PID namespace only the server (a child subreaper) can find and kill descendants
+    # that left the process group (setsid, double fork): every language goes through it
+    direct_langs = ()
 
     @property
     def tool_mode(self) -> str:
@@ -223,6 +236,16 @@ class RlimitBackend(Backend):
             return False, f"probe run failed ({r.status}: {r.stderr.strip()[-300:]})"
         return True, ""
 
+    def _tmp_root(self) -> str | None:
+        """The program (uid 65534) works in a host directory: it must be able to reach it by its
+        absolute path (compilers and node resolve it), so skip a tmp dir it cannot traverse."""
+        if not self.drops_uid:
+            return None
+        for d in (tempfile.gettempdir(), "/var/tmp", "/dev/shm"):
+            if os.path.isdir(d) and world_reachable(d):
+                return d
+        return None
+
     def _prepare(self, workdir: Path, src: Path) -> None:
         if self.drops_uid:
             os.chown(workdir, SANDBOX_UID, SANDBOX_GID)
@@ -234,16 +257,19 @@ class RlimitBackend(Backend):
 
     def _server_spec(self, limits):
         from privcode.sandbox.forkserver import ServerSpec, server_command
-        base = tempfile.mkdtemp(prefix="privcode-fsrv-")
+        base = tempfile.mkdtemp(prefix="privcode-fsrv-", dir=self._tmp_root())
         if self.drops_uid:
             os.chown(base, SANDBOX_UID, SANDBOX_GID)
         os.chmod(base, 0o700)
         workdir = os.path.join(base, "sandbox")
         # no private /tmp to wipe and no PID namespace: the server removes only its own directory
-        # and kills what re-parents to it (it is a child subreaper)
-        cfg = {"workdir": workdir, "wipe": [], "keep": [], "own_ipc": False}
+        # and kills what re-parents to it (it is a child subreaper). The directory is given
+        # relative to the server's cwd (`base`): the host's tmp dir may not be traversable for 65534.
+        # no PR_SET_PDEATHSIG: its parent is the host thread that started it, which may end first
+        cfg = {"workdir": "sandbox", "wipe": [], "keep": [], "own_ipc": False, "pdeathsig": False}
         argv = (setpriv_argv() if self.drops_uid else []) + server_command(self.server_python(), cfg)
-        return ServerSpec(server_prlimit_prefix(limits) + argv, sandbox_env(workdir), base, cfg, cleanup=[base])
+        return ServerSpec(server_prlimit_prefix(limits) + argv, sandbox_env(workdir), base,
+                          dict(cfg, home=workdir), cleanup=[base])
 
     def describe(self) -> dict:
         return {**super().describe(), "uid": SANDBOX_UID if self.drops_uid else os.geteuid()}

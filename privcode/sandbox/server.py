@@ -27,9 +27,14 @@ else in them, and (in its own IPC namespace) every System V IPC object. Anything
 remove makes it report "tainted" and exit, and the host starts a fresh worker.
 
 The server makes itself non-dumpable (PR_SET_DUMPABLE 0), so snippets -- same uid -- cannot
-ptrace it or open its /proc/<pid>/fd; it dies with its parent (PR_SET_PDEATHSIG).
+ptrace it or open its /proc/<pid>/fd. It exits at EOF on stdin; it asks for PR_SET_PDEATHSIG,
+but as the init of a PID namespace the kernel does not deliver that to it, so the host kills a
+worker by SIGKILLing the server itself (through a pidfd) as well as the wrapper.
 """
+import atexit
 import base64
+import builtins
+import gc
 import json
 import os
 import resource
@@ -40,6 +45,7 @@ import stat
 import struct
 import sys
 import time
+import types
 
 try:
     import ctypes
@@ -112,7 +118,6 @@ def _finish(code):
     except BaseException:
         pass
     try:
-        import atexit
         atexit._run_exitfuncs()
     except BaseException:
         pass
@@ -137,12 +142,12 @@ def _exit_code(e):
     return 1
 
 
-def _run_python(path, workdir, env):
-    import builtins
-    import types
-    os.environ.clear()
-    os.environ.update(env)
+def _run_python(name, workdir, env):
+    if dict(os.environ) != env:  # usually equal already: the sandbox starts the server with it
+        os.environ.clear()
+        os.environ.update(env)
     prctl(PR_SET_DUMPABLE, 1)  # its own /proc/self is readable again (the server stays non-dumpable)
+    path = os.path.join(workdir, name)
     sys.argv = [path]
     sys.path[0] = workdir
     mod = types.ModuleType("__main__")
@@ -150,7 +155,7 @@ def _run_python(path, workdir, env):
     mod.__builtins__ = builtins
     sys.modules["__main__"] = mod
     try:
-        with open(path, "rb") as fh:
+        with open(name, "rb") as fh:  # relative: the absolute path may not be reachable (rlimit)
             src = fh.read()
         code = compile(src, path, "exec")
     except SystemExit as e:  # pragma: no cover
@@ -179,17 +184,19 @@ def _child(step, workdir, env, out_w, err_w):
         os.dup2(err_w, 2)
         os.closerange(3, 1 << 16)
         os.chdir(workdir)
+        workdir = os.getcwd()
         os.umask(0o022)
         _set_limits(step)
         if step.get("python"):
-            _run_python(os.path.join(workdir, step["python"]), workdir, env)
+            _run_python(step["python"], workdir, env)
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         argv = step["argv"]
         os.execve(argv[0], argv, env)
     except BaseException as e:
         try:
-            os.write(2, ("privcode sandbox: cannot start %r: %s\n" % (step.get("argv") or step.get("python"), e)).encode())
+            what = step.get("argv") or step.get("python")
+            os.write(2, ("privcode sandbox: cannot start %r: %s\n" % (what, e)).encode())
         except BaseException:
             pass
     os._exit(127)
@@ -200,7 +207,9 @@ def _child(step, workdir, env, out_w, err_w):
 class Server:
     def __init__(self, cfg):
         self.workdir = cfg["workdir"]
-        self.wipe_dirs = list(cfg.get("wipe", ()))
+        # only directories that are mounts of their own (the sandbox's private tmpfs) and never as
+        # root: a misconfigured sandbox must not be able to empty a shared /tmp
+        self.wipe_dirs = [d for d in cfg.get("wipe", ()) if os.geteuid() != 0 and os.path.ismount(d)]
         self.keep = set(cfg.get("keep", ()))
         self.pid1 = os.getpid() == 1
         self.own_ipc = bool(cfg.get("own_ipc", self.pid1))
@@ -209,6 +218,11 @@ class Server:
     # -- processes --
     def _children(self):
         me = str(os.getpid())
+        try:  # CONFIG_PROC_CHILDREN (the server is single-threaded: its tid is its pid)
+            with open("/proc/self/task/%s/children" % me) as fh:
+                return [int(x) for x in fh.read().split()]
+        except OSError:
+            pass
         kids = []
         for d in os.listdir("/proc"):
             if not d.isdigit():
@@ -226,18 +240,18 @@ class Server:
     def kill_leftovers(self):
         """Kill and reap every process the snippet left (never the server itself)."""
         deadline = time.monotonic() + 5
-        if self.pid1:
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if self.pid1:  # everything of our uid in the namespace, again until nothing is left
             while time.monotonic() < deadline:
                 try:
-                    pid, _ = os.waitpid(-1, 0)
+                    os.kill(-1, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
                     return
-                except InterruptedError:  # pragma: no cover
-                    continue
+                if pid == 0:
+                    time.sleep(0.001)
             self.tainted = self.tainted or "leftover processes would not die"
             return
         while time.monotonic() < deadline:
@@ -257,14 +271,24 @@ class Server:
 
     # -- files --
     def _rm(self, path):
+        """Remove `path` (ours: same uid); fixes permissions a snippet took away, below `path` only."""
+        root = os.path.abspath(path)
+
         def onerror(fn, p, exc):
-            try:  # a directory the snippet made unreadable or unwritable: it is ours, fix it
-                os.chmod(os.path.dirname(p), 0o700)
-                if os.path.isdir(p) and not os.path.islink(p):
+            if isinstance(exc[1], FileNotFoundError):
+                return
+            p = os.path.abspath(p)
+            parent = os.path.dirname(p)
+            try:
+                if parent == root or parent.startswith(root + "/"):
+                    os.chmod(parent, 0o700)
+                if p != root and os.path.isdir(p) and not os.path.islink(p):
                     os.chmod(p, 0o700)
                     shutil.rmtree(p)
-                else:
+                elif p != root:
                     os.unlink(p)
+                else:
+                    os.rmdir(p)
             except FileNotFoundError:
                 pass
             except OSError as e:
@@ -432,12 +456,14 @@ class Server:
         for name, text in (req.get("files") or {}).items():
             if "/" in name or name in (".", ".."):
                 raise ValueError("bad file name %r" % name)
-            with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as fh:
+            with open(os.path.join(self.workdir, name), "w", encoding="utf-8", errors="replace") as fh:
                 fh.write(text)
         env = dict(req.get("env") or {})
         results = []
         for step in req["steps"]:
-            r = self.run_step(step, env)
+            step_env = dict(env)
+            step_env.update(step.get("env") or {})
+            r = self.run_step(step, step_env)
             results.append(r)
             if r["error"] or r["timed_out"] or r["exceeded"] or r["rc"] != 0:
                 break
@@ -447,7 +473,8 @@ class Server:
 
 def main():
     cfg = json.loads(sys.argv[1])
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if cfg.get("pdeathsig", True):  # not where the parent is a thread of the host (it may end first)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     prctl(PR_SET_DUMPABLE, 0)
     if os.getpid() != 1:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -458,6 +485,7 @@ def main():
     os.dup2(2, 1)
     os.close(devnull)
     srv = Server(cfg)
+    gc.freeze()  # children do not copy-on-write the server's objects when their GC runs
     write_frame(wfd, {"ready": True, "pid": os.getpid(), "pid1": srv.pid1,
                       "python": "%d.%d.%d" % sys.version_info[:3]})
     while True:

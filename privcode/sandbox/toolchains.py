@@ -74,6 +74,7 @@ class Language:
     syntax_markers: tuple[str, ...] = ()   # run-step stderr that means "does not even parse"
     min_mem_mb: int = 0             # run-step address-space floor (runtimes that reserve a lot)
     inproc_python: bool = False     # the fork server exec()s it in its forked child
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of its steps
 
     @property
     def compiled(self) -> bool:
@@ -91,7 +92,7 @@ LANGUAGES: dict[str, Language] = {lang.name: lang for lang in (
              ("{java}", "-Xmx{heap}m", *JVM_FLAGS, "-cp", ".", "{class}"),
              ("{javac}", "-J-Xmx512m", *("-J" + f for f in JVM_FLAGS), "-encoding", "UTF-8",
               "-nowarn", "-d", ".", "{src}"),
-             min_mem_mb=768),
+             min_mem_mb=768, env=(("MALLOC_ARENA_MAX", "1"),)),  # else thread arenas exhaust RLIMIT_AS
     Language("rust", "main.rs", ("rustc",), ("./main",),
              ("{rustc}", "--edition", "2021", "-C", "opt-level=1", "-C", "debuginfo=0", "-A", "warnings",
               "-o", "main", "{src}")),
@@ -104,7 +105,8 @@ LANGUAGES: dict[str, Language] = {lang.name: lang for lang in (
     Language("php", "main.php", ("php",), ("{php}", "-d", "display_errors=stderr", "{src}"),
              syntax_markers=("Parse error",)),
     Language("csharp", "main.cs", ("mcs", "mono"), ("{mono}", "main.exe"),
-             ("{mcs}", "-out:main.exe", "-optimize+", "-nowarn:0168,0219,0414", "{src}"), min_mem_mb=768),
+             ("{mcs}", "-out:main.exe", "-optimize+", "-nowarn:0168,0219,0414", "{src}"), min_mem_mb=768,
+             env=(("MALLOC_ARENA_MAX", "1"),)),
     Language("swift", "main.swift", ("swiftc",), ("./main",), ("{swiftc}", "-O", "-o", "main", "{src}")),
 )}
 

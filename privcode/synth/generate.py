@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from privcode.data.prompts import extract_code, render_prompt
 from privcode.errors import PrivcodeError
+from privcode.params import Params
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Params):
+    _what = "generate"
     backend: str = "hf"            # hf | vllm | auto
     batch_size: int = 16           # prompts per generate call (CPU: ~90 tok/s at 32 for 135M)
     max_new_tokens: int = 256
@@ -30,12 +32,6 @@ class GenerateConfig:
     dtype: str = "float32"
     seed: int = 0
 
-    @classmethod
-    def from_dict(cls, d):
-        bad = set(d) - {f.name for f in fields(cls)}
-        if bad:
-            raise PrivcodeError(f"unknown generate option(s) {sorted(bad)}", path="--params")
-        return cls(**d)
 
 
 def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig) -> dict:

@@ -1,8 +1,14 @@
-# Helpers shared by the rules: model references, stage parameters as JSON, GPU launchers.
+# Helpers shared by the rules: model references, stage parameters as JSON, GPU launchers,
+# the Table 3 grid and the Table 5 sweep grid (a Snakemake Paramspace).
 import json
+import re
 
-METHODS = ["PreCode", "NonDPFT", "DPFT", "PrivCode"]
+import pandas as pd
+from snakemake.utils import Paramspace
+
+METHODS = ["PreCode", "NonDPFT", "DPFT", "JFT", "PrivCode"]
 BUILT_SOURCES = ("gguf", "tiny", "snapshot")
+TAG_RE = re.compile(r"eps(?P<eps>[0-9.]+)(-lm(?P<lm>[0-9.]+))?(-tau(?P<tau>[0-9.]+))?")
 
 
 def model_cfg(name):
@@ -25,7 +31,7 @@ def fmt(name):
 
 def stage_params(section, model=None, **extra):
     """The JSON a stage gets via --params: its config section (+ the model's prompt format)."""
-    p = dict(config[section])
+    p = {k: v for k, v in config.get(section, {}).items() if k != "enabled"}
     if model is not None:
         p["prompt_format"] = fmt(model)
     p.update(extra)
@@ -44,8 +50,25 @@ def launcher(stage):
     return "privcode"
 
 
+def main_eps():
+    return config["privacy"]["epsilons"][0]
+
+
 def eps_tags():
     return [f"eps{e:g}" for e in config["privacy"]["epsilons"]]
+
+
+def canaries_on():
+    return config.get("canaries", {}).get("enabled", False)
+
+
+def vuln_on():
+    return config.get("vuln", {}).get("enabled", False)
+
+
+def train_data():
+    """The private records every private-data stage trains on (with canaries for Table 4)."""
+    return "results/data/private_canary" if canaries_on() else "results/data/private"
 
 
 def data_source():
@@ -53,23 +76,68 @@ def data_source():
     return "results/data/taskgen/records.jsonl" if s == "taskgen" else s
 
 
+# --- DP variants: dpsgd (DPFT), privsa (PrivCode stage 1), privsa-lm<λmax> (sweep), jft ---------
+
+
+def dp_base(model, variant):
+    """JFT's DP stage starts from the model fine-tuned on PII-masked data; the others from base."""
+    return f"results/ft/{model}/JFTmask/inf/model" if variant == "jft" else model_ref(model)
+
+
+def dp_base_input(model, variant):
+    return [dp_base(model, variant)] if variant == "jft" else model_input(model)
+
+
+def privsa_params(variant):
+    """PrivSA settings of a DP variant: the config's `privsa` section, or off for plain DP-SGD."""
+    if variant in ("dpsgd", "jft"):
+        return {"privsa_lambda_max": 0.0, "privsa_lambda_min": 0.0}
+    c = config["privsa"]
+    lam_max = float(variant.split("-lm")[1]) if "-lm" in variant else c["lambda_max"]
+    return {
+        "privsa_lambda_max": lam_max,
+        "privsa_lambda_min": c["lambda_min"],
+        "privsa_alpha": c["alpha"],
+        "privsa_interval": c["interval"],
+    }
+
+
+def privcode_parts(tag):
+    """PrivCode tag eps<ε>[-lm<λmax>][-tau<τ>] -> (eps, DP variant, roundtrip dir name)."""
+    m = TAG_RE.fullmatch(tag)
+    variant = f"privsa-lm{m['lm']}" if m["lm"] else "privsa"
+    return m["eps"], variant, f"roundtrip-tau{m['tau']}" if m["tau"] else "roundtrip"
+
+
+def synth_dir(tag):
+    eps, variant, rt = privcode_parts(tag)
+    return f"results/synth/{config['junior']}/{variant}/eps{eps}/{rt}"
+
+
 def finetune_data(w):
     if w.method == "NonDPFT":
-        return "results/data/private"
-    return f"results/synth/{config['junior']}/{w.tag}/roundtrip"
+        return train_data()
+    if w.method == "JFTmask":
+        return "results/data/private_masked"
+    return synth_dir(w.tag)
 
 
 def finetune_file(w):
-    return "records.jsonl" if w.method == "NonDPFT" else "kept.jsonl"
+    return "kept.jsonl" if w.method == "PrivCode" else "records.jsonl"
 
 
 def eval_model(w):
     """The model directory (or hub name) a method's row evaluates."""
     if w.method == "PreCode":
         return model_ref(w.model)
-    if w.method == "DPFT":
-        return f"results/dp/{w.model}/dpsgd/{w.tag}/model"
+    if w.method in ("DPFT", "JFT"):
+        variant = "dpsgd" if w.method == "DPFT" else "jft"
+        return f"results/dp/{w.model}/{variant}/{w.tag}/model"
     return f"results/ft/{w.model}/{w.method}/{w.tag}/model"
+
+
+def eval_model_input(w):
+    return [] if w.method == "PreCode" and not model_input(w.model) else [eval_model(w)]
 
 
 def eval_params(w):
@@ -93,23 +161,41 @@ def table3_rows():
     return rows
 
 
+def sweep_space():
+    """Table 5's grid as a Paramspace: one row per (sweep, value), the main setting included."""
+    s = config.get("sweeps", {})
+    main = {"tau": config["roundtrip"]["threshold"], "epsilon": main_eps(),
+            "lambda_max": config["privsa"]["lambda_max"]}
+    rows = [(k, v) for k in ("tau", "epsilon", "lambda_max") if s.get(k) for v in [main[k], *s[k]]]
+    return Paramspace(pd.DataFrame(rows, columns=["sweep", "value"]), filename_params="*")
+
+
+def sweep_tag(sweep, value):
+    e = f"eps{main_eps():g}"
+    if sweep == "epsilon":
+        return f"eps{float(value):g}"
+    if float(value) == float({"tau": config["roundtrip"]["threshold"],
+                              "lambda_max": config["privsa"]["lambda_max"]}[sweep]):
+        return e
+    return f"{e}-tau{float(value):g}" if sweep == "tau" else f"{e}-lm{float(value):g}"
+
+
+def table5_rows():
+    """PARAM=VALUE:EVAL_DIR arguments of `privcode table5`, for each premium model and benchmark."""
+    space = sweep_space()
+    return [
+        f"{r.sweep}={r.value:g}:results/eval/{m}/PrivCode/{sweep_tag(r.sweep, r.value)}/{b}"
+        for r in space.dataframe.itertuples()
+        for m in config["premium"]
+        for b in config["evaluate"]["benchmarks"]
+    ]
+
+
 def exec_filter_args():
     """Sandbox flags from the exec_filter section (a string: Snakemake compares params by value)."""
     c = config["exec_filter"]
     flags = [f"--backend {c['backend']}"] + (["--require-isolation"] if c["require_isolation"] else [])
-    for k in ("wall_s", "cpu_s", "mem_mb", "fsize_mb", "nproc", "output_bytes"):
+    flags.append("--fork-server" if c.get("fork_server", True) else "--no-fork-server")
+    for k in ("wall_s", "cpu_s", "mem_mb", "fsize_mb", "nproc", "output_bytes", "compile_s"):
         flags.append(f"--{k.replace('_', '-')} {c[k]}")
     return " ".join(flags)
-
-
-def privsa_params(variant):
-    """PrivSA settings for a DP variant: the config's `privsa` section, or off for plain DP-SGD."""
-    if variant == "dpsgd":
-        return {"privsa_lambda_max": 0.0, "privsa_lambda_min": 0.0}
-    c = config["privsa"]
-    return {
-        "privsa_lambda_max": c["lambda_max"],
-        "privsa_lambda_min": c["lambda_min"],
-        "privsa_alpha": c["alpha"],
-        "privsa_interval": c["interval"],
-    }

@@ -62,3 +62,41 @@ rule prepare_data:
     shell:
         "privcode prepare-data --source {params.source} --private {output.private} "
         "--public {output.public} --params '{params.p}' > {log} 2>&1"
+
+
+rule inject_canaries:
+    input:
+        "results/data/private",
+    output:
+        directory("results/data/private_canary"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/inject_canaries.log",
+    benchmark:
+        "benchmarks/inject_canaries.tsv"
+    params:
+        p=lambda w: json.dumps(
+            {k: v for k, v in config["canaries"].items() if k != "enabled"}, sort_keys=True
+        ),
+    shell:
+        "privcode inject-canaries --data {input}/records.jsonl --out {output} "
+        "--params '{params.p}' > {log} 2>&1"
+
+
+rule mask_pii:
+    input:
+        lambda w: train_data(),
+    output:
+        directory("results/data/private_masked"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/mask_pii.log",
+    benchmark:
+        "benchmarks/mask_pii.tsv"
+    params:
+        detector=config["jft"]["detector"],
+    shell:
+        "privcode mask-pii --data {input}/records.jsonl --out {output} "
+        "--detector {params.detector} > {log} 2>&1"

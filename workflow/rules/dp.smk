@@ -1,14 +1,16 @@
 # Stage 1-2: DP-SGD LoRA fine-tuning on the private records, then merge (post-processing).
 # variant "privsa": PrivCode's stage 1 (junior model, DP-SGD + the PrivSA syntax-aware KL term);
-# variant "dpsgd": plain DP-SGD, the DPFT baseline (premium model trained directly).
+# "privsa-lm<λmax>": the same for a λmax sweep; "dpsgd": plain DP-SGD, the DPFT baseline;
+# "jft": JFT's second stage, plain DP-SGD starting from the model tuned on PII-masked data.
+# DP adapters are write-protected: re-training spends privacy budget again (README: how to force).
 
 
 rule dp_finetune:
     input:
-        model=lambda w: model_input(w.model),
-        data="results/data/private",
+        model=lambda w: dp_base_input(w.model, w.variant),
+        data=lambda w: train_data(),
     output:
-        directory("results/dp/{model}/{variant}/eps{eps}/adapter"),
+        protected(directory("results/dp/{model}/{variant}/eps{eps}/adapter")),
     conda:
         "../../envs/privcode.yaml"
     log:
@@ -16,7 +18,7 @@ rule dp_finetune:
     benchmark:
         "benchmarks/dp_finetune/{model}_{variant}_eps{eps}.tsv"
     params:
-        ref=lambda w: model_ref(w.model),
+        ref=lambda w: dp_base(w.model, w.variant),
         p=lambda w: stage_params(
             "dp_finetune",
             w.model,
@@ -34,7 +36,7 @@ rule dp_finetune:
 
 rule merge_dp:
     input:
-        model=lambda w: model_input(w.model),
+        model=lambda w: dp_base_input(w.model, w.variant),
         adapter="results/dp/{model}/{variant}/eps{eps}/adapter",
     output:
         directory("results/dp/{model}/{variant}/eps{eps}/model"),
@@ -45,6 +47,6 @@ rule merge_dp:
     benchmark:
         "benchmarks/merge_dp/{model}_{variant}_eps{eps}.tsv"
     params:
-        ref=lambda w: model_ref(w.model),
+        ref=lambda w: dp_base(w.model, w.variant),
     shell:
         "privcode merge --base {params.ref} --adapter {input.adapter} --out {output} > {log} 2>&1"

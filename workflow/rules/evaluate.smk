@@ -1,9 +1,10 @@
-# Stage 7: pass@1 of every (premium model, method, ε) on every configured benchmark.
+# Stage 7: pass@1 of every (premium model, method, ε) on every configured benchmark; canary
+# leakage and PII in outputs (Table 4); share of generated programs a static analyzer flags.
 
 
 rule evaluate:
     input:
-        model=lambda w: [] if w.method == "PreCode" and not model_input(w.model) else [eval_model(w)],
+        model=eval_model_input,
         override=lambda w: [config["evaluate"].get("overrides", {})[w.bench]]
         if w.bench in config["evaluate"].get("overrides", {})
         else [],
@@ -23,3 +24,45 @@ rule evaluate:
     shell:
         "privcode evaluate --model {params.ref} --benchmark {wildcards.bench} --out {output} "
         "--params '{params.p}' > {log} 2>&1"
+
+
+rule leakage:
+    input:
+        model=eval_model_input,
+        canaries="results/data/private_canary",
+    output:
+        directory("results/leakage/{model}/{method}/{tag}"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/leakage/{model}_{method}_{tag}.log",
+    benchmark:
+        "benchmarks/leakage/{model}_{method}_{tag}.tsv"
+    params:
+        ref=eval_model,
+        p=lambda w: stage_params("leakage", w.model),
+    resources:
+        gpu=gpus("evaluate"),
+    shell:
+        "privcode leakage --model {params.ref} --canaries {input.canaries}/canaries.jsonl "
+        "--out {output} --params '{params.p}' > {log} 2>&1"
+
+
+rule vuln:
+    input:
+        model=eval_model_input,
+    output:
+        directory("results/vuln/{model}/{method}/{tag}"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/vuln/{model}_{method}_{tag}.log",
+    benchmark:
+        "benchmarks/vuln/{model}_{method}_{tag}.tsv"
+    params:
+        ref=eval_model,
+        p=lambda w: stage_params("vuln", w.model),
+    resources:
+        gpu=gpus("evaluate"),
+    shell:
+        "privcode vuln --model {params.ref} --out {output} --params '{params.p}' > {log} 2>&1"

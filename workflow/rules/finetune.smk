@@ -1,5 +1,6 @@
 # Stage 6: ordinary (non-DP) fine-tuning of a premium model — on the filtered synthetic set
-# (PrivCode, inherits the junior's ε) or on the raw private records (NonDPFT, ε = inf).
+# (PrivCode, inherits the junior's ε), on the raw private records (NonDPFT, ε = inf) or on the
+# PII-masked private records (JFTmask: JFT's first stage, ε = inf at record level).
 
 
 rule finetune:

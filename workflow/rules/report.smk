@@ -1,4 +1,5 @@
-# Stage 8: tables. ε and δ come from each evaluated model's privacy.json, never from config.
+# Stage 8: tables, figures and the HTML report. ε and δ come from each evaluated model's
+# privacy.json, never from config.
 
 
 rule table3:
@@ -9,7 +10,7 @@ rule table3:
             for b in config["evaluate"]["benchmarks"]
         ],
     output:
-        "results/table3.csv",
+        report("results/table3.csv", category="Tables", caption="../report/table3.rst"),
     conda:
         "../../envs/privcode.yaml"
     log:
@@ -18,3 +19,77 @@ rule table3:
         "benchmarks/table3.tsv"
     shell:
         "privcode table3 --out {output} {input} > {log} 2>&1"
+
+
+rule table4:
+    input:
+        [f"results/leakage/{m}/{method}/{tag}" for m, method, tag in table3_rows()],
+    output:
+        report("results/table4.csv", category="Tables", caption="../report/table4.rst"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/table4.log",
+    benchmark:
+        "benchmarks/table4.tsv"
+    shell:
+        "privcode table4 --out {output} {input} > {log} 2>&1"
+
+
+rule vulntable:
+    input:
+        [f"results/vuln/{m}/{method}/{tag}" for m, method, tag in table3_rows()],
+    output:
+        report("results/vuln.csv", category="Tables", caption="../report/vuln.rst"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/vulntable.log",
+    benchmark:
+        "benchmarks/vulntable.tsv"
+    shell:
+        "privcode vulntable --out {output} {input} > {log} 2>&1"
+
+
+rule table5:
+    input:
+        [row.split(":", 1)[1] for row in table5_rows()],
+    output:
+        report("results/table5.csv", category="Tables", caption="../report/table5.rst"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/table5.log",
+    benchmark:
+        "benchmarks/table5.tsv"
+    params:
+        rows=" ".join(table5_rows()),
+    shell:
+        "privcode table5 --out {output} {params.rows} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        table3="results/table3.csv",
+        synth=[synth_dir(t) for t in eps_tags()],
+    output:
+        utility=report("results/figures/privacy_utility.png", category="Figures",
+                       caption="../report/privacy_utility.rst"),
+        funnel=report("results/figures/funnel.png", category="Figures", caption="../report/funnel.rst"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/figures.log",
+    benchmark:
+        "benchmarks/figures.tsv"
+    shell:
+        "privcode figures --table3 {input.table3} --synth results/synth --out results/figures > {log} 2>&1"
+
+
+rule results:
+    input:
+        "results/table3.csv",
+        *(["results/table4.csv"] if canaries_on() else []),
+        *(["results/vuln.csv"] if vuln_on() else []),
+        *(["results/table5.csv"] if table5_rows() else []),
+        "results/figures/privacy_utility.png",

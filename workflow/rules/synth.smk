@@ -1,19 +1,20 @@
 # Stages 3-5: the DP junior model answers public prompts; the answers are filtered by running
 # them in a sandbox and by a round-trip check. All post-processing: no private data is read.
+# `rethreshold` re-applies another τ to the stored round-trip scores (Table 5) — no generation.
 
 
 rule generate:
     input:
-        model="results/dp/{model}/privsa/eps{eps}/model",
+        model="results/dp/{model}/{variant}/eps{eps}/model",
         prompts="results/data/public",
     output:
-        directory("results/synth/{model}/eps{eps}/generated"),
+        directory("results/synth/{model}/{variant}/eps{eps}/generated"),
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/generate/{model}_eps{eps}.log",
+        "logs/generate/{model}_{variant}_eps{eps}.log",
     benchmark:
-        "benchmarks/generate/{model}_eps{eps}.tsv"
+        "benchmarks/generate/{model}_{variant}_eps{eps}.tsv"
     params:
         p=lambda w: stage_params("generate", w.model),
     resources:
@@ -25,15 +26,15 @@ rule generate:
 
 rule exec_filter:
     input:
-        "results/synth/{model}/eps{eps}/generated",
+        "results/synth/{model}/{variant}/eps{eps}/generated",
     output:
-        directory("results/synth/{model}/eps{eps}/exec"),
+        directory("results/synth/{model}/{variant}/eps{eps}/exec"),
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/exec_filter/{model}_eps{eps}.log",
+        "logs/exec_filter/{model}_{variant}_eps{eps}.log",
     benchmark:
-        "benchmarks/exec_filter/{model}_eps{eps}.tsv"
+        "benchmarks/exec_filter/{model}_{variant}_eps{eps}.tsv"
     params:
         args=exec_filter_args(),
     threads: config["exec_filter"]["workers"]
@@ -44,16 +45,16 @@ rule exec_filter:
 
 rule roundtrip_filter:
     input:
-        kept="results/synth/{model}/eps{eps}/exec",
+        kept="results/synth/{model}/{variant}/eps{eps}/exec",
         describer=lambda w: model_input(config["roundtrip"]["model"]),
     output:
-        directory("results/synth/{model}/eps{eps}/roundtrip"),
+        directory("results/synth/{model}/{variant}/eps{eps}/roundtrip"),
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/roundtrip_filter/{model}_eps{eps}.log",
+        "logs/roundtrip_filter/{model}_{variant}_eps{eps}.log",
     benchmark:
-        "benchmarks/roundtrip_filter/{model}_eps{eps}.tsv"
+        "benchmarks/roundtrip_filter/{model}_{variant}_eps{eps}.tsv"
     params:
         ref=model_ref(config["roundtrip"]["model"]),
         p=lambda w: json.dumps(
@@ -68,3 +69,18 @@ rule roundtrip_filter:
     shell:
         "privcode roundtrip-filter --model {params.ref} --input {input.kept}/kept.jsonl "
         "--out {output} --params '{params.p}' > {log} 2>&1"
+
+
+rule rethreshold:
+    input:
+        "results/synth/{model}/{variant}/eps{eps}/roundtrip",
+    output:
+        directory("results/synth/{model}/{variant}/eps{eps}/roundtrip-tau{tau}"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/rethreshold/{model}_{variant}_eps{eps}_tau{tau}.log",
+    benchmark:
+        "benchmarks/rethreshold/{model}_{variant}_eps{eps}_tau{tau}.tsv"
+    shell:
+        "privcode rethreshold --roundtrip {input} --tau {wildcards.tau} --out {output} > {log} 2>&1"

@@ -1,0 +1,54 @@
+"""JFT's first stage input: the private records with detected PII replaced by placeholders.
+
+    privcode mask-pii --data results/data/private_canary/records.jsonl --out results/data/private_masked
+
+Not a privacy mechanism in the DP sense: masking misses what the detector misses, so the output
+is still private data (its privacy.json keeps ε = inf for one record). JFT ("just fine-tune
+twice") gives *selective* DP — protection of the masked spans — not record-level DP; table3 says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from privcode.io import atomic_dir, iter_jsonl, write_json, write_jsonl
+
+
+def mask_text(text: str, detector) -> tuple[str, int]:
+    spans = sorted(detector(text), key=lambda d: d["span"][0])
+    out, last, n = [], 0, 0
+    for d in spans:
+        s, e = d["span"]
+        if s < last:
+            continue
+        out += [text[last:s], f"<{d['kind'].upper()}>"]
+        last, n = e, n + 1
+    out.append(text[last:])
+    return "".join(out), n
+
+
+def main(argv=None) -> None:
+    from privcode.dp import ledger
+    from privcode.evaluate.pii import get_detector
+
+    ap = argparse.ArgumentParser(prog="privcode mask-pii", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="private records JSONL")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--detector", default="regex", help="regex | starpii")
+    a = ap.parse_args(argv)
+    det = get_detector(a.detector)
+    recs, masked = [], 0
+    for _, r in iter_jsonl(a.data, required=("problem", "solution")):
+        r = dict(r)
+        for f in ("problem", "solution"):
+            r[f], n = mask_text(r[f], det)
+            masked += n
+        recs.append(r)
+    with atomic_dir(a.out) as tmp:
+        write_jsonl(tmp / "records.jsonl", recs)
+        write_json(tmp / "stats.json", {"records": len(recs), "masked_spans": masked, "detector": a.detector})
+        # derived from private data without DP: composes to ε = inf, marked as PII-masked
+        ledger.derive(tmp, stage="mask_pii", parents=[str(Path(a.data).parent)], pii_masked=True)
+    print(json.dumps({"records": len(recs), "masked_spans": masked}))

@@ -1,0 +1,117 @@
+"""Table 4: PII leakage per (model, method, ε), and the vulnerability (safe-rate) table.
+
+    privcode table4 --out results/table4.csv results/leakage/*/*/*
+    privcode vulntable --out results/vuln.csv results/vuln/*/*/*
+
+Each table4 argument is a leakage directory `results/leakage/<model>/<method>/<tag>/` (leakage.json +
+privacy.json, from `privcode leakage`); each vulntable argument a directory
+`results/vuln/<model>/<method>/<tag>/` (vuln.json + privacy.json, from `privcode vuln`). ε and δ come
+from privacy.json only.
+
+table4 columns: model, method, epsilon, delta, leak@k<k> (share of the canaries put into the data k
+times whose secret a completion reproduced verbatim; leak@k0: canaries never put in, the chance
+baseline), leak (all inserted canaries), exposure (mean exposure of inserted canaries, bits),
+exp@k<k>, pii (PII detections in all completions), pii_other (those that are not a canary secret).
+vulntable columns: model, method, epsilon, delta, safe_rate (1 − share of analyzed programs that
+Bandit flags at the run's severity), safe_rate_relevant, flagged, analyzed, no_code, syntax_error,
+codeql (its status).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from privcode.errors import PrivcodeError
+from privcode.io import atomic_file, read_json
+from privcode.report.table3 import METHOD_ORDER
+
+
+def _ident(d: Path) -> tuple[str, str, str]:
+    if len(d.parts) < 3:
+        raise PrivcodeError("expected a directory <model>/<method>/<tag>", path=d)
+    model, method, tag = d.parts[-3:]
+    return model, method, tag
+
+
+def _sort(df):
+    df["_m"] = df["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
+    return df.sort_values(["model", "_m", "epsilon"], kind="stable").drop(columns="_m").reset_index(drop=True)
+
+
+def leakage_row(d) -> dict:
+    from privcode.dp import ledger
+
+    d = Path(d)
+    model, method, _ = _ident(d)
+    priv = ledger.read(d)
+    r = read_json(d / "leakage.json")
+    row = {"model": model, "method": method, "epsilon": priv["epsilon"], "delta": priv["delta"]}
+    groups = sorted(r.get("by_copies", {}).items(), key=lambda kv: int(kv[0]))
+    for k, g in groups:
+        row[f"leak@k{k}"] = g["rate"]
+    row["leak"] = r.get("rate")
+    row["exposure"] = r.get("exposure_mean")
+    for k, g in groups:
+        row[f"exp@k{k}"] = g.get("exposure_mean")
+    row["pii"] = r.get("pii", {}).get("total")
+    row["pii_other"] = r.get("pii", {}).get("other")
+    return row
+
+
+def build(dirs: list[str]):
+    import pandas as pd
+
+    if not dirs:
+        raise PrivcodeError("no leakage directories given")
+    rows = [leakage_row(d) for d in dirs]
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # union, first-seen order
+    leak = sorted((c for c in cols if c.startswith("leak@k")), key=lambda c: int(c[6:]))
+    exp = sorted((c for c in cols if c.startswith("exp@k")), key=lambda c: int(c[5:]))
+    order = ["model", "method", "epsilon", "delta", *leak, "leak", "exposure", *exp, "pii", "pii_other"]
+    return _sort(pd.DataFrame(rows, columns=order))
+
+
+def vuln_row(d) -> dict:
+    from privcode.dp import ledger
+
+    d = Path(d)
+    model, method, _ = _ident(d)
+    priv = ledger.read(d)
+    r = read_json(d / "vuln.json")
+    return {"model": model, "method": method, "epsilon": priv["epsilon"], "delta": priv["delta"],
+            "safe_rate": r.get("safe_rate"), "safe_rate_relevant": r.get("safe_rate_relevant"),
+            "flagged": r.get("flagged"), "analyzed": r.get("analyzed"), "no_code": r.get("no_code"),
+            "syntax_error": r.get("syntax_error"), "severity": r.get("severity"),
+            "codeql": (r.get("codeql") or {}).get("status")}
+
+
+def build_vuln(dirs: list[str]):
+    import pandas as pd
+
+    if not dirs:
+        raise PrivcodeError("no vuln directories given")
+    return _sort(pd.DataFrame([vuln_row(d) for d in dirs]))
+
+
+def _write(df, out: Path) -> None:
+    with atomic_file(out) as fh:
+        df.to_csv(fh, index=False, float_format="%.4g")
+    print(df.to_string(index=False))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="privcode table4", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("leakage_dirs", nargs="+")
+    a = ap.parse_args(argv)
+    _write(build(a.leakage_dirs), a.out)
+
+
+def vuln_main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="privcode vulntable", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("vuln_dirs", nargs="+")
+    a = ap.parse_args(argv)
+    _write(build_vuln(a.vuln_dirs), a.out)

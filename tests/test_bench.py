@@ -1,0 +1,250 @@
+"""#6 (GPU speed), CPU side: the benchmarks run end to end on the `small` shape and write every
+field; the memory-lean loss, lean LoRA and flat clipping compute what the reference computes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from privcode.dp import engine, fastloss
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny_peft(seed=0, vocab=300):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=128,
+                      attn_implementation="sdpa")
+    pm = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    for _, p in pm.named_parameters():
+        if p.requires_grad:  # LoRA B starts at 0; make both factors non-trivial
+            p.data.normal_(0, 0.2)
+    pm.train()
+    return pm
+
+
+def _batch(vocab=300, B=3, T=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[1, 15:] = 0
+    am[2, 9:] = 0
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[am == 0] = -100
+    syn = (torch.rand(B, T, generator=g) < 0.4) & (labels != -100)
+    return {"input_ids": ids, "attention_mask": am, "labels": labels, "syntax": syn}
+
+
+def _loss_and_grads(pm, fn, batch, lam):
+    params = [p for p in pm.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss = fn(pm, batch, lam=lam, peft_model=pm)
+    (loss * torch.arange(1.0, len(loss) + 1)).sum().backward()  # distinct weight per record
+    return loss.detach(), [p.grad.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+def test_fast_loss_equals_reference_values_and_gradients(lam):
+    pm = _tiny_peft()
+    batch = _batch()
+    ref_loss, ref_g = _loss_and_grads(pm, engine.per_record_loss, batch, lam)
+    assert fastloss.lean_lora(pm) == 2 * 7
+    fast = lambda m, b, **k: fastloss.per_record_loss(m, b, chunk_rows=7, **k)
+    loss, g = _loss_and_grads(pm, fast, batch, lam)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_loss_edge_cases():
+    pm = _tiny_peft()
+    fastloss.lean_lora(pm)
+    b = _batch()
+    b["syntax"][:] = False  # no syntax positions: the KL term is exactly zero
+    k = fastloss.per_record_loss(pm, b, lam=1.0, ce_weight=0.0, peft_model=pm)
+    assert float(k.abs().max()) == 0.0
+    b["labels"][:] = -100  # no answer tokens at all: zero loss that still backpropagates
+    z = fastloss.per_record_loss(pm, b)
+    assert z.shape == (3,) and float(z.abs().max()) == 0.0
+    z.sum().backward()
+    with pytest.raises(ValueError):
+        fastloss.per_record_loss(pm, _batch(), lam=0.5)  # PrivSA without the PEFT model
+
+
+def test_lean_lora_keeps_keys_and_disabled_adapters_give_the_base():
+    pm = _tiny_peft()
+    keys = sorted(pm.state_dict())
+    ids = _batch()["input_ids"]
+    with torch.no_grad(), pm.disable_adapter():
+        base = pm(input_ids=ids).logits
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+    fastloss.lean_lora(pm)
+    assert fastloss.lean_lora(pm) == 14  # idempotent
+    assert sorted(pm.state_dict()) == keys
+    with torch.no_grad(), pm.disable_adapter():
+        torch.testing.assert_close(pm(input_ids=ids).logits, base)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_loss_per_record_gradients_through_opacus_hooks():
+    """Opacus per-sample gradients of a padded micro-batch (lean LoRA + fast loss with the KL
+    term) equal each record's own gradient: records stay independent."""
+    from opacus import GradSampleModule
+
+    pm = _tiny_peft()
+    fastloss.lean_lora(pm)
+    batch = _batch()
+    gsm = GradSampleModule(pm, batch_first=True, loss_reduction="sum")
+    params = [(n, p) for n, p in gsm.named_parameters() if p.requires_grad]
+    loss = lambda b: fastloss.per_record_loss(gsm, b, lam=0.7, peft_model=pm, chunk_rows=5)
+    loss(batch).sum().backward()
+    batched = {n: p.grad_sample.detach().clone() for n, p in params}
+    for i in range(3):
+        gsm.zero_grad(set_to_none=True)
+        for _, p in params:
+            p.grad_sample = None
+        loss({k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
+        for n, p in params:
+            torch.testing.assert_close(batched[n][i], p.grad.detach(), rtol=1e-5, atol=1e-7)
+    gsm._close()
+
+
+def _dp_grads(pm, batches, fast, sigma, seed=0):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    gsm = GradSampleModule(pm, batch_first=True, loss_reduction="sum")
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma, max_grad_norm=0.05,
+                      expected_batch_size=6, loss_reduction="sum", generator=torch.Generator().manual_seed(seed))
+    if fast:
+        fastloss.fast_dp_optimizer(opt)
+    for j, b in enumerate(batches):
+        fastloss.per_record_loss(gsm, b).sum().backward()
+        opt.signal_skip_step(do_skip=j < len(batches) - 1)
+        opt.step()
+        if j < len(batches) - 1:
+            opt.zero_grad(set_to_none=True)
+    out = [p.grad.detach().clone() for p in params]
+    opt.zero_grad(set_to_none=True)
+    gsm._close()
+    return out
+
+
+def test_flat_clipping_equals_opacus_and_adds_the_same_noise_std():
+    pm = _tiny_peft()
+    fastloss.lean_lora(pm)
+    batches = [_batch(seed=1), _batch(seed=2)]  # two micro-batches accumulated into one step
+    for a, b in zip(_dp_grads(pm, batches, False, 0.0), _dp_grads(pm, batches, True, 0.0)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    clean = torch.cat([g.flatten() for g in _dp_grads(pm, batches, True, 0.0)])
+    noisy = torch.cat([g.flatten() for g in _dp_grads(pm, batches, True, 3.0)])
+    assert (noisy - clean).numel() > 4000
+    assert float((noisy - clean).std()) == pytest.approx(3.0 * 0.05, rel=0.06)
+
+
+def test_fast_backend_matches_hf_backend(tiny_model):
+    from privcode.models import load_model, load_tokenizer
+    from privcode.synth.base import SamplingParams
+    from privcode.synth.fast import FastHFBackend
+    from privcode.synth.hf import HFBackend
+
+    hf = HFBackend(str(tiny_model), batch_size=4)
+    tok = load_tokenizer(str(tiny_model), padding_side="left")
+    fb = FastHFBackend(model=load_model(str(tiny_model)), tokenizer=tok, batch_size=4)
+    prompts = ["def add(a", "Question: Write a function.", "x", "Answer: Sure. def add(a, b):", "return a"]
+    p = SamplingParams(max_new_tokens=16)
+    assert fb.generate(prompts, p) == hf.generate(prompts, p)
+    s = fb.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, n=3, seed=1))
+    assert [len(x) for x in s] == [3] * 5
+    assert s == fb.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, n=3, seed=1))
+    ids = fb.generate_ids([[5, 6, 7]], SamplingParams(max_new_tokens=9), ignore_eos=True)
+    assert len(ids[0][0]) == 9
+
+
+def test_bench_train_small_cpu_writes_every_field(tmp_path):
+    from privcode.bench import train_bench
+
+    out = tmp_path / "train.json"
+    train_bench.main(["--shape", "small", "--device", "cpu", "--steps", "1", "--warmup", "1", "--accum", "2",
+                      "--profile", "privcode-dp", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["variants"]) == set(train_bench.ALL)
+    for name, v in r["variants"].items():
+        assert "error" not in v, (name, v.get("error"))
+        assert v["step_s"] > 0 and v["tok_s"] > 0 and v["loss"] == pytest.approx(v["loss"])  # finite
+        assert "peak_gb" in v
+    assert set(r["targets"]) == set(train_bench.TARGETS)
+    assert all(r["targets"][k]["value"] is not None for k in r["targets"] if "memory" not in k)
+    for n in train_bench.ACCUM_VARIANTS:
+        e = r["stage1_estimate"][n]  # CPU timings of one step are noise: check the fields only
+        assert {"t_micro_s", "t_opt_s", "step_s", "total_min", "met"} <= set(e)
+    assert r["variants"]["privcode-dp"]["profile"]["wall_s"] > 0
+    assert r["info"]["card"] == "cpu" and r["shape"]["name"] == "small" and r["matrix_tok_s"]
+
+
+def test_bench_generate_small_cpu_writes_every_field(tmp_path):
+    from privcode.bench import generate_bench
+
+    out = tmp_path / "gen.json"
+    generate_bench.main(["--shape", "small", "--device", "cpu", "--batches", "2,3", "--prompt-len", "8",
+                         "--new-tokens", "6", "--peers", "dynamic", "--out", str(out)])
+    r = json.loads(out.read_text())
+    got = {(x["backend"], x["batch"]): x for x in r["results"]}
+    assert set(got) == {("fast", 2), ("fast", 3), ("dynamic", 2), ("dynamic", 3)}
+    for x in got.values():
+        assert "error" not in x and x["tok_s"] > 0
+    # fp32 on CPU: the fast backend produces exactly model.generate's tokens
+    assert got[("dynamic", 2)]["rows_identical"] == 1.0 and got[("dynamic", 3)]["rows_identical"] == 1.0
+    assert set(r["ratios"]) == {"fast / dynamic @ batch 2", "fast / dynamic @ batch 3"}
+    assert r["new_tokens"] == 6 and r["info"]["card"] == "cpu" and "target" in r
+
+
+def test_hook_free_per_record_gradients_equal_batch_of_one():
+    pm = _tiny_peft()
+    fastloss.lean_lora(pm)
+    batch = _batch()
+    lgs = fastloss.LoRAGradSample(pm)
+    params = [(n, p) for n, p in lgs.named_parameters() if p.requires_grad]
+    loss = lambda b: fastloss.per_record_loss(lgs, b, lam=0.7, peft_model=pm, chunk_rows=5)
+    loss(batch).sum().backward()
+    batched = {n: p.grad_sample.detach().clone() for n, p in params}
+    assert all(p.grad is None for _, p in params)  # per-record mode computes no summed gradient
+    lgs._close()
+    for i in range(3):
+        for _, p in params:
+            p.grad = None
+        loss({k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
+        for n, p in params:
+            torch.testing.assert_close(batched[n][i], p.grad.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_accelerated_dpsgd_takes_the_same_step_as_the_stock_engine():
+    """engine.DPSGD with Opacus hooks and the reference loss vs. accelerate_dpsgd + lean LoRA +
+    fast loss: same clipped update (σ = 0), over a step of two micro-batches."""
+    def run(fast):
+        pm = _tiny_peft()
+        if fast:
+            fastloss.lean_lora(pm)
+        dp = engine.DPSGD(pm, n_records=100, sample_rate=0.06, noise_multiplier=0.0, max_grad_norm=0.05,
+                          expected_batch_size=6, lr=0.1, weight_decay=0.0, steps=3, seed=0, device="cpu",
+                          optimizer="sgd")
+        if fast:
+            assert fastloss.accelerate_dpsgd(dp)
+        fn = fastloss.per_record_loss if fast else engine.per_record_loss
+        before = [p.detach().clone() for p in pm.parameters() if p.requires_grad]
+        dp.step([_batch(seed=1), _batch(seed=2)], lambda m, b: fn(m, b, lam=0.7, peft_model=pm))
+        return [p.detach() - b for p, b in zip([p for p in pm.parameters() if p.requires_grad], before)]
+    ref, fast = run(False), run(True)
+    assert max(float(d.abs().max()) for d in ref) > 1e-4
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # deltas of ~0.2-sized weights
