@@ -63,6 +63,8 @@ class TrainConfig(Params):
     checkpoint_every: int = 0         # steps between resumable checkpoints (0: off)
     sampler: str = "poisson"          # the only sampler the accountant covers; anything else is refused
     optimizer: str = "adamw"          # adamw | sgd (sgd: the update is exactly -lr * noisy gradient)
+    fast: bool = False                # privcode.dp.fastloss: lean LoRA, chunked head loss, hook-free
+                                      # per-record gradients (the GPU speed path; same math, fp32-exact)
     # --- PrivSA (DP only): loss_i = CE_i + λ(t)·KL(p_base ‖ p_dp) over record i's syntax tokens ---
     privsa_lambda_max: float = 0.0    # 0 turns PrivSA off (plain DP-SGD, the DPFT baseline)
     privsa_lambda_min: float = 0.0
@@ -145,6 +147,10 @@ def build_lora_model(model_ref: str, cfg: TrainConfig, device):
     for n, p in model.named_parameters():  # LoRA weights in fp32: clipping/noise/optimizer precision
         if p.requires_grad:
             p.data = p.data.float()
+    if cfg.fast:
+        from privcode.dp import fastloss
+
+        fastloss.lean_lora(model)
     return model
 
 
@@ -169,6 +175,7 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     from privcode.models import default_device, load_tokenizer
 
     rank, world = engine.init_distributed()
+    ledger.check_not_spent(out)  # a DP artifact trained before: training again spends budget again
     torch.manual_seed(cfg.seed)
     device = default_device()
     tok = load_tokenizer(model_ref)
@@ -192,6 +199,13 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     dp = engine.DPSGD(model, n_records=N, sample_rate=q, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
                       expected_batch_size=q * N, lr=cfg.lr, weight_decay=cfg.weight_decay, steps=cfg.steps,
                       seed=cfg.seed, device=device, rank=rank, world=world, optimizer=cfg.optimizer)
+    if cfg.fast:
+        from privcode.dp import fastloss
+
+        fastloss.accelerate_dpsgd(dp)
+        loss_impl = fastloss.per_record_loss
+    else:
+        loss_impl = per_record_loss
     before = lora_state(model)
     history, losses, start = [], [], 0
     st = engine.load_ckpt(out, rank) if cfg.checkpoint_every else None
@@ -218,7 +232,7 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
         micro = [collate([rows[i] for i in idx[k:k + cfg.micro_batch_size]], tok.pad_token_id, device)
                  for k in range(0, len(idx), cfg.micro_batch_size)]
         timer.start()
-        total, count = dp.step(micro, lambda m, b: per_record_loss(m, b, lam=lam, peft_model=model))
+        total, count = dp.step(micro, lambda m, b: loss_impl(m, b, lam=lam, peft_model=model))
         timer.stop(sum(len(rows[i]["input_ids"]) for i in idx))
         history = _merge_history(history, sigma, q)
         batch_sizes.append(count)
@@ -248,6 +262,7 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
                               private_data=data, n_records=N, target_epsilon=cfg.epsilon, processes=world,
                               privsa=privsa, parents=ledger.model_parents(model_ref))
         engine.clear_ckpt(out)
+        ledger.record_spent(out)
         log.info("done: ε=%.4f (PRV), %.4f (RDP) in %.1fs", eps, eps_rdp, elapsed)
     if world > 1:
         torch.distributed.barrier()
@@ -326,6 +341,10 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     before = lora_state(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.fast and world == 1:
+        from privcode.dp.fastloss import per_record_loss as loss_impl
+    else:  # the fast loss is not tested under DeepSpeed
+        loss_impl = per_record_loss
     engine, rank = None, 0
     n_micro = max(1, math.ceil(math.ceil(cfg.batch_size / world) / cfg.micro_batch_size))
     if world > 1:
@@ -349,7 +368,7 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
             batch = collate([rows[k] for k in (mb or idx[:1])], tok.pad_token_id, device)
             weight = 1.0 if mb else 0.0  # a padding micro-step contributes a zero gradient
             if engine is None:
-                loss = per_record_loss(model, batch).sum() / len(idx)
+                loss = loss_impl(model, batch).sum() / len(idx)
                 loss.backward()
             else:  # DeepSpeed averages over ranks: each rank's sum is scaled by world / |batch|
                 loss = per_record_loss(engine, batch).sum() * (weight * world / len(idx))

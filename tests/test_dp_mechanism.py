@@ -234,3 +234,35 @@ def test_resume_whose_history_would_exceed_the_target_stops(tiny_model, private_
     with pytest.raises(PrivcodeError, match="would spend"):
         train_dp(str(tiny_model), str(private_data), out, TrainConfig(**params))
     assert not out.exists()
+
+
+def test_training_again_into_a_spent_output_is_refused(tiny_model, private_data, tmp_path, monkeypatch):
+    from privcode.errors import PrivcodeError
+
+    cfg = TrainConfig(epsilon=6.0, delta=1e-3, steps=1, batch_size=5, max_length=48, prompt_format="qa",
+                      lora_targets=["q_proj"])
+    out = tmp_path / "adapter"
+    train_dp(str(tiny_model), str(private_data), out, cfg)
+    import shutil
+
+    shutil.rmtree(out)  # what Snakemake does before re-running a job
+    with pytest.raises(PrivcodeError, match="already trained here"):
+        train_dp(str(tiny_model), str(private_data), out, cfg)
+    monkeypatch.setenv("PRIVCODE_ALLOW_RETRAIN", "1")
+    train_dp(str(tiny_model), str(private_data), out, cfg)
+    assert len((tmp_path / ".privacy_spent.jsonl").read_text().splitlines()) == 2
+
+
+def test_fast_path_trains_the_same_model(tiny_model, private_data, tmp_path):
+    """The GPU speed path (lean LoRA, chunked loss, hook-free per-record gradients, flat clipping)
+    is the same mechanism: same σ, same sampled batches, same noise, the same adapter."""
+    params = dict(epsilon=6.0, delta=1e-3, steps=3, batch_size=5, max_length=48, prompt_format="qa", lr=1e-2,
+                  lora_targets=["q_proj", "v_proj"], privsa_lambda_max=5.0, privsa_lambda_min=0.1)
+    train_dp(str(tiny_model), str(private_data), tmp_path / "ref", TrainConfig(**params))
+    stats = train_dp(str(tiny_model), str(private_data), tmp_path / "fast", TrainConfig(**params, fast=True))
+    assert ledger.read(tmp_path / "fast")["epsilon"] == ledger.read(tmp_path / "ref")["epsilon"]
+    ref = json.loads((tmp_path / "ref" / "train_stats.json").read_text())
+    assert stats["batch_sizes"] == ref["batch_sizes"]
+    a, b = _lora_tensors(tmp_path / "fast"), _lora_tensors(tmp_path / "ref")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

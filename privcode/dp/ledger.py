@@ -157,3 +157,37 @@ def model_parents(ref: str) -> list[str]:
                                 "build it with `privcode build-model` or add a public ledger entry", path=p)
         return [str(p)]
     return []
+
+
+# --- spent budget: a DP output path is trained into once ------------------------------------
+SPENT = ".privacy_spent.jsonl"  # beside the DP output directory; not an output, so never cleaned up
+ALLOW_RETRAIN = "PRIVCODE_ALLOW_RETRAIN"
+
+
+def check_not_spent(out_dir) -> None:
+    """Refuse to train a DP model into a path that already received one: re-training (after a
+    config change, a --forcerun, or Snakemake deleting the old output) spends privacy budget again
+    on the same data. Set PRIVCODE_ALLOW_RETRAIN=1 to do it deliberately."""
+    import os
+
+    out = Path(out_dir)
+    reg = out.parent / SPENT
+    if os.environ.get(ALLOW_RETRAIN) == "1" or not reg.exists():
+        return
+    for line in reg.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["output"] == out.name:
+            raise PrivcodeError(
+                f"a DP model was already trained here on {rec['created']} (ε={rec['epsilon']}, release "
+                f"{rec['release']}); training again spends privacy budget again on the same records. "
+                f"Set {ALLOW_RETRAIN}=1 to re-train deliberately (and release only one of the models)",
+                path=out)
+
+
+def record_spent(out_dir) -> None:
+    out = Path(out_dir)
+    rec = read(out)
+    entry = {"output": out.name, "release": rec["releases"][-1]["id"] if rec["releases"] else None,
+             "epsilon": rec["epsilon"], "created": rec["created"]}
+    with open(out.parent / SPENT, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")

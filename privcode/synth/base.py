@@ -27,18 +27,25 @@ class Backend:
 
 
 def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str = "float32") -> Backend:
-    if name in ("auto", "hf", "transformers"):
-        if name == "auto":
+    """hf: plain batched transformers; fast: static KV cache + CUDA graphs (privcode.synth.fast);
+    vllm: vLLM when installed; auto: vLLM, else fast on a GPU, else hf."""
+    if name == "auto":
+        import torch
+
+        if torch.cuda.is_available():
             try:
                 import vllm  # noqa: F401
-                import torch
 
-                if torch.cuda.is_available():
-                    from privcode.synth.vllm_backend import VLLMBackend
-
-                    return VLLMBackend(model_ref, dtype=dtype)
+                name = "vllm"
             except ImportError:
-                pass
+                name = "fast"
+        else:
+            name = "hf"
+    if name == "fast":
+        from privcode.synth.fast import FastHFBackend
+
+        return FastHFBackend(model_ref, batch_size=batch_size, dtype=dtype)
+    if name in ("hf", "transformers"):
         from privcode.synth.hf import HFBackend
 
         return HFBackend(model_ref, batch_size=batch_size, dtype=dtype)
@@ -46,4 +53,4 @@ def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str =
         from privcode.synth.vllm_backend import VLLMBackend
 
         return VLLMBackend(model_ref, dtype=dtype)
-    raise ValueError(f"unknown generation backend '{name}' (auto, hf, vllm)")
+    raise ValueError(f"unknown generation backend '{name}' (auto, hf, fast, vllm)")
