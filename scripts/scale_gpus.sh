@@ -7,7 +7,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD DS_BUILD_OPS=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; NG=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpus.txt
-LORA='"lora_r": 16, "lora_alpha": 32, "lora_targets": ["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"], "dtype": "bfloat16", "max_length": 1024'
+# FAST=1: the privcode.dp.fastloss path (dp_finetune.fast in the config)
+EXTRA=$([ "${FAST:-0}" = 1 ] && echo '"fast": true, ' || true)
+LORA=$EXTRA'"lora_r": 16, "lora_alpha": 32, "lora_targets": ["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"], "dtype": "bfloat16", "max_length": 1024'
 report() { python3 - "$@" <<'PY' | tee -a $OUT/scaling.txt
 import json, sys
 name, d = sys.argv[1], sys.argv[2]
@@ -23,7 +25,7 @@ if [ "$1" = dp ]; then
     torchrun --standalone --nproc_per_node $n -m privcode.cli dp-finetune --model /tmp/m15/model \
       --data /tmp/m15/private/records.jsonl --out /tmp/m15/dp$n \
       --params "{\"epsilon\": 4, \"delta\": 1e-5, \"steps\": 4, \"batch_size\": 256, \"micro_batch_size\": 8, $LORA}" > $OUT/dp$n.log 2>&1 || tail -20 $OUT/dp$n.log
-    report "DP 1.5B x$n GPU" /tmp/m15/dp$n
+    report "DP 1.5B x$n GPU${FAST:+ (fast path)}" /tmp/m15/dp$n
   done
   python3 - <<'PY' | tee -a $OUT/scaling.txt
 import json, sys
@@ -31,7 +33,7 @@ from privcode.io import read_jsonl, write_jsonl
 rows = read_jsonl("/tmp/m15/private/records.jsonl")[:64]
 write_jsonl("/tmp/m15/noise.jsonl", rows)
 PY
-  for n in 1 2 4; do
+  for n in $([ "${FAST:-0}" = 1 ] || echo 1 2 4); do
     [ $n -le $NG ] || continue
     torchrun --standalone --nproc_per_node $n tests/dist_worker.py /tmp/m15/model /tmp/m15/noise$n.pt /tmp/m15/noise.jsonl > $OUT/noise$n.log 2>&1 || tail -20 $OUT/noise$n.log
     python3 -c "
