@@ -1,0 +1,19 @@
+"""Tables and figures. Shared here: the order of methods in every table, and the CSV writer."""
+from __future__ import annotations
+
+METHOD_ORDER = ["PreCode", "NonDPFT", "DPFT", "JFT", "PrivCode"]
+
+
+def sort_rows(df):
+    """Rows by model, then method in METHOD_ORDER (unknown methods last), then ε."""
+    df = df.assign(_m=df["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER)))
+    return df.sort_values(["model", "_m", "epsilon"], kind="stable").drop(columns="_m").reset_index(drop=True)
+
+
+def write_csv(df, out) -> None:
+    """Write a table atomically (4 significant digits) and print it."""
+    from privcode.io import atomic_file
+
+    with atomic_file(out) as fh:
+        df.to_csv(fh, index=False, float_format="%.4g")
+    print(df.to_string(index=False))

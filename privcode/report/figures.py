@@ -48,7 +48,7 @@ def privacy_utility(table3_csv, out_png, metrics: list[str] | None = None) -> Pa
     """pass@1 vs ε: a line per DP method, dashed horizontal lines for ε = 0 / ε = ∞ methods."""
     import pandas as pd
 
-    from privcode.report.table3 import METHOD_ORDER
+    from privcode.report import METHOD_ORDER
 
     df = pd.read_csv(table3_csv, dtype={"epsilon": str})
     if df.empty:

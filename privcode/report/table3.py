@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
-from privcode.io import atomic_file, read_json
+from privcode.io import read_json
 
-METHOD_ORDER = ["PreCode", "NonDPFT", "DPFT", "JFT", "PrivCode"]
+from privcode.report import sort_rows, write_csv
 EVALPLUS_COLUMNS = {"humaneval": ("HumanEval", "HumanEval+"), "mbpp": ("MBPP", "MBPP+")}
 
 
@@ -66,8 +66,7 @@ def build(eval_dirs: list[str]):
     if not rows:
         raise PrivcodeError("no evaluation directories given")
     df = pd.DataFrame(list(rows.values()))
-    df["_m"] = df["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
-    df = df.sort_values(["model", "_m", "epsilon"]).drop(columns="_m")
+    df = sort_rows(df)
     return df[[c for c in df.columns if c != "note"] + ["note"]]  # the caveat last
 
 
@@ -77,7 +76,4 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("eval_dirs", nargs="+")
     a = ap.parse_args(argv)
-    df = build(a.eval_dirs)
-    with atomic_file(a.out) as fh:
-        df.to_csv(fh, index=False, float_format="%.4g")
-    print(df.to_string(index=False))
+    write_csv(build(a.eval_dirs), a.out)

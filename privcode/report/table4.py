@@ -22,8 +22,8 @@ import argparse
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
-from privcode.io import atomic_file, read_json
-from privcode.report.table3 import METHOD_ORDER
+from privcode.io import read_json
+from privcode.report import sort_rows, write_csv
 
 
 def _ident(d: Path) -> tuple[str, str, str]:
@@ -31,11 +31,6 @@ def _ident(d: Path) -> tuple[str, str, str]:
         raise PrivcodeError("expected a directory <model>/<method>/<tag>", path=d)
     model, method, tag = d.parts[-3:]
     return model, method, tag
-
-
-def _sort(df):
-    df["_m"] = df["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER))
-    return df.sort_values(["model", "_m", "epsilon"], kind="stable").drop(columns="_m").reset_index(drop=True)
 
 
 def leakage_row(d) -> dict:
@@ -68,7 +63,7 @@ def build(dirs: list[str]):
     leak = sorted((c for c in cols if c.startswith("leak@k")), key=lambda c: int(c[6:]))
     exp = sorted((c for c in cols if c.startswith("exp@k")), key=lambda c: int(c[5:]))
     order = ["model", "method", "epsilon", "delta", *leak, "leak", "exposure", *exp, "pii", "pii_other"]
-    return _sort(pd.DataFrame(rows, columns=order))
+    return sort_rows(pd.DataFrame(rows, columns=order))
 
 
 def vuln_row(d) -> dict:
@@ -90,13 +85,7 @@ def build_vuln(dirs: list[str]):
 
     if not dirs:
         raise PrivcodeError("no vuln directories given")
-    return _sort(pd.DataFrame([vuln_row(d) for d in dirs]))
-
-
-def _write(df, out: Path) -> None:
-    with atomic_file(out) as fh:
-        df.to_csv(fh, index=False, float_format="%.4g")
-    print(df.to_string(index=False))
+    return sort_rows(pd.DataFrame([vuln_row(d) for d in dirs]))
 
 
 def main(argv=None) -> None:
@@ -105,7 +94,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("leakage_dirs", nargs="+")
     a = ap.parse_args(argv)
-    _write(build(a.leakage_dirs), a.out)
+    write_csv(build(a.leakage_dirs), a.out)
 
 
 def vuln_main(argv=None) -> None:
@@ -114,4 +103,4 @@ def vuln_main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("vuln_dirs", nargs="+")
     a = ap.parse_args(argv)
-    _write(build_vuln(a.vuln_dirs), a.out)
+    write_csv(build_vuln(a.vuln_dirs), a.out)

@@ -25,7 +25,8 @@ import statistics
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
-from privcode.io import atomic_dir, atomic_file, read_json, read_jsonl, write_json, write_jsonl
+from privcode.report import write_csv
+from privcode.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 
 
 def _value(s: str):
@@ -82,10 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("rows", nargs="+", metavar="PARAM=VALUE:EVAL_DIR")
     a = ap.parse_args(argv)
-    df = build(a.rows)
-    with atomic_file(a.out) as fh:
-        df.to_csv(fh, index=False, float_format="%.4g")
-    print(df.to_string(index=False))
+    write_csv(build(a.rows), a.out)
 
 
 # ------------------------------------------------------------------------------------------------
