@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from privcode.errors import PrivcodeError
@@ -43,6 +44,7 @@ def _usage() -> str:
     lines = ["usage: privcode <command> [options]", "", "commands:"]
     lines += [f"  {k:<{w}}  {v[3]}" for k, v in COMMANDS.items()]
     return "\n".join(lines)
+TRAINING = ("dp-finetune", "finetune")
 
 
 def main(argv=None) -> int:
@@ -61,12 +63,14 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mod, fn, kw, _ = COMMANDS[cmd]
+    if cmd in TRAINING:  # rows of many lengths: grow memory segments instead of fragmenting them
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
-        getattr(importlib.import_module(mod), fn)(rest, **kw)
+        rc = getattr(importlib.import_module(mod), fn)(rest, **kw)
     except PrivcodeError as e:
         print(f"privcode {cmd}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc if type(rc) is int else 0  # a stage's own exit status (e.g. exec-filter's refusal)
 
 
 if __name__ == "__main__":

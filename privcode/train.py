@@ -16,6 +16,7 @@ tokenizer and base model saw in pre-training (public), and side channels such as
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import torch
 
 from privcode.data.prompts import render_example
 from privcode.dp.engine import IGNORE, per_record_loss, privsa_lambda
+from privcode.dp.sampling import balanced_split, micro_batches
 from privcode.errors import PrivcodeError
 from privcode.params import Params
 from privcode.io import atomic_dir, iter_jsonl, write_json
@@ -44,6 +46,8 @@ class TrainConfig(Params):
     epochs: float = 1.0               # non-DP only: passes over the data when steps is None
     batch_size: int = 8               # DP: expected batch size q*N (Poisson); non-DP: records per step
     micro_batch_size: int = 4         # rows per forward/backward; memory knob, no effect on the result
+    micro_batch_tokens: int = 0       # > 0: also cap rows × longest row per micro-batch (not under
+                                      # DeepSpeed): short rows fill the GPU, long ones still fit in memory
     max_length: int = 256             # tokens per record; longer records are truncated (one record = one row)
     lr: float = 5e-4                  # LoRA tolerates a high LR; DP noise favours few, large steps
     weight_decay: float = 0.0
@@ -70,6 +74,10 @@ class TrainConfig(Params):
     privsa_lambda_min: float = 0.0
     privsa_alpha: float = 0.05        # decay rate of λ per optimizer step
     privsa_interval: int = 1          # λ is held constant over blocks of this many steps
+    cudnn_attention: bool = False     # cuDNN SDPA builds a plan per new (rows, length) shape: with
+                                      # rows of varying length, 1-2 s stalls (docs/scaling.md); off -> flash
+    privsa_compile: bool = True       # with fast on CUDA: torch.compile the frozen teacher + KL math
+                                      # (fuses their elementwise work; eager fallback on failure)
 
 
 
@@ -128,6 +136,13 @@ def collate(rows: list[dict], pad_id: int, device) -> dict:
     if syn is not None:
         out["syntax"] = syn.to(device)
     return out
+
+
+def set_attention_backends(cfg: TrainConfig, device) -> None:
+    """Process-wide SDPA choice for a training run on CUDA: without cuDNN attention, PyTorch
+    picks flash / memory-efficient kernels, which need no per-shape plan."""
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.enable_cudnn_sdp(bool(cfg.cudnn_attention))
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,16 +209,20 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
         log.info("DP-SGD: N=%d q=%.5f σ=%.4f C=%g T=%d processes=%d PrivSA=%s -> ε=%.4f (δ=%g, %s)", N, q,
                  sigma, cfg.max_grad_norm, cfg.steps, world, privsa, planned_eps, cfg.delta, cfg.accountant)
 
+    lengths = [len(r["input_ids"]) for r in rows]
+    set_attention_backends(cfg, device)
     model = build_lora_model(model_ref, cfg, device)
     model.train()
     dp = engine.DPSGD(model, n_records=N, sample_rate=q, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
                       expected_batch_size=q * N, lr=cfg.lr, weight_decay=cfg.weight_decay, steps=cfg.steps,
-                      seed=cfg.seed, device=device, rank=rank, world=world, optimizer=cfg.optimizer)
+                      seed=cfg.seed, device=device, rank=rank, world=world, optimizer=cfg.optimizer,
+                      lengths=lengths)
     if cfg.fast:
         from privcode.dp import fastloss
 
         fastloss.accelerate_dpsgd(dp)
-        loss_impl = fastloss.per_record_loss
+        compile_privsa = privsa and cfg.privsa_compile and str(device).startswith("cuda")
+        loss_impl = functools.partial(fastloss.per_record_loss, compile_privsa=compile_privsa)
     else:
         loss_impl = per_record_loss
     before = lora_state(model)
@@ -225,21 +244,28 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     eps_full = acct.epsilon_from_history(full, cfg.delta, cfg.accountant)
     if eps_full > cfg.epsilon * (1 + 1e-6):
         raise PrivcodeError(f"finishing this run would spend ε={eps_full:.4f} > target {cfg.epsilon}; not starting")
+    prof = StepProfiler(rank, start)
     for step in bar:
+        prof.at(step)
         idx = dp.next_indices()
         lam = privsa_lambda(step, cfg.privsa_lambda_max, cfg.privsa_lambda_min, cfg.privsa_alpha,
                             cfg.privsa_interval) if privsa else 0.0
-        micro = [collate([rows[i] for i in idx[k:k + cfg.micro_batch_size]], tok.pad_token_id, device)
-                 for k in range(0, len(idx), cfg.micro_batch_size)]
+        micro = [collate([rows[i] for i in mb], tok.pad_token_id, device)
+                 for mb in micro_batches(idx, lengths, cfg.micro_batch_size, cfg.micro_batch_tokens)]
         timer.start()
         total, count = dp.step(micro, lambda m, b: loss_impl(m, b, lam=lam, peft_model=model))
         timer.stop(sum(len(rows[i]["input_ids"]) for i in idx))
         history = _merge_history(history, sigma, q)
+        if world > 1:  # log the global batch's mean loss, not this rank's share
+            t = torch.tensor([total, float(count)], device=device, dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            total, count = float(t[0]), int(t[1])
         batch_sizes.append(count)
         losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", batch=count, lam=f"{lam:.3g}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             engine.save_ckpt(out, rank, dp.state(history, losses, step + 1))
+    prof.at(cfg.steps)
     elapsed = time.time() - t0
 
     delta_max = max_lora_delta(before, model)
@@ -277,6 +303,41 @@ def _merge_history(history, sigma, q):
 
 # --------------------------------------------------------------------------------------------
 # non-DP
+
+
+class StepProfiler:
+    """PRIVCODE_PROFILE=DIR: torch.profiler over steps 3-5 of this run (after warm-up), every rank;
+    DIR/profile_rank<r>.txt gets the kernel and operator tables (by device and by CPU time)."""
+
+    FIRST, STEPS = 2, 3
+
+    def __init__(self, rank: int, start: int):
+        self.dir = os.environ.get("PRIVCODE_PROFILE")
+        self.rank, self.begin, self.prof = rank, start + self.FIRST, None
+
+    def at(self, step: int) -> None:
+        if not self.dir:
+            return
+        if step == self.begin and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+        elif self.prof is not None and step >= self.begin + self.STEPS:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            ka = self.prof.key_averages()
+            tables = [f"rank {self.rank}, steps {self.begin}..{step - 1}"]
+            for key in ("self_device_time_total", "self_cpu_time_total", "cpu_time_total"):
+                try:
+                    tables.append(f"\n== sorted by {key}\n" + ka.table(sort_by=key, row_limit=40, max_name_column_width=80))
+                except Exception as e:  # noqa: BLE001 - column names differ across torch versions
+                    tables.append(f"\n== {key}: {e}")
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.dir) / f"profile_rank{self.rank}.txt").write_text("\n".join(tables))
+            self.prof, self.dir = None, None
 
 
 class StepTimer:
@@ -335,7 +396,9 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     device = default_device()
     tok = load_tokenizer(model_ref)
     rows, data_stats = load_rows(data, tok, cfg)
+    lengths = [len(r["input_ids"]) for r in rows]
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
+    set_attention_backends(cfg, device)
     model = build_lora_model(model_ref, cfg, device)
     model.train()
     before = lora_state(model)
@@ -359,8 +422,11 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
             rng.shuffle(perm)
             order += perm
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        mine = idx[rank::world]  # this rank's share of the global batch
-        micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        mine = balanced_split(idx, lengths, world)[rank]  # this rank's share, token-balanced
+        if engine is None:
+            micro = micro_batches(mine, lengths, cfg.micro_batch_size, cfg.micro_batch_tokens)
+        else:  # DeepSpeed fixes the micro-batch size and count
+            micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         if engine is not None:  # every rank runs the same number of micro-steps (ZeRO reduces each one)
             micro += [[]] * (n_micro - len(micro))
         total = 0.0

@@ -5,9 +5,14 @@
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD DS_BUILD_OPS=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PRIVCODE_ALLOW_RETRAIN=1  # benchmark runs on random weights and generated records: no budget to protect
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; NG=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpus.txt
-# FAST=1: the privcode.dp.fastloss path (dp_finetune.fast in the config)
+# FAST=1: the privcode.dp.fastloss path (dp_finetune.fast in the config); STEPS: optimizer steps
+# per run (the first is warm-up and not timed)
+STEPS=${STEPS:-4}
+# MB / MBT: micro_batch_size / micro_batch_tokens of the DP runs (config/paper.yaml: 32 / 8192)
+MB=${MB:-8}; MBT=${MBT:-0}
 EXTRA=$([ "${FAST:-0}" = 1 ] && echo '"fast": true, ' || true)
 LORA=$EXTRA'"lora_r": 16, "lora_alpha": 32, "lora_targets": ["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"], "dtype": "bfloat16", "max_length": 1024'
 report() { python3 - "$@" <<'PY' | tee -a $OUT/scaling.txt
@@ -24,9 +29,15 @@ if [ "$1" = dp ]; then
     [ $n -le $NG ] || continue
     torchrun --standalone --nproc_per_node $n -m privcode.cli dp-finetune --model /tmp/m15/model \
       --data /tmp/m15/private/records.jsonl --out /tmp/m15/dp$n \
-      --params "{\"epsilon\": 4, \"delta\": 1e-5, \"steps\": 4, \"batch_size\": 256, \"micro_batch_size\": 8, $LORA}" > $OUT/dp$n.log 2>&1 || tail -20 $OUT/dp$n.log
+      --params "{\"epsilon\": 4, \"delta\": 1e-5, \"steps\": $STEPS, \"batch_size\": 256, \"micro_batch_size\": $MB, \"micro_batch_tokens\": $MBT, $LORA}" > $OUT/dp$n.log 2>&1 || tail -20 $OUT/dp$n.log
     report "DP 1.5B x$n GPU${FAST:+ (fast path)}" /tmp/m15/dp$n
   done
+  python3 - <<'PY' | tee -a $OUT/scaling.txt
+import json, os
+tps = {n: json.load(open(f"/tmp/m15/dp{n}/train_stats.json"))["tokens_per_s"] for n in (1, 2, 4)
+       if os.path.exists(f"/tmp/m15/dp{n}/train_stats.json")}
+print("DP speed-up vs 1 GPU:", {n: round(t / tps[1], 2) for n, t in tps.items()} if 1 in tps else "no 1-GPU run")
+PY
   python3 - <<'PY' | tee -a $OUT/scaling.txt
 import json, sys
 from privcode.io import read_jsonl, write_jsonl
@@ -46,7 +57,7 @@ else
     [ $n -le $NG ] || continue
     torchrun --standalone --nproc_per_node $n -m privcode.cli finetune --model /tmp/m7/model \
       --data /tmp/m7/private/records.jsonl --out /tmp/m7/ft$n \
-      --params "{\"steps\": 4, \"batch_size\": 64, \"micro_batch_size\": 4, $LORA}" > $OUT/ft$n.log 2>&1 || tail -20 $OUT/ft$n.log
+      --params "{\"steps\": $STEPS, \"batch_size\": 64, \"micro_batch_size\": 4, $LORA}" > $OUT/ft$n.log 2>&1 || tail -20 $OUT/ft$n.log
     report "FT 7B x$n GPU (DeepSpeed ZeRO-2 when >1)" /tmp/m7/ft$n
   done
 fi

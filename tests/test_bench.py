@@ -63,6 +63,32 @@ def test_fast_loss_equals_reference_values_and_gradients(lam):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_privsa_equals_eager_and_really_compiles(monkeypatch):
+    """compile_privsa runs the teacher forward and the KL math through torch.compile (inductor, on
+    CPU here); values and gradients equal the eager fast path, and both functions were compiled
+    (not silently left eager after a failure)."""
+    pm = _tiny_peft()
+    fastloss.lean_lora(pm)
+    batch = _batch()
+    eager_loss, eager_g = _loss_and_grads(pm, lambda m, b, **k: fastloss.per_record_loss(m, b, chunk_rows=7, **k),
+                                          batch, 0.7)
+    fastloss._COMPILED.clear()
+    warned = []
+    monkeypatch.setattr(fastloss, "_warn_compile", lambda key, e: warned.append((key, e)))
+    comp = lambda m, b, **k: fastloss.per_record_loss(m, b, chunk_rows=7, compile_privsa=True, **k)
+    loss, g = _loss_and_grads(pm, comp, batch, 0.7)
+    assert warned == []
+    assert {k[0] for k, v in fastloss._COMPILED.items() if v is not None} == {"teacher", "kl_rows"}
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, eager_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    shorter = {k: v[:, :17] for k, v in batch.items()}  # another length: dynamic shapes, same answer
+    l2, _ = _loss_and_grads(pm, comp, shorter, 0.7)
+    e2, _ = _loss_and_grads(pm, lambda m, b, **k: fastloss.per_record_loss(m, b, chunk_rows=7, **k), shorter, 0.7)
+    torch.testing.assert_close(l2, e2, rtol=1e-5, atol=1e-6)
+    fastloss._COMPILED.clear()
+
+
 def test_fast_loss_edge_cases():
     pm = _tiny_peft()
     fastloss.lean_lora(pm)

@@ -24,14 +24,18 @@ def _env():
                 PYTHONPATH=f"{REPO}:{REPO / 'tests'}", OMP_NUM_THREADS="1")
 
 
-def _noise_update(tiny_model, tmp_path, nproc):
+def _worker(tiny_model, tmp_path, nproc, mode="noise"):
     data = write_records(tmp_path / f"d{nproc}.jsonl", 40)
-    out = tmp_path / f"u{nproc}.pt"
+    out = tmp_path / f"u{nproc}{mode}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "tests" / "dist_worker.py"), str(tiny_model), str(out), str(data)]
+           str(REPO / "tests" / "dist_worker.py"), str(tiny_model), str(out), str(data), mode]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    return torch.load(out)["update"]
+    return torch.load(out)
+
+
+def _noise_update(tiny_model, tmp_path, nproc):
+    return _worker(tiny_model, tmp_path, nproc)["update"]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -43,6 +47,16 @@ def test_noise_is_added_once_with_the_single_process_std(tiny_model, tmp_path, n
     assert u.numel() > 3000
     assert abs(float(u.mean())) < 0.1 * expected
     assert float(u.std()) == pytest.approx(expected, rel=0.08)
+
+
+def test_clipped_sum_does_not_depend_on_the_number_of_processes(tiny_model, tmp_path):
+    """σ = 0: the update is the sum of clipped per-record gradients / (qN). Two processes draw the
+    same global Poisson sample as one and split it by tokens, so the update is the same."""
+    one, two = _worker(tiny_model, tmp_path, 1, "signal"), _worker(tiny_model, tmp_path, 2, "signal")
+    assert one["global_batch"] == two["global_batch"] > 0
+    assert 0 < two["local_batch"] < two["global_batch"]  # rank 0 computed only its share
+    assert float(one["update"].abs().max()) > 0
+    torch.testing.assert_close(two["update"], one["update"], rtol=1e-4, atol=1e-7)
 
 
 def test_same_epsilon_on_one_and_two_processes(tiny_model, tmp_path):

@@ -178,6 +178,11 @@ def test_cli(gen_dir, tmp_path, capsys):
                            "--backend", "rlimit", "--require-isolation", "--no-progress"])
     assert rc == 2 and "isolation" in capsys.readouterr().err
     assert not Path(tmp_path / "x").exists()
+    from privcode import cli  # the `privcode` command passes the stage's status on to Snakemake
+
+    rc = cli.main(["exec-filter", "--input", str(gen_dir / "samples.jsonl"), "--out", str(tmp_path / "x"),
+                   "--backend", "rlimit", "--require-isolation", "--no-progress"])
+    assert rc == 2 and not Path(tmp_path / "x").exists()
 
 
 def test_languages_hostile_samples_and_stats(tmp_path):

@@ -86,3 +86,43 @@ def test_nondp_on_private_data_is_inf(tiny_model, private_data, tmp_path):
 def test_unknown_option_is_an_error():
     with pytest.raises(PrivcodeError, match="unknown training option"):
         TrainConfig.from_dict({"epsilonn": 3})
+
+
+def test_micro_batch_grouping_does_not_change_the_dp_model(tiny_model, private_data, tmp_path):
+    """Rows per micro-batch (micro_batch_size, micro_batch_tokens) are a memory/speed knob: the same
+    Poisson samples, the same clipped sums and the same noise give the same adapter."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, knobs in {"one": {"micro_batch_size": 1}, "tok": {"micro_batch_size": 8, "micro_batch_tokens": 256}}.items():
+        out = tmp_path / name
+        stats = train_dp(str(tiny_model), str(private_data), out, TrainConfig(**{**DP, **knobs}))
+        runs[name] = (load_file(out / "adapter_model.safetensors"), stats["batch_sizes"])
+    (a, sa), (b, sb) = runs["one"], runs["tok"]  # rows <= max_length 64: "tok" packs >= 4 rows a batch
+    assert sa == sb and sum(sa) > 0
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_training_on_cuda_turns_cudnn_attention_off_unless_asked():
+    from privcode.train import set_attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        set_attention_backends(TrainConfig(), "cuda:0")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        set_attention_backends(TrainConfig(cudnn_attention=True), "cuda")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        set_attention_backends(TrainConfig(), "cpu")  # CPU runs leave the process setting alone
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_profile_env_writes_a_per_rank_table(tiny_model, private_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIVCODE_PROFILE", str(tmp_path / "prof"))
+    train_dp(str(tiny_model), str(private_data), tmp_path / "a", TrainConfig(**{**DP, "steps": 6}))
+    text = (tmp_path / "prof" / "profile_rank0.txt").read_text()
+    assert text.startswith("rank 0, steps 2..4") and "aten::" in text and "sorted by self_cpu_time_total" in text

@@ -1,5 +1,8 @@
 """The Snakemake workflow: configs validate, both configs and the slurm profile dry-run, lint."""
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +15,13 @@ from conftest import REPO
 CONFIGS = sorted((REPO / "config").glob("*.yaml")) + sorted((REPO / "tests" / "configs").glob("*.yaml"))
 
 
-def snakemake(*args, cwd=REPO, check=True):
+def snakemake_run(*args, cwd=REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
-    p = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def snakemake(*args, cwd=REPO, check=True):
+    p = snakemake_run(*args, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(p.stdout[-3000:] + p.stderr[-3000:])
     return p.stdout + p.stderr
@@ -88,3 +95,164 @@ def test_dry_run_paper_sweeps_and_tables():
     # ε sweep: 3 more junior DP runs + synthesis; λmax sweep: 3 more junior DP runs + synthesis
     assert j["rethreshold"] == 3 and j["generate"] == 1 + 3 + 3
     assert j["table4"] == j["table5"] == j["vulntable"] == j["figures"] == 1
+
+
+# ---- exec_filter.container_image: the rule's `container:` for `snakemake --sdm apptainer` --------
+
+IMAGE = "docker://example.org/privcode-exec-filter:test"
+APPTAINER = shutil.which("apptainer") or shutil.which("singularity")
+
+
+def demo_config(tmp_path, **exec_filter) -> Path:
+    """config/config.yaml with exec_filter keys overridden, written to a file (--configfile)."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["exec_filter"].update(exec_filter)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# Snakemake's own job objects for the DAG of results/table3.csv: per rule, the set of
+# (container_img_url, url of the Image the executor wraps the job in). job.container_img is what the
+# local executor passes to `apptainer exec` (it is None unless --sdm apptainer is on). Building the
+# DAG needs no apptainer binary; only pulling the image does.
+_JOB_CONTAINERS = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import (ConfigSettings, DAGSettings, DeploymentMethod, DeploymentSettings,
+                                      OutputSettings, Quietness, ResourceSettings)
+configfile, sdm = sys.argv[1], sys.argv[2:]
+with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                      config_settings=ConfigSettings(configfiles=[Path(configfile)]),
+                      deployment_settings=DeploymentSettings(
+                          deployment_method={DeploymentMethod.parse_choice(m) for m in sdm}),
+                      snakefile=Path("workflow/Snakefile"), workdir=Path.cwd())
+    wf.dag(DAGSettings(targets={"results/table3.csv"}, forceall=True)).printrulegraph()  # builds the DAG
+    jobs = {}
+    for job in wf._workflow.dag.jobs:
+        img = job.container_img
+        jobs.setdefault(job.rule.name, set()).add((job.container_img_url, img.url if img else None))
+print("JOBS " + json.dumps({rule: sorted(pairs, key=str) for rule, pairs in jobs.items()}))
+"""
+
+
+def job_containers(configfile, *sdm) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", _JOB_CONTAINERS, str(configfile), *sdm], cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("JOBS ")][-1]
+    return {rule: [tuple(x) for x in pairs] for rule, pairs in json.loads(line[5:]).items()}
+
+
+def test_container_image_key_defaults_to_null_and_rejects_whitespace():
+    from snakemake.utils import validate
+
+    schema = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    del cfg["exec_filter"]["container_image"]
+    validate(cfg, schema)
+    assert cfg["exec_filter"]["container_image"] is None
+    cfg["exec_filter"]["container_image"] = "docker://a b"
+    with pytest.raises(Exception, match="container_image|does not match"):
+        validate(cfg, schema)
+
+
+def test_sdm_apptainer_attaches_image_to_exec_filter_jobs_only(tmp_path):
+    with_image = job_containers(demo_config(tmp_path, container_image=IMAGE), "apptainer")
+    assert with_image["exec_filter"] == [(IMAGE, IMAGE)]
+    assert {r: p for r, p in with_image.items() if r != "exec_filter"} == \
+        {r: [(None, None)] for r in with_image if r != "exec_filter"}
+    assert len(with_image) > 10  # the whole Table 3 DAG was built
+    # the shipped configs: no image, every job runs on the host even with --sdm apptainer
+    for cfg in (REPO / "config" / "config.yaml", REPO / "config" / "paper.yaml"):
+        assert {p for pairs in job_containers(cfg, "apptainer").values() for p in pairs} == {(None, None)}, cfg
+    # without --sdm apptainer the directive is inert: no job is wrapped in an image
+    plain = job_containers(demo_config(tmp_path, container_image=IMAGE))
+    assert plain["exec_filter"] == [(IMAGE, None)]
+
+
+def test_sdm_apptainer_dry_run(tmp_path):
+    """The CLI dry run: with an image, Snakemake deploys it (pull announced, or -- with no apptainer
+    binary on this machine -- it stops because it needs one); without, --sdm apptainer is a no-op."""
+    target = ("-n", "--forceall", "results/table3.csv")  # targets before --sdm (it takes several values)
+    needs = "The apptainer or singularity command has to be available"
+    pulled = f"Singularity image {IMAGE} will be pulled."
+    p = snakemake_run(*target, "--configfile", str(demo_config(tmp_path, container_image=IMAGE)), "--sdm", "apptainer")
+    out = p.stdout + p.stderr
+    if APPTAINER:
+        assert p.returncode == 0 and pulled in out, out[-3000:]
+        assert "exec_filter" in jobs(out)
+    else:
+        assert p.returncode != 0 and needs in out, out[-3000:]
+    out = snakemake(*target, "--sdm", "apptainer")  # demo config: container_image null
+    assert needs not in out and "Singularity image" not in out and jobs(out)["exec_filter"] == 1
+
+
+# What the image (containers/exec-filter.def, exec-filter.Dockerfile) installs: privcode without its
+# dependencies, plus tqdm. The filter must run with exactly that on top of the standard library.
+_IMAGE_PYTHON = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from privcode.filters.exec_filter import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_exec_filter_runs_with_stdlib_and_tqdm_only(tmp_path):
+    import tqdm
+
+    from privcode.dp import ledger
+    from privcode.io import read_json, write_jsonl
+
+    site = tmp_path / "site"  # privcode + tqdm only; `-I -S`: no site-packages, no PYTHONPATH
+    site.mkdir()
+    (site / "privcode").symlink_to(REPO / "privcode")
+    (site / "tqdm").symlink_to(Path(tqdm.__file__).parent)
+    gen = tmp_path / "generated"
+    gen.mkdir()
+    write_jsonl(gen / "samples.jsonl", [
+        {"id": "ok", "problem": "p", "lang": "python", "raw": "```python\nprint(1 + 2)\n```"},
+        {"id": "bad", "problem": "p", "lang": "shell", "raw": "```bash\nexit 3\n```"},
+    ])
+    ledger.derive(gen, stage="generate")
+
+    def run(*args, **env):
+        return subprocess.run([sys.executable, "-I", "-S", "-c", _IMAGE_PYTHON, str(site),
+                               "--input", str(gen / "samples.jsonl"), "--workers", "1", "--no-progress", *args],
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+    p = run("--out", str(tmp_path / "exec"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    st = read_json(tmp_path / "exec" / "stats.json")
+    assert (st["n_kept"], st["dropped_by_reason"]) == (1, {"error": 1})
+    assert st["backend"] in ("bwrap", "unshare", "rlimit")  # auto: no engine here, as in the image
+    # inside an Apptainer image (which sets APPTAINER_CONTAINER) backend "container" says what to use
+    p = run("--out", str(tmp_path / "exec2"), "--backend", "container", APPTAINER_CONTAINER="/img/exec-filter.sif")
+    if p.returncode == 0:
+        pytest.skip("a container engine with the sandbox image works here")
+    assert p.returncode == 2 and "inside the Apptainer image /img/exec-filter.sif" in p.stderr
+    assert "use backend auto or bwrap" in p.stderr
+
+
+def apt_packages(text: str) -> set:
+    """Package names of the `apt-get install` commands of a container definition."""
+    pkgs = set()
+    for line in text.replace("\\\n", " ").splitlines():
+        for cmd in line.split("apt-get install")[1:]:
+            pkgs |= {w for w in re.split(r"&&|;", cmd)[0].split() if not w.startswith("-")}
+    return pkgs
+
+
+def test_exec_filter_images_carry_the_sandbox_toolchains():
+    toolchains = set.union(*(apt_packages((REPO / "containers" / n).read_text())
+                             for n in ("sandbox.Dockerfile", "sandbox.def")))
+    assert {"python3", "g++", "rustc", "nodejs", "php-cli", "mono-mcs"} <= toolchains
+    for name in ("exec-filter.def", "exec-filter.Dockerfile"):
+        text = (REPO / "containers" / name).read_text()
+        assert toolchains | {"bubblewrap", "python3-pip"} <= apt_packages(text), name
+        assert "--no-deps /opt/privcode 'tqdm>=4.66'" in text and "privcode exec-filter --help" in text, name
+    ignore = (REPO / "containers" / "exec-filter.Dockerfile.dockerignore").read_text().split()
+    assert {"*", "!pyproject.toml", "!privcode"} <= set(ignore)

@@ -18,7 +18,9 @@ micro-batch per step (plus a K-micro-batch step for the stage-1 estimate). Varia
   privcode-dp-hooks     engine.DPSGD (Opacus hooks) + flat clipping + lean LoRA + fast loss
   privcode-dp           engine.DPSGD + fastloss.accelerate_dpsgd (hook-free per-record LoRA
                         gradients, flat clipping) + lean LoRA + fast loss
-  privcode-dp-privsa    the same with the PrivSA KL term (teacher = adapters disabled)
+  privcode-dp-privsa    the same with the PrivSA KL term (teacher = adapters disabled), teacher
+                        forward and KL math under torch.compile on CUDA (training's default)
+  privcode-dp-privsa-eager  the same without torch.compile
 
 Timing: warm-up steps excluded, torch.cuda.synchronize() around the timed steps, wall clock.
 Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights included).
@@ -26,6 +28,7 @@ Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights inclu
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -35,9 +38,9 @@ from pathlib import Path
 
 PEERS = ["hf-peft", "opacus-hooks", "opacus-ghost"]
 STOCK = ["privcode-nondp-stock", "privcode-dp-stock"]
-FAST = ["privcode-nondp", "privcode-dp-hooks", "privcode-dp", "privcode-dp-privsa"]
+FAST = ["privcode-nondp", "privcode-dp-hooks", "privcode-dp", "privcode-dp-privsa", "privcode-dp-privsa-eager"]
 ALL = PEERS + STOCK + FAST
-ACCUM_VARIANTS = ["privcode-dp", "privcode-dp-privsa"]
+ACCUM_VARIANTS = ["privcode-dp", "privcode-dp-privsa", "privcode-dp-privsa-eager"]
 
 # ratio name -> (numerator, denominator, kind, target, direction)
 TARGETS = {
@@ -50,6 +53,7 @@ EXTRA_RATIOS = [
     ("privcode-dp", "opacus-hooks"), ("privcode-dp", "opacus-ghost"), ("privcode-dp", "hf-peft"),
     ("privcode-nondp", "privcode-nondp-stock"), ("privcode-dp", "privcode-dp-stock"),
     ("opacus-hooks", "hf-peft"), ("opacus-ghost", "hf-peft"), ("privcode-dp-privsa", "privcode-dp"),
+    ("privcode-dp-privsa", "privcode-dp-privsa-eager"), ("privcode-dp-privsa-eager", "privcode-nondp"),
     ("privcode-dp", "privcode-dp-hooks"),
 ]
 STAGE1 = {"steps": 100, "expected_batch": 256, "target_min": 15.0}
@@ -229,9 +233,11 @@ class Bench:
                 return tot
             return step, lambda: self.release(model)
 
-        if name in ("privcode-dp", "privcode-dp-privsa", "privcode-dp-stock", "privcode-dp-hooks"):
+        if name in ("privcode-dp", "privcode-dp-privsa", "privcode-dp-privsa-eager", "privcode-dp-stock",
+                    "privcode-dp-hooks"):
             fast = name != "privcode-dp-stock"
-            lam = self.lam if name == "privcode-dp-privsa" else 0.0
+            lam = self.lam if name.startswith("privcode-dp-privsa") else 0.0
+            compile_privsa = name == "privcode-dp-privsa" and str(self.device).startswith("cuda")
             model = self.privcode_peft(lean=fast)
             N = 10_000
             dp = engine.DPSGD(model, n_records=N, sample_rate=256 / N, noise_multiplier=1.0, max_grad_norm=1.0,
@@ -241,7 +247,8 @@ class Bench:
                 fastloss.fast_dp_optimizer(dp.opt)
             elif fast:
                 fastloss.accelerate_dpsgd(dp)
-            loss_impl = fastloss.per_record_loss if fast else engine.per_record_loss
+            loss_impl = (functools.partial(fastloss.per_record_loss, compile_privsa=compile_privsa) if fast
+                         else engine.per_record_loss)
 
             def step(k=1):
                 total, count = dp.step([self.next_batch() for _ in range(k)],
@@ -340,6 +347,10 @@ def run(a) -> dict:
             if a.accum > 1 and name in ACCUM_VARIANTS:
                 dk, _ = _time(step, device, 1, max(1, a.steps // 2), k=a.accum)
                 r.update(accum=a.accum, accum_step_s=dk, accum_peak_gb=_mem(device, "peak"))
+            if name == "privcode-dp-privsa":  # did torch.compile take, or did it fall back to eager?
+                from privcode.dp import fastloss
+
+                r["compiled"] = {k[0]: v is not None for k, v in fastloss._COMPILED.items()}
             if name in profile:
                 r["profile"] = _profile(step, device, name, Path(a.profile_dir) if a.profile_dir else None)
             print(f"{name:22s} {dt * 1e3:9.1f} ms/step {tokens / dt:10.0f} tok/s  peak {r['peak_gb']} GB  loss {loss:.4f}",

@@ -81,15 +81,20 @@ def init_distributed() -> tuple[int, int]:
 
 
 class DPSGD:
-    """Opacus GradSampleModule + (Distributed)DPOptimizer + Poisson sampler around a PEFT model."""
+    """Opacus GradSampleModule + (Distributed)DPOptimizer + Poisson sampler around a PEFT model.
+
+    Several processes: every rank draws the same global Poisson sample and computes the clipped
+    gradients of its token-balanced share (privcode.dp.sampling); rank 0 alone adds the noise
+    (DistributedDPOptimizer) and the clipped sums are all-reduced once per step."""
 
     def __init__(self, peft_model, *, n_records: int, sample_rate: float, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: float, lr: float, weight_decay: float,
-                 steps: int, seed: int, device, rank: int = 0, world: int = 1, optimizer: str = "adamw"):
+                 steps: int, seed: int, device, rank: int = 0, world: int = 1, optimizer: str = "adamw",
+                 lengths=None):
         from opacus import GradSampleModule
         from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
-        from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
-                                                  UniformWithReplacementSampler)
+
+        from privcode.dp.sampling import SharedPoissonSampler
 
         self.peft_model, self.rank, self.world, self.device = peft_model, rank, world, device
         self.sample_rate, self.noise_multiplier, self.max_grad_norm = sample_rate, noise_multiplier, max_grad_norm
@@ -104,7 +109,8 @@ class DPSGD:
         self.base_opt = Base(self.params, lr=lr, weight_decay=weight_decay)
         gen_dev = device if str(device).startswith("cuda") else "cpu"
         self.noise_gen = torch.Generator(device=gen_dev).manual_seed(seed + 1)
-        self.sample_gen = torch.Generator().manual_seed(seed + 2 + 1000 * rank)  # own stream per rank
+        # the same stream on every rank: all ranks draw the same global Poisson sample (sampling.py)
+        self.sample_gen = torch.Generator().manual_seed(seed + 2)
         Opt = DistributedDPOptimizer if world > 1 else DPOptimizer
         self.opt = Opt(self.base_opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                        expected_batch_size=int(round(expected_batch_size)), loss_reduction="sum",
@@ -112,16 +118,12 @@ class DPSGD:
         # Opacus adds N(0, σ²C²) to the *sum* of clipped gradients; dividing by the expected batch
         # size (a public constant) keeps the sensitivity analysis intact — the realized size is not.
         self.opt.attach_step_hook(lambda o: [p.grad.div_(expected_batch_size) for p in o.params])
-        if world > 1:
-            self.sampler = DistributedUniformWithReplacementSampler(
-                total_size=n_records, sample_rate=sample_rate, shuffle=True, shuffle_seed=seed,
-                steps=steps, generator=self.sample_gen)
-        else:
-            self.sampler = UniformWithReplacementSampler(num_samples=n_records, sample_rate=sample_rate,
-                                                         generator=self.sample_gen, steps=steps)
+        self.sampler = SharedPoissonSampler(n_records=n_records, sample_rate=sample_rate, steps=steps,
+                                            generator=self.sample_gen, rank=rank, world=world, lengths=lengths)
         self._it = None
 
     def next_indices(self) -> list[int]:
+        """This rank's share of the next global Poisson sample, longest rows first."""
         if self._it is None:
             self._it = iter(self.sampler)
         return list(next(self._it))
@@ -129,13 +131,14 @@ class DPSGD:
     def step(self, batches, loss_fn) -> tuple[float, int]:
         """One DP-SGD step over this rank's Poisson sample, given as a list of micro-batches
         (each a collated batch, or None for an empty sample). Returns (sum of losses, records)."""
-        total, count = 0.0, 0
+        total, count = None, 0
         batches = list(batches) or [None]
         for j, batch in enumerate(batches):
             if batch is not None:
                 loss = loss_fn(self.gsm, batch)
                 loss.sum().backward()
-                total += float(loss.detach().sum())
+                s = loss.detach().sum()  # summed on the device: no host sync per micro-batch
+                total = s if total is None else total + s
                 count += int(loss.shape[0])
             else:  # an empty Poisson sample still takes a (pure-noise) step
                 for p in self.params:
@@ -143,14 +146,13 @@ class DPSGD:
             self.opt.signal_skip_step(do_skip=j < len(batches) - 1)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        return total, count
+        return (0.0 if total is None else float(total)), count
 
     # --- checkpoints: LoRA weights, optimizer, RNG streams, accountant history ---
     def state(self, history, losses, step) -> dict:
         return {"lora": {n: p.detach().cpu() for n, p in self.gsm.named_parameters() if p.requires_grad},
                 "opt": self.base_opt.state_dict(), "sample_rng": self.sample_gen.get_state(),
-                "noise_rng": self.noise_gen.get_state(), "history": history, "losses": losses, "step": step,
-                "sampler_epoch": getattr(self.sampler, "epoch", 0)}
+                "noise_rng": self.noise_gen.get_state(), "history": history, "losses": losses, "step": step}
 
     def load(self, st: dict) -> None:
         for n, p in self.gsm.named_parameters():

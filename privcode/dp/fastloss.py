@@ -9,7 +9,8 @@ plus lam · KL(p_base ‖ p_dp) averaged over the record's syntax positions), bu
 - the head's gradient is formed chunk by chunk inside the forward (one extra matmul per chunk,
   none in the backward), so the backward keeps only a [positions, hidden] tensor;
 - the PrivSA teacher (the network with its adapters disabled) runs under no_grad up to the
-  last syntax position only, and its head only at syntax positions;
+  last syntax position only, and its head only at syntax positions; with compile_privsa the
+  teacher forward and the KL math run under torch.compile (pure functions of frozen weights);
 - records stay independent: every position's gradient depends only on its own record's
   loss weight (nothing is reduced across rows), which Opacus's per-sample hooks rely on.
 
@@ -88,7 +89,8 @@ class _HeadLoss(torch.autograd.Function):
     reference (`lm_head(h)` in the model's dtype, then upcast to fp32)."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, hb, chunk):
+    def forward(ctx, h, weight, target, hb, chunk, kl_fn=None):
+        kl_fn = kl_fn or kl_rows
         N = h.shape[0]
         nkl = 0 if hb is None else hb.shape[0]
         ce = torch.zeros(N, dtype=torch.float32, device=h.device)
@@ -108,13 +110,8 @@ class _HeadLoss(torch.autograd.Function):
             p = logp.exp()
             k = max(0, min(e, nkl) - s)                              # KL rows in this chunk
             if k:
-                logpb = torch.log_softmax(F.linear(hb[s:s + k], weight).float(), dim=-1)
-                pb = logpb.exp()
-                kl[s:s + k] = (pb * (logpb - logp[:k])).sum(-1)
-                del logpb
-                g = p[:k] - pb                                       # d KL / d z = p_dp - p_base
-                del pb
-                dkl[s:s + k] = g.to(weight.dtype) @ weight
+                kl[s:s + k], g = kl_fn(logp[:k], F.linear(hb[s:s + k], weight))
+                dkl[s:s + k] = g @ weight
                 del g
             del logp
             p.scatter_add_(1, tc[:, None], torch.full((e - s, 1), -1.0, device=p.device, dtype=p.dtype))
@@ -132,17 +129,70 @@ class _HeadLoss(torch.autograd.Function):
         gh = torch.zeros_like(dce) if g_ce is None else dce * g_ce[:, None].to(dce.dtype)
         if nkl and g_kl is not None:
             gh[:nkl] += dkl * g_kl[:nkl, None].to(dkl.dtype)
-        return gh, None, None, None, None
+        return gh, None, None, None, None, None
+
+
+def kl_rows(logp, teacher_logits):
+    """KL(p_base ‖ p_dp) per row and its gradient w.r.t. the student logits, p_dp − p_base, in the
+    teacher logits' dtype. logp: [k, V] fp32 student log-probabilities; teacher_logits: [k, V]
+    as the head computes them (upcast to fp32 here, as in the reference)."""
+    logpb = torch.log_softmax(teacher_logits.float(), dim=-1)
+    pb = logpb.exp()
+    kl = (pb * (logpb - logp)).sum(-1)
+    return kl, (logp.exp() - pb).to(teacher_logits.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# PrivSA under torch.compile: the frozen teacher's forward and the KL math are pure functions
+# (no autograd, no side effects), so compiling them fuses their elementwise work (RMSNorm,
+# rotary, SiLU·mul, softmax/KL) without touching the trained path. Shapes vary with the batch:
+# dynamic=True compiles once. Any compile failure falls back to eager with a warning.
+
+_COMPILED: dict = {}
+
+
+def _compiled(key, fn):
+    """torch.compile(fn), once per key; None after a failure (eager from then on)."""
+    if key not in _COMPILED:
+        try:
+            _COMPILED[key] = torch.compile(fn, dynamic=True)
+        except Exception as e:  # noqa: BLE001 - compile is an optimization, never a requirement
+            _warn_compile(key, e)
+            _COMPILED[key] = None
+    return _COMPILED[key]
+
+
+def _warn_compile(key, e) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning("torch.compile of %s failed (%s: %s); running it eagerly",
+                                        key[0], type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+
+
+def _call_compiled(key, fn, *args, **kwargs):
+    c = _compiled(key, fn)
+    if c is not None:
+        try:
+            return c(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - e.g. an op inductor cannot lower on this device
+            _warn_compile(key, e)
+            _COMPILED[key] = None
+    return fn(*args, **kwargs)
 
 
 def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMS // max(1, vocab))
 
 
+def _kl_rows_compiled(logp, teacher_logits):
+    return _call_compiled(("kl_rows",), kl_rows, logp, teacher_logits)
+
+
 def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft_model=None,
-                    chunk_rows: int | None = None) -> torch.Tensor:
+                    chunk_rows: int | None = None, compile_privsa: bool = False) -> torch.Tensor:
     """Loss of each record, shape [B]: ce_weight·CE_i + lam·KL_i — same as
-    `engine.per_record_loss`, without full-vocabulary logits (see the module docstring)."""
+    `engine.per_record_loss`, without full-vocabulary logits (see the module docstring).
+    compile_privsa: run the PrivSA teacher forward and the KL math under torch.compile."""
     from privcode.dp import engine
 
     dh = decoder_and_head(model)
@@ -173,7 +223,10 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
             tmax = int(cols[:nkl].max()) + 1  # causal: later positions don't change the teacher there
             tdec, _ = decoder_and_head(peft_model)
             with torch.no_grad(), unwrap(peft_model).disable_adapter():
-                hb = tdec(input_ids=ids[:, :tmax], attention_mask=am[:, :tmax], use_cache=False).last_hidden_state
+                targs = {"input_ids": ids[:, :tmax], "attention_mask": am[:, :tmax], "use_cache": False}
+                out = (_call_compiled(("teacher", id(tdec)), tdec, **targs) if compile_privsa
+                       else tdec(**targs))
+                hb = out.last_hidden_state
             hb_sel = hb[rows[:nkl], cols[:nkl]]
             del hb
         else:
@@ -185,7 +238,8 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
     h_sel = h[:, :-1][rows, cols]
     t_sel = torch.where(ce_mask[rows, cols], tgt[rows, cols], torch.full_like(rows, IGNORE))
     chunk = chunk_rows or _chunk_rows(weight.shape[0])
-    ce_tok, kl_tok = _HeadLoss.apply(h_sel, weight, t_sel, hb_sel, chunk)
+    kl_fn = _kl_rows_compiled if (compile_privsa and use_kl) else kl_rows
+    ce_tok, kl_tok = _HeadLoss.apply(h_sel, weight, t_sel, hb_sel, chunk, kl_fn)
     n = ce_mask.sum(1).clamp(min=1).to(torch.float32)
     loss = torch.zeros(B, dtype=torch.float32, device=h.device).index_add(0, rows, ce_tok) / n
     loss = ce_weight * loss

@@ -61,6 +61,12 @@ def sif_path() -> str:
     return os.environ.get("PRIVCODE_SANDBOX_SIF", str(PROJECT / "containers" / "privcode-sandbox.sif"))
 
 
+def inside_apptainer() -> str | None:
+    """The image this process runs in when it is inside Apptainer/Singularity (e.g. the exec_filter
+    job under `snakemake --sdm apptainer`), else None. Both set APPTAINER_/SINGULARITY_CONTAINER."""
+    return os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER") or None
+
+
 def _quiet(argv, timeout=60) -> tuple[int, str]:
     try:
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
@@ -132,7 +138,10 @@ class ContainerBackend(Backend):
     def _probe(self):
         ok, why = probe(self._key("engine"), self._probe_engine)
         if not ok:
-            return False, f"no usable container engine with the sandbox image ({why})"
+            nested = inside_apptainer()
+            hint = (f"; this process already runs inside the Apptainer image {nested}, which has no "
+                    "engine: use backend auto or bwrap there (docs/sandbox.md)") if nested else ""
+            return False, f"no usable container engine with the sandbox image ({why}){hint}"
         tools = self._image_tools()
         if "python3" not in tools:
             return False, "the sandbox image has no python3 (needed by privcode.sandbox.server)"

@@ -31,6 +31,9 @@ rule exec_filter:
         directory("results/synth/{model}/{variant}/eps{eps}/exec"),
     conda:
         "../../envs/privcode.yaml"
+    # `snakemake --sdm apptainer` runs this job in exec_filter.container_image (null: on the host)
+    container:
+        config["exec_filter"].get("container_image")
     log:
         "logs/exec_filter/{model}_{variant}_eps{eps}.log",
     benchmark:
