@@ -274,3 +274,38 @@ def test_accelerated_dpsgd_takes_the_same_step_as_the_stock_engine():
     assert max(float(d.abs().max()) for d in ref) > 1e-4
     for a, b in zip(ref, fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # deltas of ~0.2-sized weights
+
+
+def _nodes(t):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        stack.extend(g for g, _ in f.next_functions)
+    return [type(f).__name__ for f in seen]
+
+
+@pytest.mark.parametrize("per_record", [False, True])
+def test_fused_lora_pairs_equal_one_node_per_factor(monkeypatch, per_record):
+    """One autograd node per LoRA layer computes what two factor nodes compute: loss, summed
+    gradients and per-record gradients are bitwise-close; the graph has half the LoRA nodes."""
+    batch = _batch()
+    runs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(fastloss, "FUSE_LORA_PAIRS", fused)
+        pm = _tiny_peft()
+        fastloss.lean_lora(pm)
+        m = fastloss.LoRAGradSample(pm) if per_record else pm
+        loss = fastloss.per_record_loss(m, batch, lam=0.7, peft_model=pm, chunk_rows=5)
+        names = _nodes(loss.sum())
+        (loss * torch.arange(1.0, 4.0)).sum().backward()
+        ps = [p for p in pm.parameters() if p.requires_grad]
+        runs[fused] = (loss.detach(), [(p.grad_sample if per_record else p.grad).clone() for p in ps], names)
+    (l0, g0, n0), (l1, g1, n1) = runs[False], runs[True]
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert n0.count("_LoRAFnBackward") == 28 and "_LoRAPairFnBackward" not in n0  # 2 layers x 7 x (A, B)
+    assert n1.count("_LoRAPairFnBackward") == 14 and "_LoRAFnBackward" not in n1

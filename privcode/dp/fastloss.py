@@ -254,6 +254,7 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
 # lean LoRA
 
 
+FUSE_LORA_PAIRS = True  # one autograd node per LoRA layer (False: one per factor; same math, for comparison)
 _OUT_DTYPE_OK = None  # whether torch.mm/bmm(..., out_dtype=float32) work here (probed once)
 
 
@@ -343,6 +344,61 @@ class _LoRAFn(torch.autograd.Function):
         return gx, gadd, gw, None, None
 
 
+class _LoRAPairFn(torch.autograd.Function):
+    """out = add + s·(x·Aᵀ)·Bᵀ for a whole LoRA layer as ONE autograd node — the same operations
+    as an A node followed by a B node (_LoRAFn), with half the autograd nodes and Python per
+    layer (a DP step with 196 LoRA layers is CPU-bound at short micro-batches, docs/scaling.md).
+    Backward: input gradient and each factor's gradient, summed (`.grad`) or — in per-record
+    mode — per record on `weight.grad_sample`, fp32."""
+
+    @staticmethod
+    def forward(ctx, x, add, wa, wb, scale, per_record):
+        a, b = wa.to(x.dtype), wb.to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = torch.mm(x2, a.t())                                      # [tokens, r]
+        if add._base is None and add.is_contiguous() and not add.is_leaf:
+            add.view(-1, add.shape[-1]).addmm_(h, b.t(), alpha=scale)  # into the base output, as _LoRAFn
+            ctx.mark_dirty(add)
+            out = add
+        else:
+            out = torch.addmm(add.reshape(-1, add.shape[-1]), h, b.t(), alpha=scale).view(add.shape)
+        ctx.save_for_backward(x, h, a, b)
+        ctx.scale, ctx.per_record, ctx.wa, ctx.wb = scale, per_record, wa, wb
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, a, b = ctx.saved_tensors
+        s = ctx.scale
+        g2 = g.reshape(-1, g.shape[-1])
+        gh = torch.mm(g2, b)                                         # d out / d h = s·g·B
+        if s != 1.0:
+            gh.mul_(s)
+        gx = torch.mm(gh, a).view(x.shape) if ctx.needs_input_grad[0] else None
+        gadd = g if ctx.needs_input_grad[1] else None
+        ga = gb = None
+        x2 = x.reshape(-1, x.shape[-1])
+        n = x.shape[0]
+        if ctx.needs_input_grad[2]:                                  # A: Σ_t gh_t x_tᵀ
+            if ctx.per_record:
+                gs = _bmm_f32(gh.reshape(n, -1, gh.shape[-1]).transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
+                _store_grad_sample(ctx.wa, gs.to(ctx.wa.dtype))
+            else:
+                ga = _mm_f32(torch.mm, gh.t(), x2).to(ctx.wa.dtype)
+        if ctx.needs_input_grad[3]:                                  # B: s·Σ_t g_t h_tᵀ
+            if ctx.per_record:
+                gs = _bmm_f32(g.reshape(n, -1, g.shape[-1]).transpose(1, 2), h.reshape(n, -1, h.shape[-1]))
+                if s != 1.0:
+                    gs.mul_(s)
+                _store_grad_sample(ctx.wb, gs.to(ctx.wb.dtype))
+            else:
+                gb = _mm_f32(torch.mm, g2.t(), h)
+                if s != 1.0:
+                    gb.mul_(s)
+                gb = gb.to(ctx.wb.dtype)
+        return gx, gadd, ga, gb, None, None
+
+
 class LoRAFactor(nn.Linear):
     """A LoRA factor (A or B) that computes in its input's dtype from fp32 master weights.
     `forward(x, add=None, scale=1.0)` returns `add + scale · x·Wᵀ` (one addmm), as one autograd
@@ -387,8 +443,16 @@ def _lean_forward(self, x, *args, **kwargs):
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
-        h = self.lora_A[name](x)
-        result = self.lora_B[name](h, add=result, scale=self.scaling[name])
+        fa, fb = self.lora_A[name], self.lora_B[name]
+        if (not FUSE_LORA_PAIRS or fa._forward_hooks or fb._forward_hooks or fa._forward_pre_hooks
+                or fb._forward_pre_hooks):
+            # module hooks (Opacus's GradSampleModule) must see each factor's call
+            result = fb(fa(x), add=result, scale=self.scaling[name])
+            continue
+        fb._lora_scale = self.scaling[name]
+        if fa.per_record != fb.per_record:
+            raise RuntimeError("LoRA factors of one layer disagree on per-record mode")
+        result = _LoRAPairFn.apply(x, result, fa.weight, fb.weight, float(self.scaling[name]), fa.per_record)
     return result
 
 
