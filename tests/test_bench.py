@@ -73,12 +73,14 @@ def test_compiled_privsa_equals_eager_and_really_compiles(monkeypatch):
     eager_loss, eager_g = _loss_and_grads(pm, lambda m, b, **k: fastloss.per_record_loss(m, b, chunk_rows=7, **k),
                                           batch, 0.7)
     fastloss._COMPILED.clear()
+    assert fastloss.compile_status(pm) == {"teacher": None, "kl_rows": None}
     warned = []
     monkeypatch.setattr(fastloss, "_warn_compile", lambda key, e: warned.append((key, e)))
     comp = lambda m, b, **k: fastloss.per_record_loss(m, b, chunk_rows=7, compile_privsa=True, **k)
     loss, g = _loss_and_grads(pm, comp, batch, 0.7)
     assert warned == []
-    assert {k[0] for k, v in fastloss._COMPILED.items() if v is not None} == {"teacher", "kl_rows"}
+    assert fastloss.compile_status(pm) == {"teacher": True, "kl_rows": True}
+    assert "_privcode_compiled" not in str(sorted(pm.state_dict()))  # the compiled teacher is no submodule
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(g, eager_g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -249,6 +249,7 @@ class Bench:
                 fastloss.accelerate_dpsgd(dp)
             loss_impl = (functools.partial(fastloss.per_record_loss, compile_privsa=compile_privsa) if fast
                          else engine.per_record_loss)
+            self.compile_probe = lambda: fastloss.compile_status(model)  # did torch.compile take?
 
             def step(k=1):
                 total, count = dp.step([self.next_batch() for _ in range(k)],
@@ -347,10 +348,8 @@ def run(a) -> dict:
             if a.accum > 1 and name in ACCUM_VARIANTS:
                 dk, _ = _time(step, device, 1, max(1, a.steps // 2), k=a.accum)
                 r.update(accum=a.accum, accum_step_s=dk, accum_peak_gb=_mem(device, "peak"))
-            if name == "privcode-dp-privsa":  # did torch.compile take, or did it fall back to eager?
-                from privcode.dp import fastloss
-
-                r["compiled"] = {k[0]: v is not None for k, v in fastloss._COMPILED.items()}
+            if name.startswith("privcode-dp-privsa"):  # compiled, fell back to eager, or not tried
+                r["compiled"] = bench.compile_probe()
             if name in profile:
                 r["profile"] = _profile(step, device, name, Path(a.profile_dir) if a.profile_dir else None)
             print(f"{name:22s} {dt * 1e3:9.1f} ms/step {tokens / dt:10.0f} tok/s  peak {r['peak_gb']} GB  loss {loss:.4f}",

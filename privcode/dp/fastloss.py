@@ -148,36 +148,49 @@ def kl_rows(logp, teacher_logits):
 # rotary, SiLU·mul, softmax/KL) without touching the trained path. Shapes vary with the batch:
 # dynamic=True compiles once. Any compile failure falls back to eager with a warning.
 
-_COMPILED: dict = {}
+_COMPILED: dict = {}  # name -> compiled function (None: failed, eager from then on)
 
 
-def _compiled(key, fn):
-    """torch.compile(fn), once per key; None after a failure (eager from then on)."""
-    if key not in _COMPILED:
-        try:
-            _COMPILED[key] = torch.compile(fn, dynamic=True)
-        except Exception as e:  # noqa: BLE001 - compile is an optimization, never a requirement
-            _warn_compile(key, e)
-            _COMPILED[key] = None
-    return _COMPILED[key]
+def _registry(holder) -> dict:
+    """Where compiled callables live: on `holder` (a module — a compiled teacher then lives and
+    dies with its model; kept in __dict__ so it is no submodule and no state-dict entry), or in
+    this module's _COMPILED for plain functions."""
+    return _COMPILED if holder is None else holder.__dict__.setdefault("_privcode_compiled", {})
 
 
 def _warn_compile(key, e) -> None:
     import logging
 
     logging.getLogger(__name__).warning("torch.compile of %s failed (%s: %s); running it eagerly",
-                                        key[0], type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                                        key, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
 
 
-def _call_compiled(key, fn, *args, **kwargs):
-    c = _compiled(key, fn)
+def _call_compiled(key, fn, *args, holder=None, **kwargs):
+    """fn(*args, **kwargs) through torch.compile(fn, dynamic=True), compiled once per (holder, key);
+    a compile failure warns once and runs fn eagerly from then on."""
+    reg = _registry(holder)
+    if key not in reg:
+        try:
+            reg[key] = torch.compile(fn, dynamic=True)
+        except Exception as e:  # noqa: BLE001 - compile is an optimization, never a requirement
+            _warn_compile(key, e)
+            reg[key] = None
+    c = reg[key]
     if c is not None:
         try:
             return c(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - e.g. an op inductor cannot lower on this device
             _warn_compile(key, e)
-            _COMPILED[key] = None
+            reg[key] = None
     return fn(*args, **kwargs)
+
+
+def compile_status(peft_model) -> dict:
+    """{"teacher", "kl_rows"}: True compiled, False fell back to eager, None not tried (yet)."""
+    dh = decoder_and_head(peft_model)
+    teacher = _registry(dh[0]) if dh is not None else {}
+    state = lambda reg, k: None if k not in reg else reg[k] is not None  # noqa: E731
+    return {"teacher": state(teacher, "teacher"), "kl_rows": state(_COMPILED, "kl_rows")}
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -185,7 +198,7 @@ def _chunk_rows(vocab: int) -> int:
 
 
 def _kl_rows_compiled(logp, teacher_logits):
-    return _call_compiled(("kl_rows",), kl_rows, logp, teacher_logits)
+    return _call_compiled("kl_rows", kl_rows, logp, teacher_logits)
 
 
 def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft_model=None,
@@ -224,7 +237,7 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
             tdec, _ = decoder_and_head(peft_model)
             with torch.no_grad(), unwrap(peft_model).disable_adapter():
                 targs = {"input_ids": ids[:, :tmax], "attention_mask": am[:, :tmax], "use_cache": False}
-                out = (_call_compiled(("teacher", id(tdec)), tdec, **targs) if compile_privsa
+                out = (_call_compiled("teacher", tdec, holder=tdec, **targs) if compile_privsa
                        else tdec(**targs))
                 hb = out.last_hidden_state
             hb_sel = hb[rows[:nkl], cols[:nkl]]
