@@ -33,7 +33,7 @@ from privcode.dp.engine import IGNORE, per_record_loss, privsa_lambda
 from privcode.dp.sampling import balanced_split, micro_batches
 from privcode.errors import PrivcodeError
 from privcode.params import Params
-from privcode.io import atomic_dir, iter_jsonl, write_json
+from privcode.io import atomic_dir, atomic_file, iter_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def _merge_history(history, sigma, q):
 
 
 # --------------------------------------------------------------------------------------------
-# non-DP
+# step instrumentation: profiler and timer
 
 
 class StepProfiler:
@@ -336,7 +336,8 @@ class StepProfiler:
                 except Exception as e:  # noqa: BLE001 - column names differ across torch versions
                     tables.append(f"\n== {key}: {e}")
             Path(self.dir).mkdir(parents=True, exist_ok=True)
-            (Path(self.dir) / f"profile_rank{self.rank}.txt").write_text("\n".join(tables))
+            with atomic_file(Path(self.dir) / f"profile_rank{self.rank}.txt") as fh:
+                fh.write("\n".join(tables))
             self.prof, self.dir = None, None
 
 
@@ -376,6 +377,10 @@ class StepTimer:
         secs, toks = self.seconds[1:] or self.seconds, self.tokens[1:] or self.tokens
         return {"step_seconds": self.seconds, "step_tokens": self.tokens,
                 "tokens_per_s": sum(toks) / max(sum(secs), 1e-9), "peak_mem_gib_max_rank": peak}
+
+
+# --------------------------------------------------------------------------------------------
+# non-DP
 
 
 def world_size() -> int:
