@@ -132,9 +132,11 @@ def collate(rows: list[dict], pad_id: int, device) -> dict:
         mask[i, :n] = 1
         if syn is not None:
             syn[i, :n] = torch.tensor(r["syntax"], dtype=torch.bool)
-    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    # CPU copies of labels/syntax: the fast loss finds its positions there, without a device sync
+    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+           "labels_cpu": labels}
     if syn is not None:
-        out["syntax"] = syn.to(device)
+        out["syntax"], out["syntax_cpu"] = syn.to(device), syn
     return out
 
 

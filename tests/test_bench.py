@@ -311,3 +311,21 @@ def test_fused_lora_pairs_equal_one_node_per_factor(monkeypatch, per_record):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert n0.count("_LoRAFnBackward") == 28 and "_LoRAPairFnBackward" not in n0  # 2 layers x 7 x (A, B)
     assert n1.count("_LoRAPairFnBackward") == 14 and "_LoRAFnBackward" not in n1
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+def test_loss_positions_from_host_copies_equal_device_ones(lam):
+    """collate keeps CPU copies of labels/syntax so the fast loss finds its positions without a
+    device sync; they are the positions the device tensors give, and the loss is the same."""
+    pm = _tiny_peft()
+    fastloss.lean_lora(pm)
+    batch = _batch()
+    host = {**batch, "labels_cpu": batch["labels"].clone(), "syntax_cpu": batch["syntax"].clone()}
+    a, b = fastloss.loss_positions(batch, bool(lam)), fastloss.loss_positions(host, bool(lam))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2:] == b[2:]
+    if lam:
+        assert a[2] == int(batch["syntax"][:, 1:].sum())  # every syntax position enters the KL
+        assert bool(batch["syntax"][:, 1:][a[0][:a[2]], a[1][:a[2]]].all())  # KL positions first
+    la = fastloss.per_record_loss(pm, batch, lam=lam, peft_model=pm, chunk_rows=7)
+    lb = fastloss.per_record_loss(pm, host, lam=lam, peft_model=pm, chunk_rows=7)
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)

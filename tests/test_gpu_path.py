@@ -32,7 +32,9 @@ def _model(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_path_per_record_gradients_equal_batch_of_one(device):
     pm = _model(device)
-    batch = {k: v.to(device) for k, v in _batch().items()}
+    cpu = _batch()
+    batch = {k: v.to(device) for k, v in cpu.items()}
+    batch["labels_cpu"], batch["syntax_cpu"] = cpu["labels"], cpu["syntax"]  # as collate: positions found on the host
     lgs = fastloss.LoRAGradSample(pm)
     params = [(n, p) for n, p in lgs.named_parameters() if p.requires_grad]
     compile_privsa = device == "cuda"

@@ -86,7 +86,7 @@ def train_batch(shape: Shape, device, seed: int = 0, rows: int | None = None) ->
     labels[:, : int(T * shape.prompt_frac)] = -100
     syntax = (torch.rand((B, T), generator=g) < shape.syntax_frac) & (labels != -100)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones((B, T), dtype=torch.long).to(device),
-            "labels": labels.to(device), "syntax": syntax.to(device)}
+            "labels": labels.to(device), "syntax": syntax.to(device), "labels_cpu": labels, "syntax_cpu": syntax}
 
 
 def device_info(device) -> dict:

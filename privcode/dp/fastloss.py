@@ -201,6 +201,37 @@ def _kl_rows_compiled(logp, teacher_logits):
     return _call_compiled("kl_rows", kl_rows, logp, teacher_logits)
 
 
+def loss_positions(batch, use_kl: bool):
+    """(rows, cols) of the positions that enter the loss — answer tokens, and syntax tokens when
+    use_kl, KL positions first — with the number of KL positions and the teacher's length
+    (last KL position + 1). Computed from the CPU copies that privcode.train.collate keeps
+    ("labels_cpu", "syntax_cpu") when present: then no device sync stalls the GPU queue between
+    micro-batches, and the indices travel pinned and non-blocking. Else from the device tensors
+    (one sync)."""
+    cpu = "labels_cpu" in batch and (not use_kl or "syntax_cpu" in batch)
+    tgt = (batch["labels_cpu"] if cpu else batch["labels"])[:, 1:]
+    sel = tgt != IGNORE
+    syn = (batch["syntax_cpu"] if cpu else batch["syntax"])[:, 1:].bool() if use_kl else None
+    if use_kl:
+        sel = sel | syn
+    rows, cols = sel.nonzero(as_tuple=True)
+    nkl = tmax = 0
+    if use_kl:
+        klm = syn[rows, cols]
+        nkl = int(klm.sum())
+        if nkl:
+            order = torch.argsort((~klm).to(torch.int8), stable=True)
+            rows, cols = rows[order], cols[order]
+            tmax = int(cols[:nkl].max()) + 1  # causal: later positions don't change the teacher there
+    dev = batch["input_ids"].device
+    if rows.device != dev:
+        if dev.type == "cuda":
+            rows, cols = (t.pin_memory().to(dev, non_blocking=True) for t in (rows, cols))
+        else:
+            rows, cols = rows.to(dev), cols.to(dev)
+    return rows, cols, nkl, tmax
+
+
 def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft_model=None,
                     chunk_rows: int | None = None, compile_privsa: bool = False) -> torch.Tensor:
     """Loss of each record, shape [B]: ce_weight·CE_i + lam·KL_i — same as
@@ -222,18 +253,12 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
     if use_kl and peft_model is None:
         raise ValueError("PrivSA needs the PEFT model (its adapters are disabled for the teacher)")
     syn = batch["syntax"][:, 1:].bool() if use_kl else None
-    sel = ce_mask | syn if use_kl else ce_mask
-    rows, cols = sel.nonzero(as_tuple=True)  # one host sync, before any model work is queued
+    rows, cols, nkl, tmax = loss_positions(batch, use_kl)
     N = int(rows.numel())
 
     hb_sel = None
     if use_kl:
-        klm = syn[rows, cols]
-        nkl = int(klm.sum())
         if nkl:  # KL positions first, so the teacher's head runs on them only
-            order = torch.argsort((~klm).to(torch.int8), stable=True)
-            rows, cols = rows[order], cols[order]
-            tmax = int(cols[:nkl].max()) + 1  # causal: later positions don't change the teacher there
             tdec, _ = decoder_and_head(peft_model)
             with torch.no_grad(), unwrap(peft_model).disable_adapter():
                 targs = {"input_ids": ids[:, :tmax], "attention_mask": am[:, :tmax], "use_cache": False}
