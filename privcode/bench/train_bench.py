@@ -138,6 +138,28 @@ class Bench:
         self.base = pm.unload()
         self.base.train()
 
+    def _opacus_step(self, gsm, opt, pm, backward):
+        """(step, cleanup) of an Opacus peer: per-record CE, `backward(loss)`, one DP step per k."""
+        from privcode.dp import engine
+
+        B = self.shape.micro_batch
+
+        def step(k=1):
+            tot = 0.0
+            for j in range(k):
+                loss = engine.per_record_loss(gsm, self.next_batch())
+                backward(loss)
+                tot += loss.detach().sum()
+                opt.signal_skip_step(do_skip=j < k - 1)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return tot / (k * B)
+
+        def cleanup():
+            gsm._close()
+            self.release(pm)
+        return step, cleanup
+
     # ---- variants: each returns (step(k) -> loss, cleanup, model)
     def variant(self, name):
         torch = self.torch
@@ -170,21 +192,7 @@ class Bench:
             opt = DPOptimizer(base_opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=256,
                               loss_reduction="sum")
 
-            def step(k=1):
-                tot = 0.0
-                for j in range(k):
-                    loss = engine.per_record_loss(gsm, self.next_batch())
-                    loss.sum().backward()
-                    tot += loss.detach().sum()
-                    opt.signal_skip_step(do_skip=j < k - 1)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                return tot / (k * B)
-
-            def cleanup():
-                gsm._close()
-                self.release(pm)
-            return step, cleanup
+            return self._opacus_step(gsm, opt, pm, lambda loss: loss.sum().backward())
 
         if name == "opacus-ghost":
             from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -200,21 +208,8 @@ class Bench:
             opt = DPOptimizerFastGradientClipping(base_opt, noise_multiplier=1.0, max_grad_norm=1.0,
                                                   expected_batch_size=256, loss_reduction="sum")
 
-            def step(k=1):
-                tot = 0.0
-                for j in range(k):
-                    loss = engine.per_record_loss(gsm, self.next_batch())
-                    DPTensorFastGradientClipping(gsm, opt, loss, "sum").backward()
-                    tot += loss.detach().sum()
-                    opt.signal_skip_step(do_skip=j < k - 1)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                return tot / (k * B)
-
-            def cleanup():
-                gsm._close()
-                self.release(pm)
-            return step, cleanup
+            return self._opacus_step(gsm, opt, pm,
+                                     lambda loss: DPTensorFastGradientClipping(gsm, opt, loss, "sum").backward())
 
         if name in ("privcode-nondp", "privcode-nondp-stock"):
             fast = name == "privcode-nondp"

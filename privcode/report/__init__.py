@@ -1,4 +1,5 @@
-"""Tables and figures. Shared here: the order of methods in every table, and the CSV writer."""
+"""Tables and figures. Shared here: the order of methods in every table, the CSV writer and the
+command line of a table built from artifact directories."""
 from __future__ import annotations
 
 METHOD_ORDER = ["PreCode", "NonDPFT", "DPFT", "JFT", "PrivCode"]
@@ -17,3 +18,15 @@ def write_csv(df, out) -> None:
     with atomic_file(out) as fh:
         df.to_csv(fh, index=False, float_format="%.4g")
     print(df.to_string(index=False))
+
+
+def table_main(argv, *, prog: str, doc: str, dirs: str, build) -> None:
+    """`prog --out CSV DIR...`: write_csv(build(DIRs), CSV)."""
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument(dirs, nargs="+")
+    a = ap.parse_args(argv)
+    write_csv(build(getattr(a, dirs)), a.out)

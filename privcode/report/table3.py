@@ -9,14 +9,13 @@ Scores are pass@1 in percent (greedy decoding).
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.io import read_json
 
-from privcode.report import sort_rows, write_csv
+from privcode.report import sort_rows, table_main
 EVALPLUS_COLUMNS = {"humaneval": ("HumanEval", "HumanEval+"), "mbpp": ("MBPP", "MBPP+")}
 
 
@@ -71,9 +70,4 @@ def build(eval_dirs: list[str]):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode table3", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("eval_dirs", nargs="+")
-    a = ap.parse_args(argv)
-    write_csv(build(a.eval_dirs), a.out)
+    table_main(argv, prog="privcode table3", doc=__doc__, dirs="eval_dirs", build=build)

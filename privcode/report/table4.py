@@ -18,12 +18,11 @@ codeql (its status).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.io import read_json
-from privcode.report import sort_rows, write_csv
+from privcode.report import sort_rows, table_main
 
 
 def _ident(d: Path) -> tuple[str, str, str]:
@@ -89,18 +88,8 @@ def build_vuln(dirs: list[str]):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode table4", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("leakage_dirs", nargs="+")
-    a = ap.parse_args(argv)
-    write_csv(build(a.leakage_dirs), a.out)
+    table_main(argv, prog="privcode table4", doc=__doc__, dirs="leakage_dirs", build=build)
 
 
 def vuln_main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode vulntable", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("vuln_dirs", nargs="+")
-    a = ap.parse_args(argv)
-    write_csv(build_vuln(a.vuln_dirs), a.out)
+    table_main(argv, prog="privcode vulntable", doc=__doc__, dirs="vuln_dirs", build=build_vuln)
