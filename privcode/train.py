@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from privcode.data.prompts import render_example
-from privcode.dp.engine import IGNORE, per_record_loss, privsa_lambda
+from privcode.dp.engine import IGNORE, fused_kwargs, per_record_loss, privsa_lambda
 from privcode.dp.sampling import balanced_split, micro_batches
 from privcode.errors import PrivcodeError
 from privcode.params import Params
@@ -132,9 +132,10 @@ def collate(rows: list[dict], pad_id: int, device) -> dict:
         mask[i, :n] = 1
         if syn is not None:
             syn[i, :n] = torch.tensor(r["syntax"], dtype=torch.bool)
-    # CPU copies of labels/syntax: the fast loss finds its positions there, without a device sync
+    # CPU copies of labels/syntax/mask: the fast loss finds its positions (and that rows are
+    # right-padded, so no mask is needed) there, without a device sync
     out = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-           "labels_cpu": labels}
+           "labels_cpu": labels, "attention_mask_cpu": mask}
     if syn is not None:
         out["syntax"], out["syntax_cpu"] = syn.to(device), syn
     return out
@@ -410,7 +411,8 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
     model.train()
     before = lora_state(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = fused_kwargs(trainable) if world == 1 else {}  # under DeepSpeed, ZeRO drives the optimizer
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.fast and world == 1:
         from privcode.dp.fastloss import per_record_loss as loss_impl
     else:  # the fast loss is not tested under DeepSpeed

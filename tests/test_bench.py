@@ -329,3 +329,125 @@ def test_loss_positions_from_host_copies_equal_device_ones(lam):
     la = fastloss.per_record_loss(pm, batch, lam=lam, peft_model=pm, chunk_rows=7)
     lb = fastloss.per_record_loss(pm, host, lam=lam, peft_model=pm, chunk_rows=7)
     torch.testing.assert_close(la, lb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+def test_right_padded_rows_need_no_attention_mask(lam):
+    """Causal attention: under right padding a real token sees only real tokens, so dropping the
+    mask (what the fast loss does when the host copy shows right padding) changes no loss value
+    and no per-record gradient."""
+    pm = _tiny_peft()
+    fastloss.lean_lora(pm)
+    batch = _batch()
+    assert fastloss.model_attention_mask(batch) is batch["attention_mask"]  # no host copy: keep it
+    unmasked = {**batch, "attention_mask_cpu": batch["attention_mask"].clone()}
+    assert fastloss.model_attention_mask(unmasked) is None
+    left = batch["attention_mask"].flip(1)
+    assert fastloss.model_attention_mask({**batch, "attention_mask_cpu": left}) is not None
+    holes = torch.ones_like(left)
+    holes[0, 3] = 0
+    assert fastloss.model_attention_mask({**batch, "attention_mask_cpu": holes}) is not None
+
+    def per_record(b):
+        lgs = fastloss.LoRAGradSample(pm)
+        params = [p for p in lgs.parameters() if p.requires_grad]
+        loss = fastloss.per_record_loss(lgs, b, lam=lam, peft_model=pm, chunk_rows=5)
+        loss.sum().backward()
+        gs = [p.grad_sample.detach().clone() for p in params]
+        for p in params:
+            p.grad_sample = None
+        lgs._close()
+        return loss.detach(), gs
+
+    ref_loss, ref_gs = per_record(batch)
+    loss, gs = per_record(unmasked)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gs, ref_gs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and the mask did matter for the padded positions themselves: the test is not vacuous
+    dec, _ = fastloss.decoder_and_head(pm)
+    with torch.no_grad():
+        h_mask = dec(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        h_none = dec(input_ids=batch["input_ids"], attention_mask=None).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(h_none[real], h_mask[real], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(h_none[~real], h_mask[~real])
+
+
+def test_collate_keeps_a_right_padded_host_mask():
+    from privcode.train import collate
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [-100]}]
+    b = collate(rows, pad_id=0, device="cpu")
+    assert b["attention_mask_cpu"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert fastloss.model_attention_mask(b) is None
+
+
+def test_fused_adamw_only_where_every_parameter_is_on_cuda():
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert engine.fused_kwargs([p]) == {}
+    assert engine.fused_kwargs([p], "sgd") == {}
+    assert engine.fused_kwargs([]) == {}
+
+
+def test_adapters_disabled_is_peft_disable_adapter_and_restores_state():
+    from opacus import GradSampleModule
+
+    pm = _tiny_peft()
+    fastloss.lean_lora(pm)
+    ids = _batch()["input_ids"]
+    grads = {n: p.requires_grad for n, p in pm.named_parameters()}
+    with torch.no_grad(), pm.disable_adapter():
+        base = pm(input_ids=ids).logits
+    with torch.no_grad():
+        adapted = pm(input_ids=ids).logits
+    assert not torch.allclose(base, adapted)
+    gsm = GradSampleModule(pm, batch_first=True, loss_reduction="sum")  # found through wrappers too
+    for wrapper in (pm, gsm):
+        with torch.no_grad(), fastloss.adapters_disabled(wrapper):
+            torch.testing.assert_close(pm(input_ids=ids).logits, base)
+        with torch.no_grad():
+            torch.testing.assert_close(pm(input_ids=ids).logits, adapted)
+    gsm._close()
+    assert len(pm.__dict__["_privcode_lora_layers"]) == 14
+    assert {n: p.requires_grad for n, p in pm.named_parameters()} == grads
+    with pytest.raises(RuntimeError), fastloss.adapters_disabled(pm):  # restored on errors as well
+        raise RuntimeError("boom")
+    assert not any(m._disable_adapters for m in pm.__dict__["_privcode_lora_layers"])
+
+
+def test_adapters_disabled_falls_back_to_peft_for_modules_to_save():
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    pm = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    pm.base_model.model.lm_head.modules_to_save["default"].weight.data.normal_()
+    ids = _batch()["input_ids"]
+    with torch.no_grad(), pm.disable_adapter():
+        base = pm(input_ids=ids).logits
+    with torch.no_grad(), fastloss.adapters_disabled(pm):
+        torch.testing.assert_close(pm(input_ids=ids).logits, base)
+    assert pm.__dict__["_privcode_lora_layers"] == []  # not plain LoRA: PEFT's own context manager
+
+
+def test_gpu_gaps_finds_idle_time_and_the_frames_behind_it():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("gpu_gaps", REPO / "scripts" / "gpu_gaps.py")
+    gg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gg)
+    k = lambda ts, dur: {"cat": "kernel", "ts": ts, "dur": dur}  # noqa: E731
+    f = lambda name, ts, dur: {"cat": "python_function", "name": name, "ts": ts, "dur": dur}  # noqa: E731
+    trace = {"traceEvents": [k(0, 10), k(5, 20), k(40, 10), k(50, 5), k(300, 10),  # gaps: 15 us, 245 us
+                             f("step", 0, 400), f("peft.py(1): get_model_status", 60, 230), f("cpu op", 1, 2)]}
+    span, busy, found = gg.gaps(trace, min_gap_us=10)
+    assert span == 310 and busy == 55
+    assert [g for g, *_ in found] == [15, 245]
+    where = gg.attribute(trace, found)
+    assert where["peft.py(1): get_model_status < step"] == 245 and where["step"] == 15
+    assert gg.gaps(trace, min_gap_us=100)[2] == [(245, 55, 300)]

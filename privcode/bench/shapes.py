@@ -85,7 +85,8 @@ def train_batch(shape: Shape, device, seed: int = 0, rows: int | None = None) ->
     labels = ids.clone()
     labels[:, : int(T * shape.prompt_frac)] = -100
     syntax = (torch.rand((B, T), generator=g) < shape.syntax_frac) & (labels != -100)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones((B, T), dtype=torch.long).to(device),
+    am = torch.ones((B, T), dtype=torch.long)
+    return {"input_ids": ids.to(device), "attention_mask": am.to(device), "attention_mask_cpu": am,
             "labels": labels.to(device), "syntax": syntax.to(device), "labels_cpu": labels, "syntax_cpu": syntax}
 
 

@@ -8,7 +8,8 @@ Random weights of the named shape (privcode.bench.shapes), bf16 base on GPU, LoR
 q,k,v,o,gate,up,down, full-length rows of T tokens (first quarter prompt, no loss), one
 micro-batch per step (plus a K-micro-batch step for the stage-1 estimate). Variants:
 
-  hf-peft               peer: PEFT model, `model(**batch, labels=...)` loss, backward, AdamW
+  hf-peft               peer: PEFT model, `model(**batch, labels=...)` loss, backward, AdamW (every
+                        variant: fused on CUDA, HF Trainer's default)
   opacus-hooks          peer: Opacus GradSampleModule + DPOptimizer, per-record CE on full logits
   opacus-ghost          peer: Opacus ghost clipping (GradSampleModuleFastGradientClipping,
                         DPOptimizerFastGradientClipping, double backward)
@@ -168,7 +169,7 @@ class Bench:
         B = self.shape.micro_batch
         if name == "hf-peft":
             pm = self.peer_peft()
-            opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-4)
+            opt = _adamw([p for p in pm.parameters() if p.requires_grad])
 
             def step(k=1):
                 tot = 0.0
@@ -188,7 +189,7 @@ class Bench:
 
             pm = self.peer_peft()
             gsm = GradSampleModule(pm, batch_first=True, loss_reduction="sum")
-            base_opt = torch.optim.AdamW([p for p in gsm.parameters() if p.requires_grad], lr=5e-4)
+            base_opt = _adamw([p for p in gsm.parameters() if p.requires_grad])
             opt = DPOptimizer(base_opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=256,
                               loss_reduction="sum")
 
@@ -204,7 +205,7 @@ class Bench:
             pm = self.peer_peft()
             gsm = GradSampleModuleFastGradientClipping(pm, batch_first=True, loss_reduction="sum",
                                                        max_grad_norm=1.0, use_ghost_clipping=True)
-            base_opt = torch.optim.AdamW([p for p in gsm.parameters() if p.requires_grad], lr=5e-4)
+            base_opt = _adamw([p for p in gsm.parameters() if p.requires_grad])
             opt = DPOptimizerFastGradientClipping(base_opt, noise_multiplier=1.0, max_grad_norm=1.0,
                                                   expected_batch_size=256, loss_reduction="sum")
 
@@ -215,7 +216,7 @@ class Bench:
             fast = name == "privcode-nondp"
             model = self.privcode_peft(lean=fast)
             loss_fn = fastloss.per_record_loss if fast else engine.per_record_loss
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+            opt = _adamw([p for p in model.parameters() if p.requires_grad])
 
             def step(k=1):  # as privcode.train.train_nondp: sum of per-record losses / records
                 tot = 0.0
@@ -256,6 +257,15 @@ class Bench:
                 self.release(model)
             return step, cleanup
         raise SystemExit(f"unknown variant '{name}' (choose from {ALL})")
+
+
+def _adamw(params):
+    """AdamW as every variant uses it: fused on CUDA (HF Trainer's default optimizer since torch 2.8)."""
+    import torch
+
+    from privcode.dp.engine import fused_kwargs
+
+    return torch.optim.AdamW(params, lr=5e-4, **fused_kwargs(params))
 
 
 def _time(step, device, warmup, steps, k=1):
@@ -302,7 +312,11 @@ def _profile(step, device, name, out_dir: Path | None, steps: int = 2) -> dict:
         table = ka.table(sort_by="self_cuda_time_total", row_limit=30)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"profile_{name}.txt").write_text(table)
+        try:  # the CPU side too: a device-idle gap shows up here (syncs, guards, Python)
+            cpu = ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+        except Exception:  # noqa: BLE001 - older column names
+            cpu = ""
+        (out_dir / f"profile_{name}.txt").write_text(table + "\n\n== sorted by self CPU time\n" + cpu)
     print(f"\n--- profile {name}: wall {wall * 1e3:.1f} ms/step (profiled), device-busy {busy * 1e3:.1f} ms/step")
     print("\n".join(table.splitlines()[:26]))
     return {"wall_s": wall, "device_busy_s": busy}

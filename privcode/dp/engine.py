@@ -68,6 +68,15 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
     return loss
 
 
+def fused_kwargs(params, optimizer: str = "adamw") -> dict:
+    """{"fused": True} for AdamW when every parameter is a CUDA float tensor: one kernel for the
+    whole update instead of per-tensor launches and a host read of each tensor's step count
+    (hundreds of LoRA tensors: milliseconds of CPU per step, which a 4-GPU DP step waits for).
+    Same update rule as the default implementation."""
+    ok = optimizer == "adamw" and params and all(p.is_cuda and p.is_floating_point() for p in params)
+    return {"fused": True} if ok else {}
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world) — initializes the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -106,7 +115,7 @@ class DPSGD:
         if optimizer not in ("adamw", "sgd"):
             raise PrivcodeError(f"unknown optimizer '{optimizer}' (adamw, sgd)")
         Base = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
-        self.base_opt = Base(self.params, lr=lr, weight_decay=weight_decay)
+        self.base_opt = Base(self.params, lr=lr, weight_decay=weight_decay, **fused_kwargs(self.params, optimizer))
         gen_dev = device if str(device).startswith("cuda") else "cpu"
         self.noise_gen = torch.Generator(device=gen_dev).manual_seed(seed + 1)
         # the same stream on every rank: all ranks draw the same global Poisson sample (sampling.py)
@@ -117,7 +126,7 @@ class DPSGD:
                        generator=self.noise_gen)
         # Opacus adds N(0, σ²C²) to the *sum* of clipped gradients; dividing by the expected batch
         # size (a public constant) keeps the sensitivity analysis intact — the realized size is not.
-        self.opt.attach_step_hook(lambda o: [p.grad.div_(expected_batch_size) for p in o.params])
+        self.opt.attach_step_hook(lambda o: torch._foreach_div_([p.grad for p in o.params], float(expected_batch_size)))
         self.sampler = SharedPoissonSampler(n_records=n_records, sample_rate=sample_rate, steps=steps,
                                             generator=self.sample_gen, rank=rank, world=world, lengths=lengths)
         self._it = None

@@ -31,6 +31,7 @@ instead of a few kernels per parameter tensor (a LoRA model has hundreds of them
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,44 @@ def unwrap(model):
         else:
             break
     return model
+
+
+@contextmanager
+def adapters_disabled(peft_model):
+    """PEFT's `disable_adapter()` for a plain LoRA model, without its per-call cost: every LoRA
+    layer computes its base layer only, as there. PEFT's context manager first computes every
+    layer's status (`get_model_status`) and then walks all modules twice — on a 1.5B model
+    (196 LoRA layers) that is tens of milliseconds of CPU per call, with the GPU idle (the PrivSA
+    teacher runs it every micro-batch; docs/performance.md). Here the LoRA layers are found once
+    (cached on the model; LoRA is injected once per run) and only their `_disable_adapters`
+    flags flip, restored on exit. requires_grad is left alone: the teacher runs under no_grad.
+    Anything but plain LoRA layers (prompt learning, modules_to_save, other tuners) goes
+    through PEFT's own context manager."""
+    pm = unwrap(peft_model)
+    layers = pm.__dict__.get("_privcode_lora_layers")
+    if layers is None:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        cfg = getattr(pm, "peft_config", {}).get(getattr(pm, "active_adapter", None))
+        mods = list(pm.modules())
+        plain = cfg is not None and not cfg.is_prompt_learning and not getattr(cfg, "is_adaption_prompt", False) \
+            and all(isinstance(m, LoraLayer) for m in mods if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)))
+        layers = [m for m in mods if isinstance(m, LoraLayer)] if plain else []
+        pm.__dict__["_privcode_lora_layers"] = layers
+    if not layers:
+        with pm.disable_adapter():
+            yield
+        return
+    prev = [m._disable_adapters for m in layers]
+    for m in layers:  # a plain attribute: skip nn.Module.__setattr__'s parameter/module checks
+        m.__dict__["_disable_adapters"] = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, prev):
+            m.__dict__["_disable_adapters"] = was
 
 
 def decoder_and_head(model):
@@ -232,6 +271,20 @@ def loss_positions(batch, use_kl: bool):
     return rows, cols, nkl, tmax
 
 
+def model_attention_mask(batch):
+    """The attention mask to hand the decoder: None when the host copy of the mask
+    ("attention_mask_cpu", kept by privcode.train.collate) shows every row right-padded (ones,
+    then zeros), else the batch's mask. Safe because attention is causal: a real token only sees
+    earlier positions, all real under right padding, so its hidden state — and every loss term
+    and per-record gradient, which are taken at real positions only — is the same with or
+    without the mask (tested). Without a mask, SDPA runs its causal kernel (flash) and
+    transformers skips the device sync it makes to check whether a mask is all ones."""
+    am_cpu = batch.get("attention_mask_cpu")
+    if am_cpu is not None and bool((am_cpu[:, 1:] <= am_cpu[:, :-1]).all()) and bool(am_cpu[:, 0].all()):
+        return None
+    return batch["attention_mask"]
+
+
 def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft_model=None,
                     chunk_rows: int | None = None, compile_privsa: bool = False) -> torch.Tensor:
     """Loss of each record, shape [B]: ce_weight·CE_i + lam·KL_i — same as
@@ -245,7 +298,7 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
     dec, weight = dh
     if weight.requires_grad:  # a trained head would need its own gradient: keep the reference path
         return engine.per_record_loss(model, batch, lam=lam, ce_weight=ce_weight, peft_model=peft_model)
-    ids, am = batch["input_ids"], batch["attention_mask"]
+    ids, am = batch["input_ids"], model_attention_mask(batch)
     B = ids.shape[0]
     tgt = batch["labels"][:, 1:]
     ce_mask = tgt != IGNORE
@@ -260,8 +313,9 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
     if use_kl:
         if nkl:  # KL positions first, so the teacher's head runs on them only
             tdec, _ = decoder_and_head(peft_model)
-            with torch.no_grad(), unwrap(peft_model).disable_adapter():
-                targs = {"input_ids": ids[:, :tmax], "attention_mask": am[:, :tmax], "use_cache": False}
+            with torch.no_grad(), adapters_disabled(peft_model):
+                targs = {"input_ids": ids[:, :tmax], "attention_mask": None if am is None else am[:, :tmax],
+                         "use_cache": False}
                 out = (_call_compiled("teacher", tdec, holder=tdec, **targs) if compile_privsa
                        else tdec(**targs))
                 hb = out.last_hidden_state
