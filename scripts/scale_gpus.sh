@@ -8,12 +8,15 @@ export PYTHONPATH=/tmp/site:$PWD DS_BUILD_OPS=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARA
 export PRIVCODE_ALLOW_RETRAIN=1  # benchmark runs on random weights and generated records: no budget to protect
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT; NG=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpus.txt
-# FAST=1: the privcode.dp.fastloss path (dp_finetune.fast in the config); STEPS: optimizer steps
-# per run (the first is warm-up and not timed)
-STEPS=${STEPS:-4}
-# MB / MBT: micro_batch_size / micro_batch_tokens of the DP runs (config/paper.yaml: 32 / 8192)
-MB=${MB:-8}; MBT=${MBT:-0}
-EXTRA=$([ "${FAST:-0}" = 1 ] && echo '"fast": true, ' || true)
+# FAST=1 (default): the privcode.dp.fastloss path (dp_finetune.fast in the config); FAST=0 the
+# reference path. STEPS: optimizer steps per run (the first is warm-up and not timed)
+FAST=${FAST:-1}; STEPS=${STEPS:-12}
+# MB / MBT: micro_batch_size / micro_batch_tokens of the DP runs (config/paper.yaml: 256 / 24576,
+# one micro-batch per rank on 4 GPUs; 66.6 GiB peak on one GPU, so it fits 80 GB cards)
+MB=${MB:-256}; MBT=${MBT:-24576}
+EXTRA=$([ "$FAST" = 1 ] && echo '"fast": true, ' || true)
+# PRIVSA=1: PrivCode's stage 1 proper, DP-SGD + the PrivSA KL term (config/paper.yaml's λ schedule)
+EXTRA=$EXTRA$([ "${PRIVSA:-0}" = 1 ] && echo '"privsa_lambda_max": 1000.0, "privsa_lambda_min": 0.1, "privsa_alpha": 0.01, ' || true)
 LORA=$EXTRA'"lora_r": 16, "lora_alpha": 32, "lora_targets": ["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"], "dtype": "bfloat16", "max_length": 1024'
 report() { python3 - "$@" <<'PY' | tee -a $OUT/scaling.txt
 import json, sys
@@ -30,7 +33,7 @@ if [ "$1" = dp ]; then
     torchrun --standalone --nproc_per_node $n -m privcode.cli dp-finetune --model /tmp/m15/model \
       --data /tmp/m15/private/records.jsonl --out /tmp/m15/dp$n \
       --params "{\"epsilon\": 4, \"delta\": 1e-5, \"steps\": $STEPS, \"batch_size\": 256, \"micro_batch_size\": $MB, \"micro_batch_tokens\": $MBT, $LORA}" > $OUT/dp$n.log 2>&1 || tail -20 $OUT/dp$n.log
-    report "DP 1.5B x$n GPU${FAST:+ (fast path)}" /tmp/m15/dp$n
+    report "DP 1.5B x$n GPU$([ "$FAST" = 1 ] && echo ' (fast path)')$([ "${PRIVSA:-0}" = 1 ] && echo ' + PrivSA')" /tmp/m15/dp$n
   done
   python3 - <<'PY' | tee -a $OUT/scaling.txt
 import json, os
@@ -44,7 +47,7 @@ from privcode.io import read_jsonl, write_jsonl
 rows = read_jsonl("/tmp/m15/private/records.jsonl")[:64]
 write_jsonl("/tmp/m15/noise.jsonl", rows)
 PY
-  for n in $([ "${FAST:-0}" = 1 ] || echo 1 2 4); do
+  for n in $([ "$FAST" = 1 ] || echo 1 2 4); do
     [ $n -le $NG ] || continue
     torchrun --standalone --nproc_per_node $n tests/dist_worker.py /tmp/m15/model /tmp/m15/noise$n.pt /tmp/m15/noise.jsonl > $OUT/noise$n.log 2>&1 || tail -20 $OUT/noise$n.log
     python3 -c "

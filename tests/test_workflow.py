@@ -77,6 +77,29 @@ def test_dry_run_paper_config_plans_full_grid():
     assert "torchrun --standalone --nproc_per_node 4" in out
 
 
+def test_models_own_dp_finetune_memory_knobs_reach_their_runs_only():
+    """models.<name>.dp_finetune (paper.yaml: the 1.5B junior) overrides the section's memory knobs
+    for that model's DP runs; the premium models' DPFT/JFT runs keep the section's."""
+    out = snakemake("-n", "-p", "--forceall", "results/table3.csv", "--configfile", "config/paper.yaml")
+    runs = {}
+    for m in re.finditer(r"dp-finetune --model (\S+) .*?--out results/dp/([^/]+)/(\S+?)/eps\S+ --params '(\{.*?\})'", out):
+        runs[(m.group(2), m.group(3))] = json.loads(m.group(4))
+    assert len(runs) == 9, sorted(runs)
+    for (model, variant), p in runs.items():
+        want = (256, 24576) if model == "qwen-coder-1.5b" else (64, 8192)
+        assert (p["micro_batch_size"], p["micro_batch_tokens"]) == want, (model, variant)
+        assert p["steps"] == 100 and p["batch_size"] == 256  # nothing else moves
+
+
+def test_model_memory_knobs_are_the_only_keys_a_model_may_set():
+    from snakemake.utils import validate
+
+    cfg = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    cfg["models"]["qwen-coder-1.5b"]["dp_finetune"]["noise_multiplier"] = 0.1
+    with pytest.raises(Exception, match="noise_multiplier|Additional properties"):
+        validate(cfg, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+
+
 def test_slurm_profile_dry_run_requests_gpus():
     out = snakemake("-n", "results/table3.csv", "--configfile", "config/paper.yaml",
                     "--profile", "workflow/profiles/slurm")

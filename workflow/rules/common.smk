@@ -30,10 +30,12 @@ def fmt(name):
 
 
 def stage_params(section, model=None, **extra):
-    """The JSON a stage gets via --params: its config section (+ the model's prompt format)."""
+    """The JSON a stage gets via --params: its config section, the model's prompt format and the
+    model's own keys for this section (models.<name>.dp_finetune: memory knobs)."""
     p = {k: v for k, v in config.get(section, {}).items() if k != "enabled"}
     if model is not None:
         p["prompt_format"] = fmt(model)
+        p.update(model_cfg(model).get(section, {}))
     p.update(extra)
     return json.dumps(p, sort_keys=True)
 
