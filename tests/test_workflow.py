@@ -279,3 +279,33 @@ def test_exec_filter_images_carry_the_sandbox_toolchains():
         assert "--no-deps /opt/privcode 'tqdm>=4.66'" in text and "privcode exec-filter --help" in text, name
     ignore = (REPO / "containers" / "exec-filter.Dockerfile.dockerignore").read_text().split()
     assert {"*", "!pyproject.toml", "!privcode"} <= set(ignore)
+
+
+_CONDA_ENVS = """
+import json
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import DAGSettings, DeploymentMethod, DeploymentSettings, OutputSettings, Quietness, ResourceSettings
+with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                      deployment_settings=DeploymentSettings(deployment_method={DeploymentMethod.CONDA}),
+                      snakefile=Path("workflow/Snakefile"), workdir=Path.cwd())
+    wf.dag(DAGSettings(targets={"results/table3.csv"}, forceall=True)).printrulegraph()  # builds the DAG
+    path = lambda f: str(Path(f.get_path_or_uri(secret_free=True)).resolve()) if f else None
+    envs = {path(j.conda_env.file): path(j.conda_env.post_deploy_file) for j in wf._workflow.dag.jobs if j.conda_env}
+print("ENVS " + json.dumps(envs))
+"""
+
+
+def test_conda_env_post_deploy_installs_the_makefiles_bigcodebench():
+    """--sdm conda: Snakemake's own lookup finds envs/privcode.post-deploy.sh for the jobs' env
+    (no conda needed to plan), and the script installs the BigCodeBench the Makefile pins, --no-deps."""
+    p = subprocess.run([sys.executable, "-c", _CONDA_ENVS], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    envs = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("ENVS ")][-1][5:])
+    post = REPO / "envs" / "privcode.post-deploy.sh"
+    assert envs == {str(REPO / "envs" / "privcode.yaml"): str(post)}
+    assert os.access(post, os.X_OK) and subprocess.run(["bash", "-n", str(post)]).returncode == 0
+    pin = re.search(r"--no-deps (bigcodebench==\S+)", (REPO / "Makefile").read_text()).group(1)
+    assert re.search(rf"pip install --no-deps {re.escape(pin)}\s*$", post.read_text(), re.M)
