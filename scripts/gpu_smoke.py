@@ -16,6 +16,7 @@ SHAPES = {  # published configs (hidden, intermediate, layers, heads, kv heads, 
     "qwen2.5-coder-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
     "qwen2.5-coder-7b": (3584, 18944, 28, 28, 4, 152064, False),
     "small": (512, 1408, 4, 8, 2, 151936, True),
+    "tiny": (64, 128, 2, 4, 2, 2048, True),  # CPU checks of the scripts (the BPE tokenizer has 1,024 tokens)
 }
 
 
