@@ -12,7 +12,12 @@ plus lam · KL(p_base ‖ p_dp) averaged over the record's syntax positions), bu
   last syntax position only, and its head only at syntax positions; with compile_privsa the
   teacher forward and the KL math run under torch.compile (pure functions of frozen weights);
 - records stay independent: every position's gradient depends only on its own record's
-  loss weight (nothing is reduced across rows), which Opacus's per-sample hooks rely on.
+  loss weight (nothing is reduced across rows), which Opacus's per-sample hooks rely on;
+- right-padded batches (checked on the host copy of the mask) run without an attention mask:
+  attention is causal, so nothing at a real position changes (`model_attention_mask`);
+- the teacher's adapters are switched off by flipping the LoRA layers' flags
+  (`adapters_disabled`), not through PEFT's `disable_adapter()`, whose per-call status scan
+  left the GPU idle.
 
 `lean_lora(peft_model)` swaps PEFT's LoRA forward (which upcasts each layer input to fp32 and
 materializes fp32 [tokens, out] intermediates) for one that computes in the activations'
