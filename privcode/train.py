@@ -76,8 +76,9 @@ class TrainConfig(Params):
     privsa_interval: int = 1          # λ is held constant over blocks of this many steps
     cudnn_attention: bool = False     # cuDNN SDPA builds a plan per new (rows, length) shape: with
                                       # rows of varying length, 1-2 s stalls (docs/scaling.md); off -> flash
-    privsa_compile: bool = True       # with fast on CUDA: torch.compile the frozen teacher + KL math
-                                      # (fuses their elementwise work; eager fallback on failure)
+    privsa_compile: bool = False      # with fast on CUDA: torch.compile the frozen teacher + KL math;
+                                      # off: ~90 s of compile per process for ~7% of a step pays only
+                                      # after ~600 steps, and it leaves a bf16 KL floor (docs/scaling.md)
 
 
 

@@ -7,6 +7,7 @@
 #   bash scripts/scale_gpus.sh ft      # stage 6, 7B, DeepSpeed ZeRO-2 when > 1 GPU
 # Environment: OUT (logs, scaling.txt; /tmp/out), FAST (1: fast path, default; 0: reference path
 # + the noise-once check on real GPUs), PRIVSA=1 (add the PrivSA KL term, paper.yaml's λ schedule),
+# COMPILE=1 (privsa_compile: torch.compile the PrivSA teacher; off by default),
 # STEPS (optimizer steps per run, the first untimed; 12), MB / MBT (DP micro_batch_size /
 # micro_batch_tokens), NG (GPUs to use; all), RECORDS (generated records), WORK (model + runs dir),
 # WHEELS (wheel folder to install first; .whl), SHAPE (override the model shape, e.g. `tiny` for a
@@ -40,8 +41,9 @@ case $SHAPE in qwen2.5-coder-1.5b) LABEL="$LABEL 1.5B" ;; qwen2.5-coder-7b) LABE
 W=${WORK:-/tmp/scale_$SHAPE}  # prepared once per shape (model + records), reused across modes
 EXTRA=$([ "$FAST" = 1 ] && echo '"fast": true, ' || true)
 EXTRA=$EXTRA$([ "${PRIVSA:-0}" = 1 ] && echo '"privsa_lambda_max": 1000.0, "privsa_lambda_min": 0.1, "privsa_alpha": 0.01, ' || true)
+EXTRA=$EXTRA$([ "${COMPILE:-0}" = 1 ] && echo '"privsa_compile": true, ' || true)
 LORA=$EXTRA'"lora_r": 16, "lora_alpha": 32, "lora_targets": ["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"], "dtype": "bfloat16", "max_length": 1024'
-TAG=$([ "$FAST" = 1 ] && echo ' (fast path)' || true)$([ "${PRIVSA:-0}" = 1 ] && echo ' + PrivSA' || true)
+TAG=$([ "$FAST" = 1 ] && echo ' (fast path)' || true)$([ "${PRIVSA:-0}" = 1 ] && echo ' + PrivSA' || true)$([ "${COMPILE:-0}" = 1 ] && echo ' (compiled teacher)' || true)
 
 report() { python3 - "$@" <<'PY' | tee -a "$OUT/scaling.txt"
 import json, sys
@@ -53,9 +55,9 @@ PY
 }
 speedup() { python3 - "$@" <<'PY' | tee -a "$OUT/scaling.txt"
 import json, os, sys
-label, base = sys.argv[1], sys.argv[2]
+label, base, ng = sys.argv[1], sys.argv[2], int(sys.argv[3])  # runs of this call only (n <= NG)
 tps = {n: json.load(open(f"{base}{n}/train_stats.json"))["tokens_per_s"] for n in (1, 2, 4)
-       if os.path.exists(f"{base}{n}/train_stats.json")}
+       if n <= ng and os.path.exists(f"{base}{n}/train_stats.json")}
 print(f"{label} speed-up vs 1 GPU:", {n: round(t / tps[1], 2) for n, t in tps.items()} if 1 in tps else "no 1-GPU run")
 PY
 }
@@ -77,7 +79,7 @@ for n in 1 2 4; do
     report "$LABEL x$n GPU$TAG" "$W/$MODE$n"
   fi
 done
-speedup "$LABEL" "$W/$MODE"
+speedup "$LABEL" "$W/$MODE" "$NG"
 
 if [ "$MODE" = dp ] && [ "$FAST" != 1 ]; then  # noise added once per step, across real processes
   python3 -c "
