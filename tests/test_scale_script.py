@@ -41,3 +41,15 @@ def test_scale_script_rejects_an_unknown_mode(tmp_path):
     p = subprocess.run(["bash", "scripts/scale_gpus.sh", "nope"], cwd=REPO, capture_output=True, text=True,
                        env=dict(os.environ, OUT=str(tmp_path)))
     assert p.returncode == 2 and "unknown mode" in p.stderr
+
+
+def test_privsa_kl_floor_script_finds_zero_kl_before_the_first_update_on_cpu(tmp_path):
+    """scripts/privsa_kl_floor.py (the docs/scaling.md check of the compiled teacher) on CPU, eager."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "scripts/privsa_kl_floor.py", "--shape", "tiny", "--work", str(tmp_path / "w"),
+                        "--device", "cpu", "--modes", "eager", "--rows", "8", "--batches", "2"],
+                       cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = re.findall(r"eager mb(\d): CE mean ([\d.]+)  KL per syntax token mean (\S+) max (\S+)", p.stdout)
+    assert [x[0] for x in lines] == ["0", "1"], p.stdout
+    assert all(float(ce) > 1 and float(mx) <= 1e-6 for _, ce, _, mx in lines), p.stdout
