@@ -117,7 +117,37 @@ def test_dry_run_paper_sweeps_and_tables():
     # τ sweep re-uses the round-trip scores (3 rethresholds, no new generation per τ);
     # ε sweep: 3 more junior DP runs + synthesis; λmax sweep: 3 more junior DP runs + synthesis
     assert j["rethreshold"] == 3 and j["generate"] == 1 + 3 + 3
-    assert j["table4"] == j["table5"] == j["vulntable"] == j["figures"] == 1
+    assert j["table5"] == j["vulntable"] == j["figures"] == 1
+    assert "table4" not in j and "inject_canaries" not in j  # Table 4: its own experiment (below)
+
+
+def test_paper_table3_trains_on_the_private_data_alone():
+    """paper.yaml's Table 3 runs never see the canaries (the paper runs Table 4 separately): every
+    DP run and the NonDPFT fine-tune read results/data/private."""
+    out = snakemake("-n", "-p", "--forceall", "results/table3.csv", "--configfile", "config/paper.yaml")
+    data = re.findall(r"dp-finetune --model \S+ --data (\S+)", out)
+    assert len(data) == 9 and set(data) == {"results/data/private/records.jsonl"}, data
+    nondp = re.findall(r"(?<!dp-)finetune --model \S+ --data (\S+) --out results/ft/[^/]+/NonDPFT/", out)
+    assert len(nondp) == 4 and set(nondp) == {"results/data/private/records.jsonl"}, nondp
+    assert "private_canary" not in out
+
+
+def test_paper_table4_overlay_is_its_own_experiment(tmp_path):
+    """config/overlays/paper-table4.yaml over paper.yaml, in its own directory (-d): every method is
+    trained on the private records plus canaries and Table 4 gets one leakage row per Table 3 row."""
+    overlay = "config/overlays/paper-table4.yaml"
+    from snakemake.utils import validate
+
+    cfg = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    cfg["canaries"].update(yaml.safe_load((REPO / overlay).read_text())["canaries"])
+    validate(cfg, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    assert overlay.split("/", 1)[1] in (REPO / overlay).read_text()  # its header names the command
+    out = snakemake("results/table4.csv", "-n", "-p", "-d", str(tmp_path / "table4"),
+                    "--configfile", "config/paper.yaml", overlay)
+    j = jobs(out)
+    assert j["inject_canaries"] == 1 and j["leakage"] == 4 * 5 and j["dp_finetune"] == 9 and j["table4"] == 1
+    data = re.findall(r"dp-finetune --model \S+ --data (\S+)", out)
+    assert set(data) == {"results/data/private_canary/records.jsonl"}, data
 
 
 # ---- exec_filter.container_image: the rule's `container:` for `snakemake --sdm apptainer` --------

@@ -191,6 +191,9 @@ def kl_rows(logp, teacher_logits):
 # (no autograd, no side effects), so compiling them fuses their elementwise work (RMSNorm,
 # rotary, SiLU·mul, softmax/KL) without touching the trained path. Shapes vary with the batch:
 # dynamic=True compiles once. Any compile failure falls back to eager with a warning.
+# Not the default (`privsa_compile: false`): ~90 s of compile per process, and its fused bf16
+# kernels differ from the student's, so KL is 3.4e-4/token (not 0) before the first update
+# (scripts/privsa_kl_floor.py, docs/scaling.md).
 
 _COMPILED: dict = {}  # name -> compiled function (None: failed, eager from then on)
 
