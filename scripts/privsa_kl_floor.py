@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 LAMBDA = 1000.0  # paper.yaml's λ at step 1: the factor a KL floor is multiplied by
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main(argv=None) -> None:
@@ -33,6 +32,7 @@ def main(argv=None) -> None:
 
     import torch
 
+    from privcode.bench.shapes import LORA_ALPHA, LORA_R, LORA_TARGETS
     from privcode.dp import fastloss
     from privcode.models import load_tokenizer
     from privcode.train import TrainConfig, build_lora_model, collate, load_rows
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
                         "--shape", a.shape, "--records", str(2 * a.rows * a.batches)], check=True)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TrainConfig(fast=True, dtype="bfloat16" if device.startswith("cuda") else "float32", max_length=1024,
-                      lora_r=16, lora_alpha=32, lora_targets=TARGETS)
+                      lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS)
     tok = load_tokenizer(str(work / "model"))
     rows, _ = load_rows(work / "private" / "records.jsonl", tok, cfg, syntax=True)
     pm = build_lora_model(str(work / "model"), cfg, device)

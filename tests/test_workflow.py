@@ -135,9 +135,9 @@ def test_paper_table3_trains_on_the_private_data_alone():
 def test_paper_table4_overlay_is_its_own_experiment(tmp_path):
     """config/overlays/paper-table4.yaml over paper.yaml, in its own directory (-d): every method is
     trained on the private records plus canaries and Table 4 gets one leakage row per Table 3 row."""
-    overlay = "config/overlays/paper-table4.yaml"
     from snakemake.utils import validate
 
+    overlay = "config/overlays/paper-table4.yaml"
     cfg = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
     cfg["canaries"].update(yaml.safe_load((REPO / overlay).read_text())["canaries"])
     validate(cfg, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
