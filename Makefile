@@ -50,4 +50,4 @@ lint: $(STAMP)
 	snakemake --lint
 
 clean:
-	rm -rf results logs benchmarks .snakemake
+	rm -rf results logs benchmarks .snakemake private release   # the budget registry (~/.privcode/budget) stays

@@ -35,6 +35,10 @@ COMMANDS = {
     "table5": ("privcode.report.table5", "main", {}, "results/table5.csv: sensitivity sweeps (PARAM=VALUE:EVAL_DIR)"),
     "rethreshold": ("privcode.report.table5", "rethreshold_main", {}, "re-apply round-trip τ without regenerating"),
     "figures": ("privcode.report.figures", "main", {}, "privacy–utility and synthesis-funnel PNGs"),
+    "gpu-run": ("privcode.gpus", "main", {}, "run a command on GPUs no other running job holds (CUDA_VISIBLE_DEVICES)"),
+    "release": ("privcode.release", "main", {}, "copy DP artifacts out with a certificate of the total ε"),
+    "status": ("privcode.status", "main", {}, "what a results tree holds: ε per artifact, funnel counts, pass@1"),
+    "budget": ("privcode.budget", "main", {}, "ε spent and released per private data set (the budget registry)"),
     "bench": ("privcode.bench", "main", {}, "benchmarks: exec | train | generate"),
 }
 

@@ -21,13 +21,14 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode: str = "w", encoding: str | None = "utf-8"):
-    """Yield a handle to a temp file beside `path`; rename it onto `path` only on success."""
+def atomic_file(path, mode: str = "w", encoding: str | None = "utf-8", private: bool = False):
+    """Yield a handle to a temp file beside `path`; rename it onto `path` only on success.
+    `private`: a private-zone file (0600), else the usual permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
+    os.chmod(tmp, 0o600 if private else 0o666 & ~_UMASK)  # mkstemp makes 0600
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
@@ -41,14 +42,21 @@ def atomic_file(path, mode: str = "w", encoding: str | None = "utf-8"):
 
 
 @contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a temp directory beside `path`; it replaces `path` only when the block succeeds."""
+def atomic_dir(path, private: bool = False):
+    """Yield a temp directory beside `path`; it replaces `path` only when the block succeeds.
+    `private`: a private-zone directory — it and everything written into it become 0700/0600."""
+    from privcode import zone
+
     path = Path(path)
+    if private:
+        zone.mkdir(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    os.chmod(tmp, 0o700 if private else 0o777 & ~_UMASK)
     try:
         yield tmp
+        if private:
+            zone.harden(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -57,8 +65,8 @@ def atomic_dir(path):
         raise
 
 
-def write_json(path, obj) -> None:
-    with atomic_file(path) as fh:
+def write_json(path, obj, private: bool = False) -> None:
+    with atomic_file(path, private=private) as fh:
         json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
         fh.write("\n")
 

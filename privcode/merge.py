@@ -15,7 +15,7 @@ from privcode.io import atomic_dir
 def merge(base: str, adapter: str, out: Path, dtype: str = "float32") -> None:
     from peft import PeftModel
 
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.models import load_model, load_tokenizer
 
     if not (Path(adapter) / "adapter_config.json").exists():

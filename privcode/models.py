@@ -33,10 +33,29 @@ def check_ref(ref: str) -> str:
     return ref
 
 
+def hub_error(ref: str, e: Exception, what: str = "model") -> PrivcodeError:
+    """One line instead of a hub traceback when a hub name cannot be fetched (offline, unknown)."""
+    key = "models.<name>.name" if what == "model" else "data.source"
+    return PrivcodeError(f"cannot reach the Hugging Face hub for {what} '{ref}' ({type(e).__name__}): set {key} "
+                         "to a local path, or run with network access (and without HF_HUB_OFFLINE=1)")
+
+
+def from_pretrained(cls, ref: str, **kw):
+    """`cls.from_pretrained(ref)` with privcode's checks: a missing local path and an unreachable
+    hub name are one-line errors."""
+    ref = check_ref(ref)
+    try:
+        return cls.from_pretrained(ref, **kw)
+    except OSError as e:  # transformers raises OSError (or a subclass) for hub and file failures
+        if Path(ref).exists():
+            raise
+        raise hub_error(ref, e) from None
+
+
 def load_tokenizer(ref: str, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(check_ref(ref))
+    tok = from_pretrained(AutoTokenizer, ref)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
@@ -48,7 +67,7 @@ def load_model(ref: str, dtype: str = "float32", device: str | None = None):
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(check_ref(ref), dtype=torch_dtype)
+    model = from_pretrained(AutoModelForCausalLM, ref, dtype=torch_dtype)
     if device:
         model.to(device)
     return model
@@ -127,7 +146,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pretrain-steps", type=int, default=300, help="tiny: steps of public pre-training")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    from privcode.dp import ledger
+    from privcode import ledger
 
     if a.source == "gguf" and not (a.gguf or a.gguf_package):
         raise PrivcodeError("--source gguf needs --gguf or --gguf-package")

@@ -6,12 +6,16 @@
         --out results/ft/smollm2/PrivCode/eps4/adapter --params '{"epochs": 1}'
 
 DP guarantee (dp-finetune): (ε, δ)-DP for one record of the private JSONL (the privacy unit),
-under Poisson sampling with rate q = expected_batch_size / N, per-record clipping to C and
+under add/remove-one-record adjacency, Poisson sampling with rate q = batch_size / N̂ (N̂: the
+declared size, or the true N declared public — privcode.dp.plan), per-record clipping to C and
 Gaussian noise σ·C added once per step; σ is calibrated so that the PRV accountant's ε after
 `steps` steps is ≤ the target, and the ε written to privacy.json is recomputed from the
 accountant's history of the steps actually taken. Each record becomes exactly one training
-row (long records are truncated, never split). Not covered: the prompts/instructions the
-tokenizer and base model saw in pre-training (public), and side channels such as timing.
+row (long records are truncated, never split). Noise, sampling and LoRA init draw from fresh OS
+entropy (privcode.dp.noise). What leaves the run: the adapter directory (weights, adapter config,
+tokenizer, privacy.json); statistics, checkpoints and logs stay in the private zone
+(--private-dir). Not covered: the prompts/instructions the tokenizer and base model saw in
+pre-training (public), and side channels such as timing.
 """
 from __future__ import annotations
 
@@ -57,10 +61,14 @@ class TrainConfig(Params):
     lora_dropout: float = 0.0         # dropout would make per-record gradients non-deterministic
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     dtype: str = "float32"            # bfloat16 on GPUs; clipping and noise stay fp32
-    seed: int = 0
+    seed: int = 0                     # non-DP only (batch order); DP randomness is secret, see below
     # --- DP only ---
     epsilon: float | None = None      # target ε; σ is calibrated to it
     delta: float | None = None        # must be < 1/N
+    dataset_size: int | str | None = None  # privacy.dataset_size: a declared public size N̂ (q = B/N̂) or
+                                      # "public" (the true N is released); privcode.dp.plan
+    reproducible_seed: int | None = None  # opt-in replayable noise/sampling: NOT a DP release
+    total_epsilon_cap: float | None = None  # refuse to start when the data set's total would pass it
     noise_multiplier: float | None = None  # set to fix σ instead of calibrating (ε still from the accountant)
     max_grad_norm: float = 1.0        # per-record clipping norm C
     accountant: str = "prv"           # prv (reported) | rdp
@@ -80,6 +88,15 @@ class TrainConfig(Params):
                                       # off: ~90 s of compile per process for ~7% of a step pays only
                                       # after ~600 steps, and it leaves a bf16 KL floor (docs/scaling.md)
 
+
+
+    def __post_init__(self):  # values checked before any model or data is loaded
+        for name, ok in (("epsilon", self.epsilon is None or (not isinstance(self.epsilon, bool) and self.epsilon > 0)),
+                         ("delta", self.delta is None or 0 < self.delta < 1),
+                         ("max_grad_norm", self.max_grad_norm > 0), ("batch_size", self.batch_size >= 1),
+                         ("steps", self.steps is None or self.steps >= 1), ("lr", self.lr > 0)):
+            if not ok:
+                raise PrivcodeError(f"invalid value {getattr(self, name)!r}", path="--params", field=name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,41 +203,48 @@ def max_lora_delta(before: dict, model) -> float:
 # DP-SGD (mechanism in privcode.dp.engine)
 
 
-def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
+def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig, private_dir=None) -> dict:
+    """DP-SGD into `out` (the release side: adapter weights, config, tokenizer, privacy.json);
+    statistics, checkpoints and the re-train guard go to `private_dir` (private zone; default
+    privcode.zone.run_dir(out))."""
     from tqdm import tqdm
 
+    from privcode import budget, ledger, zone
     from privcode.dp import accountant as acct
-    from privcode.dp import engine, ledger
+    from privcode.dp import engine
+    from privcode.dp.noise import Streams
+    from privcode.dp.plan import plan
     from privcode.models import default_device, load_tokenizer
 
+    out = Path(out)
+    priv = Path(private_dir) if private_dir else zone.run_dir(out)
     rank, world = engine.init_distributed()
-    ledger.check_not_spent(out)  # a DP artifact trained before: training again spends budget again
-    torch.manual_seed(cfg.seed)
+    engine.check_not_trained(priv, out)  # training again into the same output spends budget again
     device = default_device()
+    streams = Streams.create(cfg.reproducible_seed, rank, world, device)
+    torch.manual_seed(streams.init_seed)  # LoRA init: secret too (rank 0's is broadcast)
+    data_id, _ = ledger.data_identity(Path(data).parent)
     tok = load_tokenizer(model_ref)
     privsa = cfg.privsa_lambda_max > 0 or cfg.privsa_lambda_min > 0
     rows, data_stats = load_rows(data, tok, cfg, syntax=privsa)
     N = len(rows)
-    q = engine.check_plan(epsilon=cfg.epsilon, delta=cfg.delta, steps=cfg.steps, batch_size=cfg.batch_size,
-                          n_records=N, lora_dropout=cfg.lora_dropout, sampler=cfg.sampler)
-    sigma = cfg.noise_multiplier
-    if sigma is None:
-        sigma = acct.calibrate_sigma(cfg.epsilon, cfg.delta, q, cfg.steps, cfg.accountant)
-    planned_eps = acct.epsilon(q, sigma, cfg.steps, cfg.delta, cfg.accountant)
-    if planned_eps > cfg.epsilon * (1 + 1e-6):
-        raise PrivcodeError(f"σ={sigma} gives ε={planned_eps:.4f} > target {cfg.epsilon} after {cfg.steps} steps")
-    if rank == 0:
-        log.info("DP-SGD: N=%d q=%.5f σ=%.4f C=%g T=%d processes=%d PrivSA=%s -> ε=%.4f (δ=%g, %s)", N, q,
-                 sigma, cfg.max_grad_norm, cfg.steps, world, privsa, planned_eps, cfg.delta, cfg.accountant)
+    p = plan(epsilon=cfg.epsilon, delta=cfg.delta, steps=cfg.steps, batch_size=cfg.batch_size,
+             dataset_size=cfg.dataset_size, n_records=N, noise_multiplier=cfg.noise_multiplier,
+             accountant=cfg.accountant, sampler=cfg.sampler, lora_dropout=cfg.lora_dropout)
+    q, sigma = p.sample_rate, p.noise_multiplier
+    if rank == 0:  # this log is a private-zone file (the rule's log lives there)
+        log.info("DP-SGD: N=%d q=%.5f σ=%.4f C=%g T=%d processes=%d PrivSA=%s -> ε=%.4f (δ=%g, %s)%s", N, q,
+                 sigma, cfg.max_grad_norm, cfg.steps, world, privsa, p.planned_epsilon, cfg.delta, cfg.accountant,
+                 "; REPRODUCIBLE SEED: not a DP release" if streams.reproducible else "")
 
     lengths = [len(r["input_ids"]) for r in rows]
     set_attention_backends(cfg, device)
     model = build_lora_model(model_ref, cfg, device)
     model.train()
     dp = engine.DPSGD(model, n_records=N, sample_rate=q, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
-                      expected_batch_size=q * N, lr=cfg.lr, weight_decay=cfg.weight_decay, steps=cfg.steps,
-                      seed=cfg.seed, device=device, rank=rank, world=world, optimizer=cfg.optimizer,
-                      lengths=lengths)
+                      expected_batch_size=p.expected_batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      steps=cfg.steps, streams=streams, device=device, rank=rank, world=world,
+                      optimizer=cfg.optimizer, lengths=lengths)
     if cfg.fast:
         from privcode.dp import fastloss
 
@@ -231,23 +255,26 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
         loss_impl = per_record_loss
     before = lora_state(model)
     history, losses, start = [], [], 0
-    st = engine.load_ckpt(out, rank) if cfg.checkpoint_every else None
+    st = engine.load_ckpt(priv, rank) if cfg.checkpoint_every else None
     if st is not None:
         dp.load(st)
         history, losses, start = [tuple(h) for h in st["history"]], st["losses"], st["step"]
         log.info("resumed at step %d (ε so far %.4f)", start, acct.epsilon_from_history(history, cfg.delta))
 
-    batch_sizes: list[int] = []
-    timer = StepTimer(device, world)
-    t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), desc="dp-finetune", unit="step", initial=start, total=cfg.steps,
-               disable=rank != 0)
     # ε is monotone in the steps taken, so checking the whole remaining plan once (also after a
     # resume, whose history may come from another σ or q) guards every step of this run.
     full = history + [(sigma, q, cfg.steps - start)] if cfg.steps > start else history
     eps_full = acct.epsilon_from_history(full, cfg.delta, cfg.accountant)
     if eps_full > cfg.epsilon * (1 + 1e-6):
         raise PrivcodeError(f"finishing this run would spend ε={eps_full:.4f} > target {cfg.epsilon}; not starting")
+    run_key = str(priv.resolve())
+    run_id = budget.begin_run(data_id, run=run_key, history=full, delta=cfg.delta, reproducible=streams.reproducible,
+                              cap=cfg.total_epsilon_cap) if rank == 0 else None
+    batch_sizes: list[int] = []
+    timer = StepTimer(device, world)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), desc="dp-finetune", unit="step", initial=start, total=cfg.steps,
+               disable=rank != 0)
     prof = StepProfiler(rank, start)
     for step in bar:
         prof.at(step)
@@ -266,9 +293,9 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
             total, count = float(t[0]), int(t[1])
         batch_sizes.append(count)
         losses.append(total / max(count, 1))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", batch=count, lam=f"{lam:.3g}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", batch=count, lam=f"{lam:.3g}")  # private-zone log
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            engine.save_ckpt(out, rank, dp.state(history, losses, step + 1))
+            engine.save_ckpt(priv, rank, dp.state(history, losses, step + 1))
     prof.at(cfg.steps)
     elapsed = time.time() - t0
 
@@ -277,26 +304,48 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
         raise PrivcodeError("LoRA weights did not change during DP training (Opacus hooks not attached?)")
     eps = acct.epsilon_from_history(history, cfg.delta, "prv")
     eps_rdp = acct.epsilon_from_history(history, cfg.delta, "rdp")
-    stats = {"mode": "dp", **data_stats, **timer.summary(), "steps": cfg.steps, "batch_sizes": batch_sizes,
-             "losses": losses,
-             "seconds": elapsed, "lora_max_abs_delta": delta_max, "world_size": world, "resumed_at": start,
-             "config": asdict(cfg), "base_model": model_ref}
+    # private zone only: realized batch sizes, losses, record counts are not DP
+    stats = {"mode": "dp", **data_stats, **timer.summary(), "steps": cfg.steps, "noisy_updates": len(batch_sizes),
+             "batch_sizes": batch_sizes, "losses": losses, "seconds": elapsed, "lora_max_abs_delta": delta_max,
+             "world_size": world, "resumed_at": start, "config": asdict(cfg), "base_model": model_ref,
+             "reproducible": streams.reproducible}
     if rank == 0:
         with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            write_json(tmp / "train_stats.json", stats)
-            ledger.dp_release(tmp, stage="dp_finetune", epsilon=eps, delta=cfg.delta, accountant="prv",
-                              epsilon_rdp=eps_rdp, sampler="poisson", sample_rate=q, noise_multiplier=sigma,
-                              max_grad_norm=cfg.max_grad_norm, steps=sum(h[2] for h in history),
-                              private_data=data, n_records=N, target_epsilon=cfg.epsilon, processes=world,
-                              privsa=privsa, parents=ledger.model_parents(model_ref))
-        engine.clear_ckpt(out)
-        ledger.record_spent(out)
+            save_release_adapter(model, tok, tmp)
+            rec = ledger.dp_release(tmp, stage="dp_finetune", epsilon=eps, delta=cfg.delta, history=history,
+                                    accountant="prv", epsilon_rdp=eps_rdp, sampler="poisson", size=p.size,
+                                    reproducible=streams.reproducible, max_grad_norm=cfg.max_grad_norm,
+                                    expected_batch_size=p.expected_batch_size, target_epsilon=cfg.epsilon,
+                                    processes=world, privsa=privsa,
+                                    noise="Gaussian, sum of 4 draws halved (Opacus secure_mode)",
+                                    parents=ledger.model_parents(model_ref))
+        release_id = rec["releases"][-1]["id"]
+        write_json(zone.mkdir(priv) / "train_stats.json", {**stats, "release_id": release_id}, private=True)
+        budget.finish_run(data_id, run_id, run=run_key, release_id=release_id, history=history, delta=cfg.delta,
+                          reproducible=streams.reproducible, output=str(out.resolve()))
+        engine.mark_trained(priv, out, rec)
+        engine.clear_ckpt(priv)
         log.info("done: ε=%.4f (PRV), %.4f (RDP) in %.1fs", eps, eps_rdp, elapsed)
     if world > 1:
         torch.distributed.barrier()
     return stats
+
+
+# files a released adapter directory may hold (a test lists them): weights, adapter config,
+# tokenizer files and privacy.json — nothing computed from the private data but the weights
+RELEASE_FILES = {"adapter_model.safetensors", "adapter_config.json", "privacy.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
+                 "merges.txt", "tokenizer.model", "added_tokens.json"}
+
+
+def save_release_adapter(model, tok, out: Path) -> None:
+    """Save the LoRA adapter and tokenizer; drop PEFT's model card; refuse anything unexpected."""
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)
+    extra = sorted(f.name for f in out.iterdir() if f.name not in RELEASE_FILES)
+    if extra:
+        raise PrivcodeError(f"unexpected files {extra} in a release-side adapter directory", path=out)
 
 
 def _merge_history(history, sigma, q):
@@ -391,12 +440,13 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
+def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig, private_dir=None) -> dict:
     """Ordinary fine-tuning. One process: plain AdamW. Several (torchrun): DeepSpeed ZeRO-2, each
-    rank taking its share of every global batch; rank 0 writes the artifact."""
+    rank taking its share of every global batch; rank 0 writes the artifact (statistics go to
+    `private_dir`, a private-zone directory: on private data they are non-private functions of it)."""
     from tqdm import tqdm
 
-    from privcode.dp import ledger
+    from privcode import ledger, zone
     from privcode.models import default_device, load_tokenizer
 
     torch.manual_seed(cfg.seed)
@@ -466,11 +516,11 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig) -> dict:
              "base_model": model_ref}
     if rank == 0:
         with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            write_json(tmp / "train_stats.json", stats)
+            save_release_adapter(model, tok, tmp)
             # reading raw private data without DP composes to ε = inf through the data's own ledger
             ledger.derive(tmp, stage="finetune", parents=ledger.model_parents(model_ref) + [str(Path(data).parent)])
+        priv = Path(private_dir) if private_dir else zone.run_dir(out)
+        write_json(zone.mkdir(priv) / "train_stats.json", stats, private=True)
     if engine is not None:
         torch.distributed.barrier()
     return stats
@@ -502,10 +552,13 @@ def main(argv=None, dp: bool = False) -> None:
     ap.add_argument("--data", required=True, help="JSONL with problem/solution fields")
     ap.add_argument("--out", required=True, type=Path, help="output adapter directory")
     ap.add_argument("--params", default="{}", help="JSON object of TrainConfig fields")
+    ap.add_argument("--private-dir", type=Path, default=None,
+                    help="private-zone directory for statistics, checkpoints and the re-train guard "
+                         "(default: the output's path under $PRIVCODE_ZONE, ./private)")
     a = ap.parse_args(argv)
     try:
         params = json.loads(a.params)
     except json.JSONDecodeError as e:
         raise PrivcodeError(f"--params is not valid JSON: {e.msg}") from None
     cfg = TrainConfig.from_dict(params)
-    (train_dp if dp else train_nondp)(a.model, a.data, a.out, cfg)
+    (train_dp if dp else train_nondp)(a.model, a.data, a.out, cfg, private_dir=a.private_dir)

@@ -1,11 +1,13 @@
 """GPU smoke check of the training paths on random weights of a published shape (no hub access).
 
     python scripts/gpu_smoke.py prepare --out /tmp/smoke --shape qwen2.5-coder-1.5b
-    python -m privcode.cli dp-finetune --model /tmp/smoke/model --data /tmp/smoke/private/records.jsonl ...
+    PRIVCODE_ZONE=/tmp/smoke/private python -m privcode.cli dp-finetune --model /tmp/smoke/model \
+        --data /tmp/smoke/private/data/records.jsonl --private-dir /tmp/smoke/private/dp1 ...
     torchrun --standalone --nproc_per_node 2 -m privcode.cli finetune --model /tmp/smoke/model ...
 
 Writes a random-init model of the named shape with a small BPE tokenizer, and taskgen records
-with a ledger, so that the same `privcode` commands as the Snakemake GPU rules can be timed.
+with a ledger (the private split in OUT/private, the private zone of these runs), so that the same
+`privcode` commands as the Snakemake GPU rules can be timed.
 """
 from __future__ import annotations
 
@@ -24,16 +26,20 @@ def prepare(out: Path, shape: str, n_records: int) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    import os
+
+    os.environ["PRIVCODE_ZONE"] = str(out / "private")  # this layout's private zone
     from privcode.data import taskgen
     from privcode.data.records import prepare as split_data
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.io import write_jsonl
     from privcode.tiny import build_tokenizer
 
     h, i, L, nh, kv, V, tied = SHAPES[shape]
     recs = [taskgen.to_record(t) for t in taskgen.generate_tasks(0, n_records)]
     write_jsonl(out / "all.jsonl", recs)
-    split_data(str(out / "all.jsonl"), out / "private", out / "public", private_fraction=0.5, seed=0)
+    split_data(str(out / "all.jsonl"), out / "private" / "data", out / "public", private_fraction=0.5, seed=0,
+               source_is_public=True)
     tok = build_tokenizer([r["problem"] + r["solution"] for r in recs])
     cfg = Qwen2Config(hidden_size=h, intermediate_size=i, num_hidden_layers=L, num_attention_heads=nh,
                       num_key_value_heads=kv, vocab_size=V, tie_word_embeddings=tied,

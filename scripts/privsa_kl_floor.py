@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     cfg = TrainConfig(fast=True, dtype="bfloat16" if device.startswith("cuda") else "float32", max_length=1024,
                       lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS)
     tok = load_tokenizer(str(work / "model"))
-    rows, _ = load_rows(work / "private" / "records.jsonl", tok, cfg, syntax=True)
+    rows, _ = load_rows(work / "private" / "data" / "records.jsonl", tok, cfg, syntax=True)
     pm = build_lora_model(str(work / "model"), cfg, device)
     assert all(float(p.detach().abs().max()) == 0 for n, p in pm.named_parameters() if "lora_B" in n)
     with torch.no_grad():

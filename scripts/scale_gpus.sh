@@ -39,6 +39,7 @@ case $MODE in
 esac
 case $SHAPE in qwen2.5-coder-1.5b) LABEL="$LABEL 1.5B" ;; qwen2.5-coder-7b) LABEL="$LABEL 7B" ;; *) LABEL="$LABEL $SHAPE" ;; esac
 W=${WORK:-/tmp/scale_$SHAPE}  # prepared once per shape (model + records), reused across modes
+export PRIVCODE_ZONE=$W/private PRIVCODE_BUDGET_DIR=$W/budget  # train stats in $W/private/<run>
 EXTRA=$([ "$FAST" = 1 ] && echo '"fast": true, ' || true)
 EXTRA=$EXTRA$([ "${PRIVSA:-0}" = 1 ] && echo '"privsa_lambda_max": 1000.0, "privsa_lambda_min": 0.1, "privsa_alpha": 0.01, ' || true)
 EXTRA=$EXTRA$([ "${COMPILE:-0}" = 1 ] && echo '"privsa_compile": true, ' || true)
@@ -47,8 +48,8 @@ TAG=$([ "$FAST" = 1 ] && echo ' (fast path)' || true)$([ "${PRIVSA:-0}" = 1 ] &&
 
 report() { python3 - "$@" <<'PY' | tee -a "$OUT/scaling.txt"
 import json, sys
-name, d = sys.argv[1], sys.argv[2]
-s = json.load(open(d + "/train_stats.json")); p = json.load(open(d + "/privacy.json"))
+name, d, priv = sys.argv[1], sys.argv[2], sys.argv[3]
+s = json.load(open(priv + "/train_stats.json")); p = json.load(open(d + "/privacy.json"))
 print(f"{name}: tokens/s {s['tokens_per_s']:.0f}  peak GiB/rank {s['peak_mem_gib_max_rank']:.1f}  "
       f"eps {p['epsilon']}  steps s {[round(x, 2) for x in s['step_seconds']]}  losses {[round(x, 3) for x in s['losses']]}")
 PY
@@ -57,7 +58,7 @@ speedup() { python3 - "$@" <<'PY' | tee -a "$OUT/scaling.txt"
 import json, os, sys
 label, base, ng = sys.argv[1], sys.argv[2], int(sys.argv[3])  # runs of this call only (n <= NG)
 tps = {n: json.load(open(f"{base}{n}/train_stats.json"))["tokens_per_s"] for n in (1, 2, 4)
-       if n <= ng and os.path.exists(f"{base}{n}/train_stats.json")}
+       if n <= ng and os.path.exists(f"{base}{n}/train_stats.json")}  # base: under the private zone
 print(f"{label} speed-up vs 1 GPU:", {n: round(t / tps[1], 2) for n, t in tps.items()} if 1 in tps else "no 1-GPU run")
 PY
 }
@@ -68,23 +69,23 @@ for n in 1 2 4; do
   [ $n -le "$NG" ] || continue
   if [ "$MODE" = ft ]; then
     torchrun --standalone --nproc_per_node $n -m privcode.cli finetune --model "$W/model" \
-      --data "$W/private/records.jsonl" --out "$W/ft$n" \
+      --data "$W/private/data/records.jsonl" --out "$W/ft$n" --private-dir "$W/private/ft$n" \
       --params "{\"steps\": $STEPS, \"batch_size\": 64, \"micro_batch_size\": 4, $LORA}" > "$OUT/ft$n.log" 2>&1 || tail -20 "$OUT/ft$n.log"
-    report "$LABEL x$n GPU (DeepSpeed ZeRO-2 when >1)" "$W/ft$n"
+    report "$LABEL x$n GPU (DeepSpeed ZeRO-2 when >1)" "$W/ft$n" "$W/private/ft$n"
   else
     torchrun --standalone --nproc_per_node $n -m privcode.cli dp-finetune --model "$W/model" \
-      --data "$W/private/records.jsonl" --out "$W/$MODE$n" \
-      --params "{\"epsilon\": 4, \"delta\": 1e-5, \"steps\": $STEPS, \"batch_size\": 256, \"micro_batch_size\": $MB, \"micro_batch_tokens\": $MBT, $LORA}" \
+      --data "$W/private/data/records.jsonl" --out "$W/$MODE$n" --private-dir "$W/private/$MODE$n" \
+      --params "{\"epsilon\": 4, \"delta\": 1e-5, \"dataset_size\": \"public\", \"steps\": $STEPS, \"batch_size\": 256, \"micro_batch_size\": $MB, \"micro_batch_tokens\": $MBT, $LORA}" \
       > "$OUT/$MODE$n.log" 2>&1 || tail -20 "$OUT/$MODE$n.log"
-    report "$LABEL x$n GPU$TAG" "$W/$MODE$n"
+    report "$LABEL x$n GPU$TAG" "$W/$MODE$n" "$W/private/$MODE$n"
   fi
 done
-speedup "$LABEL" "$W/$MODE" "$NG"
+speedup "$LABEL" "$W/private/$MODE" "$NG"
 
 if [ "$MODE" = dp ] && [ "$FAST" != 1 ]; then  # noise added once per step, across real processes
   python3 -c "
 from privcode.io import read_jsonl, write_jsonl
-write_jsonl('$W/noise.jsonl', read_jsonl('$W/private/records.jsonl')[:64])"
+write_jsonl('$W/noise.jsonl', read_jsonl('$W/private/data/records.jsonl')[:64])"
   for n in 1 2 4; do
     [ $n -le "$NG" ] || continue
     torchrun --standalone --nproc_per_node $n tests/dist_worker.py "$W/model" "$W/noise$n.pt" "$W/noise.jsonl" > "$OUT/noise$n.log" 2>&1 || tail -20 "$OUT/noise$n.log"

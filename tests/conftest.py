@@ -19,7 +19,7 @@ def tiny_model(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.tiny import build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_model")
@@ -47,11 +47,35 @@ def write_records(path: Path, n: int, long: int | None = None) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _zone(tmp_path, monkeypatch):
+    """Every test gets its own private zone (tmp/private) and budget registry (tmp/budget)."""
+    monkeypatch.setenv("PRIVCODE_ZONE", str(tmp_path / "private"))
+    monkeypatch.setenv("PRIVCODE_BUDGET_DIR", str(tmp_path / "budget"))
+
+
+def mark_private(path: Path) -> Path:
+    """Give a directory of records (inside the zone) its private-data ledger entry."""
+    from privcode import ledger
+    from privcode.data.records import data_id_of
+    from privcode.io import read_jsonl
+
+    recs = read_jsonl(path / "records.jsonl")
+    ledger.private_source(path, stage="test", n_records=len(recs), data_id=data_id_of(recs))
+    return path / "records.jsonl"
+
+
 @pytest.fixture
 def private_data(tmp_path) -> Path:
-    """20 private records in a directory with its ledger entry (ε = inf as raw data)."""
-    from privcode.dp import ledger
+    """20 private records in the zone with their ledger entry (ε = inf as raw data)."""
+    p = write_records(tmp_path / "private" / "data" / "records.jsonl", 20)
+    return mark_private(p.parent)
 
-    p = write_records(tmp_path / "private" / "records.jsonl", 20)
-    ledger.private_source(p.parent, stage="test", private_data=str(p), n_records=20)
-    return p
+
+def fake_dp_release(path, epsilon: float, delta: float, reproducible: bool = False) -> dict:
+    """A DP release's privacy.json as dp-finetune writes it (for report and release tests)."""
+    from privcode import ledger
+
+    size = {"size": "declared", "declared_size": 20, "assumption": "q = batch_size / declared size 20"}
+    return ledger.dp_release(path, stage="dp_finetune", epsilon=epsilon, delta=delta, accountant="prv",
+                             sampler="poisson", history=[(1.0, 0.1, 10)], size=size, reproducible=reproducible)

@@ -2,10 +2,19 @@
 
 argv[4] "noise" (default): zero gradients, so the update is the noise alone.
 argv[4] "signal": real gradients and σ = 0, so the update is the clipped sum alone, which must
-not depend on the number of processes. Rank 0 writes the update to argv[2]."""
+not depend on the number of processes. Rank 0 writes the update to argv[2].
+argv[4] "teeth" (tests/test_dp_teeth.py): argv[2] is a directory; argv[5] a comma-separated list
+of mutation names ("" = the honest mechanism); the noise, sensitivity and sampling probes run
+under each, and their measurements are written there."""
 import sys
 
 import torch
+
+if len(sys.argv) > 4 and sys.argv[4] == "teeth":
+    import test_dp_teeth
+
+    test_dp_teeth.worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5].split(",") if len(sys.argv) > 5 else [""])
+    sys.exit(0)
 
 from privcode.dp import engine
 from privcode.train import TrainConfig, build_lora_model, collate, load_rows

@@ -1,5 +1,7 @@
-"""`privcode audit`: canaries, the one-run ε lower bound (Steinke et al. 2023), exposure, and a
-tiny end-to-end audit (non-private control vs DP at ε = 4, same steps)."""
+"""`privcode audit`: canaries, the one-run ε lower bound (Steinke et al. 2023), its power, exposure,
+and a tiny end-to-end audit with teeth: a design whose highest ε_lb (2.78) is above the claim
+(ε = 1), an honest DP run whose ε_lb must stay at or below the claim, a broken-mechanism control
+(noise off, privacy.json still claiming ε = 1) whose ε_lb must exceed it, and a non-private control."""
 import json
 import math
 
@@ -9,8 +11,8 @@ from scipy.stats import binom
 
 from conftest import write_records
 from privcode.dp import audit
-from privcode.dp.audit import (AuditConfig, audit_counts, eps_lower_bound, group_privacy, guesses_from_scores,
-                               inject, make_canaries, p_value, secret_of)
+from privcode.dp.audit import (AuditConfig, audit_counts, audit_power, eps_lower_bound, group_privacy,
+                               guesses_from_scores, inject, make_canaries, max_eps_lb, p_value, secret_of)
 from privcode.errors import PrivcodeError
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +106,34 @@ def test_config_validation():
         AuditConfig.from_dict({"epsilon": 4, "canary": 3})
     cfg = AuditConfig.from_dict({"epsilon": "inf", "steps": 3, "lr": 0.1})
     assert cfg.control and cfg.train == {"steps": 3, "lr": 0.1}
+    with pytest.raises(PrivcodeError, match="broken mechanism"):
+        AuditConfig.from_dict({"epsilon": 4, "broken": "clip_x2"})
+    with pytest.raises(PrivcodeError, match="finite 'epsilon'"):
+        AuditConfig.from_dict({"epsilon": "inf", "broken": "noise_off"})
+    with pytest.raises(PrivcodeError, match="score"):
+        AuditConfig.from_dict({"epsilon": 4, "score": "rank"})
+
+
+def test_power_of_a_design():
+    """The highest ε_lb of a design is its all-right bound; the old sizes could never refute ε = 4,
+    the defaults (1000 canaries, 500 guesses) can."""
+    assert max_eps_lb(24, 12, 1e-3) == pytest.approx(1.175, abs=2e-3)     # the old CI audit
+    assert max_eps_lb(100, 50, 1e-5) == pytest.approx(2.782, abs=2e-3)    # the old defaults
+    p = audit_power(24, 12, 4.0, 1e-3, 0.05)
+    assert not p["can_refute"] and p["eps_lb_max"] < 4
+    d = AuditConfig.from_dict({"epsilon": 4})
+    assert d.canaries == 1000 and audit_power(d.canaries, d.canaries // 2, 4.0, d.delta, d.beta)["can_refute"]
+    assert max_eps_lb(1000, 500, 1e-5) == pytest.approx(5.088, abs=2e-3)
+    # no outcome of a design exceeds its maximum
+    assert all(eps_lower_bound(100, 50, v, 1e-5) <= max_eps_lb(100, 50, 1e-5) for v in range(51))
+
+
+def test_a_design_that_cannot_refute_the_claim_is_refused_before_training(tmp_path):
+    data = write_records(tmp_path / "p" / "r.jsonl", 4)
+    weak = {"epsilon": 4, "delta": 1e-3, "canaries": 24, "k_pos": 6, "k_neg": 6, "steps": 3}
+    with pytest.raises(PrivcodeError, match=r"cannot refute the claim: its highest ε_lb .* is 1\.175"):
+        audit.run_audit("no-such-model", str(data), tmp_path / "o", AuditConfig.from_dict(weak))
+    assert not (tmp_path / "o").exists()  # refused before anything was made or trained
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,19 +142,24 @@ def test_config_validation():
 
 @pytest.fixture(scope="module")
 def audit_model(tmp_path_factory):
-    """A 2-layer, hidden-32 Llama with a larger init than `tiny_model`, so that its (frozen, tied)
-    output embedding lets LoRA fit digits within a few dozen steps."""
+    """A 2-layer, hidden-128 Llama with a large init, whose tokenizer was trained on text in the
+    canaries' format (other canaries, seed 987654), so that a canary is ~55 tokens and LoRA can
+    memorize 50 of them within 80 steps — the non-private control does."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from privcode.dp import ledger
+    from privcode import ledger
+    from privcode.data.prompts import render_example
     from privcode.tiny import build_tokenizer
 
     out = tmp_path_factory.mktemp("audit_model")
+    recs = [json.loads(line) for line in write_records(out / "texts.jsonl", 12).read_text().splitlines()]
     texts = ["def add(a, b):\n    return a + b\n", "Question: Write a function.\n\nAnswer: Sure."] * 20
+    texts += ["".join(render_example(r["problem"], r["solution"], "qa")) for r in recs + make_canaries(40, 987654)]
+    (out / "texts.jsonl").unlink()
     tok = build_tokenizer(texts)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       initializer_range=0.3, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
@@ -134,10 +169,12 @@ def audit_model(tmp_path_factory):
     return out
 
 
-# 12 private records + 24 audit canaries (≈12 included, one copy each): every canary is one record,
-# so the DP claim tested by the one-run bound is the per-record (ε, δ) itself.
-PARAMS = dict(delta=1e-3, canaries=24, copies=1, seed=0, k_pos=6, k_neg=6, n_candidates=500, exposure_canaries=8,
-              samples=4, temperature=0.5, steps=60, batch_size=8, micro_batch_size=8, max_length=160, lr=2e-2,
+CLAIM = 1.0  # the claimed ε of the CI audit: the design below reaches ε_lb 2.78 > CLAIM
+# 12 private records + 100 audit canaries (≈50 included, one copy each): every canary is one record,
+# so the DP claim tested by the one-run bound is the per-record (ε, δ) itself. 25 + 25 guesses.
+PARAMS = dict(delta=1e-5, canaries=100, copies=1, seed=0, k_pos=25, k_neg=25, score_candidates=4, n_candidates=200,
+              exposure_canaries=8, samples=4, temperature=0.5, steps=80, batch_size=16, micro_batch_size=16,
+              max_length=160, lr=1e-2, fast=True, reproducible_seed=0,
               lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
@@ -147,63 +184,104 @@ def audits(audit_model, tmp_path_factory):
 
     from privcode import cli
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("audit")
-    data = write_records(root / "private" / "records.jsonl", 12)
-    # the control through the CLI registry, the DP run through the Python API
-    rc = cli.main(["audit", "--model", str(audit_model), "--data", str(data), "--out", str(root / "control"),
-                   "--params", json.dumps({**PARAMS, "epsilon": "inf"})])
-    assert rc == 0
-    control = json.loads((root / "control" / "audit.json").read_text())
-    dp = audit.run_audit(str(audit_model), str(data), root / "dp", AuditConfig.from_dict({**PARAMS, "epsilon": 4}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:  # a module fixture runs before the per-test zone fixture
+            mp.setenv("PRIVCODE_ZONE", str(root / "zone"))
+            mp.setenv("PRIVCODE_BUDGET_DIR", str(root / "budget"))
+            data = write_records(root / "private" / "records.jsonl", 12)
+            # the control through the CLI registry, the DP runs through the Python API
+            rc = cli.main(["audit", "--model", str(audit_model), "--data", str(data), "--out", str(root / "control"),
+                           "--params", json.dumps({**PARAMS, "epsilon": "inf"})])
+            assert rc == 0
+            control = json.loads((root / "control" / "audit.json").read_text())
+            dp = audit.run_audit(str(audit_model), str(data), root / "dp",
+                                 AuditConfig.from_dict({**PARAMS, "epsilon": CLAIM}))
+            broken = audit.run_audit(str(audit_model), str(data), root / "broken", AuditConfig.from_dict(
+                {**PARAMS, "epsilon": CLAIM, "broken": "noise_off", "exposure_canaries": 2}))
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads((root / "dp" / "audit.json").read_text())["eps_lb"] == dp["eps_lb"]
-    print("\ncontrol:", _summary(control), "\ndp:     ", _summary(dp))
-    return control, dp, root
+    print("\ncontrol:", _summary(control), "\ndp:     ", _summary(dp), "\nbroken: ", _summary(broken))
+    return control, dp, broken, root
 
 
 def _summary(r):
-    return {"claimed": r["claimed"]["epsilon"], "eps_lb": r["eps_lb"],
+    return {"claimed": r["claimed"]["epsilon"], "eps_lb": r["eps_lb"], "eps_lb_max": r["eps_lb_max"],
             "correct": f'{r["one_run"]["correct"]}/{r["one_run"]["guesses"]}',
-            "exposure_in": round(r["exposure"]["in"]["mean"], 2), "exposure_out": round(r["exposure"]["out"]["mean"], 2),
-            "exposure_in_extrap": round(r["exposure"]["in_extrapolated"]["mean"], 2),
+            "exposure_in": round(r["exposure"]["in"]["mean"] or 0, 2),
+            "exposure_out": round(r["exposure"]["out"]["mean"] or 0, 2),
             "leakage": r["leakage"]["rate"], "seconds": round(r["seconds"], 1)}
 
 
+def test_honest_at_most_the_claim_below_the_broken_control(audits):
+    """The acceptance of #15: honest ε_lb ≤ claimed ε < broken-control ε_lb, with a design that can
+    exceed the claim at all. (With the fixed seeds the outcome is deterministic; for any seeds the
+    honest run's ε_lb exceeds its true ε with probability ≤ β = 0.05 by Steinke et al.'s theorem,
+    and in practice black-box audits are far below it: here ε_lb ≈ 0.)"""
+    control, dp, broken, _ = audits
+    for r in (control, dp, broken):
+        assert r["eps_lb_max"] == pytest.approx(max_eps_lb(100, 50, 1e-5)) and r["eps_lb_max"] > 2.7
+    assert dp["claimed"]["epsilon"] <= CLAIM and broken["claimed"]["epsilon"] <= CLAIM
+    assert dp["power"]["can_refute"] and broken["power"]["can_refute"] and dp["warnings"] == []
+    assert 0.0 <= dp["eps_lb"] <= dp["claimed"]["epsilon"] < broken["eps_lb"], (dp["eps_lb"], broken["eps_lb"])
+    assert dp["verdict"].startswith("consistent") and broken["verdict"].startswith("VIOLATION")
+    assert dp["canary_unit"]["epsilon"] == dp["claimed"]["epsilon"]  # one copy: the per-record claim
+    assert control["claimed"]["epsilon"] == "inf" and control["eps_lb"] > CLAIM
+    assert control["one_run"]["correct"] > dp["one_run"]["correct"]
+
+
+def test_broken_control_is_never_a_release(audits):
+    from privcode import ledger
+
+    _, _, broken, root = audits
+    rec = ledger.read(root / "broken" / "adapter")
+    assert rec["epsilon"] == math.inf and rec["dp_release"] is False and rec["mechanism"] == "non-private"
+    assert broken["mode"] == "broken control (noise_off): not DP"
+    assert broken["train"]["config"]["reproducible_seed"] is not None
+
+
 def test_control_exposes_canaries_more_than_dp(audits):
-    control, dp, _ = audits
+    control, dp, _, _ = audits
     ci, di = control["exposure"]["in"]["mean"], dp["exposure"]["in"]["mean"]
-    assert ci > di + 2.5, (ci, di)                                  # memorized vs hardly at all
-    assert ci > control["exposure"]["out"]["mean"] + 2.5            # the control memorized what it saw
-    assert control["exposure"]["in"]["max"] <= math.log2(500) + 1e-9
+    assert ci > di + 2.0, (ci, di)                                  # memorized vs hardly at all
+    assert ci > control["exposure"]["out"]["mean"] + 2.0            # the control memorized what it saw
+    assert control["exposure"]["in"]["max"] <= math.log2(200) + 1e-9
     assert control["leakage"]["rate"] >= dp["leakage"]["rate"]
 
 
-def test_lower_bound_below_the_claim(audits):
-    control, dp, _ = audits
-    assert dp["claimed"]["epsilon"] <= 4.0 and 0.0 <= dp["eps_lb"] <= dp["claimed"]["epsilon"]
-    assert dp["canary_unit"]["epsilon"] == dp["claimed"]["epsilon"]  # one copy: the per-record claim
-    assert control["claimed"]["epsilon"] == "inf"
-    assert math.isfinite(control["eps_lb"]) and control["eps_lb"] >= 0.0
-    assert control["one_run"]["correct"] >= dp["one_run"]["correct"]
-
-
 def test_audit_output(audits):
-    control, dp, root = audits
-    for r in (control, dp):
-        assert r["one_run"]["m"] == 24 and r["one_run"]["guesses"] == 12 and len(r["scores"]) == 24
+    control, dp, broken, root = audits
+    for r in (control, dp, broken):
+        assert r["one_run"]["m"] == 100 and r["one_run"]["guesses"] == 50 and len(r["scores"]) == 100
         assert r["exposure"]["secret_space"] == 10 ** 6 and "sampled candidates" in r["exposure"]["method"]
         assert 0.0 <= r["leakage"]["rate"] <= 1.0
+        assert "records" not in r["train"] and "final_loss" not in r["train"]  # no non-private statistics
     truth = json.loads((root / "dp" / "canaries.json").read_text())["canaries"]
     assert [t["included"] for t in truth] == [s["included"] for s in dp["scores"]]
     assert dp["mode"] == "dp" and (root / "dp" / "adapter" / "privacy.json").exists()
     assert not (root / "dp" / "train_data").exists()  # the private-data copy is removed by default
+    assert not (root / "zone" / "dp" / "train_data").exists()
+
+
+def test_weak_design_runs_with_a_loud_warning(audit_model, tmp_path, caplog):
+    data = write_records(tmp_path / "p" / "r.jsonl", 4)
+    params = {**PARAMS, "epsilon": 4, "delta": 1e-3, "canaries": 4, "k_pos": 1, "k_neg": 1, "steps": 2,
+              "batch_size": 2, "micro_batch_size": 2,
+              "exposure_canaries": 1, "n_candidates": 10, "samples": 1, "allow_weak": True}
+    with caplog.at_level("WARNING", logger="privcode.dp.audit"):
+        r = audit.run_audit(str(audit_model), str(data), tmp_path / "o", AuditConfig.from_dict(params))
+    assert not r["power"]["can_refute"] and r["warnings"] and "cannot refute" in r["warnings"][0]
+    assert "AUDIT WITHOUT POWER" in caplog.text
 
 
 def test_refuses_truncated_canaries(audit_model, tmp_path):
     data = write_records(tmp_path / "p" / "r.jsonl", 4)
     with pytest.raises(PrivcodeError, match="max_length"):
         audit.run_audit(str(audit_model), str(data), tmp_path / "o",
-                        AuditConfig.from_dict({**PARAMS, "epsilon": "inf", "max_length": 32}))
+                        AuditConfig.from_dict({**PARAMS, "epsilon": "inf", "max_length": 12}))
 
 
 def test_verbatim_leakage_counts_secrets_in_completions(audit_model):

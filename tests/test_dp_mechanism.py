@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, write_records
-from privcode.dp import accountant, engine, ledger
+from conftest import REPO, mark_private, write_records
+from privcode import budget, ledger
+from privcode.dp import accountant, engine
 from privcode.models import load_tokenizer
 from privcode.train import TrainConfig, build_lora_model, collate, load_rows, train_dp
 
@@ -60,22 +61,21 @@ def test_clipped_sum_does_not_depend_on_the_number_of_processes(tiny_model, tmp_
 
 
 def test_same_epsilon_on_one_and_two_processes(tiny_model, tmp_path):
-    data = write_records(tmp_path / "private" / "records.jsonl", 40)
-    ledger.private_source(data.parent, stage="test", private_data=str(data), n_records=40)
+    data = mark_private(write_records(tmp_path / "private" / "d40" / "records.jsonl", 40).parent)
     params = json.dumps({"epsilon": 3.0, "delta": 1e-3, "steps": 2, "batch_size": 10, "max_length": 48,
-                         "lora_targets": ["q_proj", "v_proj"], "prompt_format": "qa"})
+                         "lora_targets": ["q_proj", "v_proj"], "prompt_format": "qa", "dataset_size": "public"})
     eps = {}
     for n in (1, 2):
-        out = tmp_path / f"a{n}"
+        out, priv = tmp_path / f"a{n}", tmp_path / "private" / f"a{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
                "privcode.cli", "dp-finetune", "--model", str(tiny_model), "--data", str(data), "--out", str(out),
-               "--params", params]
+               "--private-dir", str(priv), "--params", params]
         p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         rec = ledger.read(out)
         eps[n] = rec["epsilon"]
         assert rec["releases"][0]["processes"] == n
-        assert json.loads((out / "train_stats.json").read_text())["world_size"] == n
+        assert json.loads((priv / "train_stats.json").read_text())["world_size"] == n
     assert eps[1] == eps[2] <= 3.0
 
 
@@ -143,15 +143,18 @@ def _lora_tensors(d):
 
 
 def test_killed_run_resumes_to_the_same_model_and_epsilon(tiny_model, private_data, tmp_path):
+    """A reproducible seed makes the killed-and-resumed run comparable to an uninterrupted one; the
+    checkpoint (RNG state included) is a private-zone file and is deleted once the run succeeds."""
     params = {"epsilon": 6.0, "delta": 1e-3, "steps": 40, "batch_size": 5, "max_length": 48, "lr": 1e-2,
-              "lora_targets": ["q_proj", "v_proj"], "prompt_format": "qa", "checkpoint_every": 5}
+              "lora_targets": ["q_proj", "v_proj"], "prompt_format": "qa", "checkpoint_every": 5,
+              "dataset_size": "public", "reproducible_seed": 11}
     ref = tmp_path / "ref"
     train_dp(str(tiny_model), str(private_data), ref, TrainConfig(**{**params, "checkpoint_every": 0}))
-    out = tmp_path / "run"
+    out, priv = tmp_path / "run", tmp_path / "private" / "run"
     cmd = [sys.executable, "-m", "privcode.cli", "dp-finetune", "--model", str(tiny_model), "--data",
-           str(private_data), "--out", str(out), "--params", json.dumps(params)]
+           str(private_data), "--out", str(out), "--private-dir", str(priv), "--params", json.dumps(params)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = engine.ckpt_path(out, 0)
+    ckpt = engine.ckpt_path(priv, 0)
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -159,9 +162,10 @@ def test_killed_run_resumes_to_the_same_model_and_epsilon(tiny_model, private_da
     proc.wait()
     assert ckpt.exists() and not out.exists(), "the run should have been killed after a checkpoint"
     killed_at = torch.load(ckpt, weights_only=False)["step"]
-    assert 0 < killed_at < 40
-    stats = train_dp(str(tiny_model), str(private_data), out, TrainConfig(**params))
+    assert 0 < killed_at < 40 and oct(ckpt.stat().st_mode & 0o777) == oct(0o600)
+    stats = train_dp(str(tiny_model), str(private_data), out, TrainConfig(**params), private_dir=priv)
     assert stats["resumed_at"] == killed_at and not ckpt.parent.exists()
+    assert ledger.read(out)["releases"][0]["steps"] == stats["noisy_updates"] + killed_at == 40
     assert ledger.read(out)["epsilon"] == ledger.read(ref)["epsilon"]
     a, b = _lora_tensors(out), _lora_tensors(ref)
     for k in a:
@@ -172,7 +176,7 @@ def test_run_that_would_exceed_its_target_stops(tiny_model, private_data, tmp_pa
     from privcode.errors import PrivcodeError
 
     cfg = TrainConfig(epsilon=1.0, delta=1e-3, steps=5, batch_size=5, noise_multiplier=0.5, max_length=48,
-                      lora_targets=["q_proj"], prompt_format="qa")
+                      lora_targets=["q_proj"], prompt_format="qa", dataset_size="public")
     with pytest.raises(PrivcodeError, match="ε=.*> target"):
         train_dp(str(tiny_model), str(private_data), tmp_path / "x", cfg)
     assert not (tmp_path / "x").exists()
@@ -181,7 +185,8 @@ def test_run_that_would_exceed_its_target_stops(tiny_model, private_data, tmp_pa
 def test_non_poisson_sampler_is_refused(tiny_model, private_data, tmp_path):
     from privcode.errors import PrivcodeError
 
-    cfg = TrainConfig(epsilon=4, delta=1e-3, steps=2, batch_size=5, sampler="shuffle", prompt_format="qa")
+    cfg = TrainConfig(epsilon=4, delta=1e-3, steps=2, batch_size=5, sampler="shuffle", prompt_format="qa",
+                      dataset_size="public")
     with pytest.raises(PrivcodeError, match="poisson"):
         train_dp(str(tiny_model), str(private_data), tmp_path / "x", cfg)
 
@@ -220,7 +225,7 @@ def test_privsa_run_uses_real_syntax_positions(tiny_model, private_data, tmp_pat
 
     cfg = TrainConfig(epsilon=6.0, delta=1e-3, steps=2, batch_size=5, max_length=64, prompt_format="qa",
                       lora_targets=["q_proj", "v_proj"], privsa_lambda_max=10.0, privsa_lambda_min=0.1,
-                      privsa_alpha=0.5)
+                      privsa_alpha=0.5, dataset_size="public")
     stats = train_dp(str(tiny_model), str(private_data), tmp_path / "a", cfg)
     assert stats["privsa_syntax_tokens"] > 0 and stats["privsa_unparsed_records"] == 0
     rel = ledger.read(tmp_path / "a")["releases"][0]
@@ -239,14 +244,14 @@ def test_resume_whose_history_would_exceed_the_target_stops(tiny_model, private_
     from privcode.errors import PrivcodeError
 
     params = dict(epsilon=6.0, delta=1e-3, steps=4, batch_size=5, max_length=48, prompt_format="qa",
-                  lora_targets=["q_proj"], checkpoint_every=2)
+                  lora_targets=["q_proj"], checkpoint_every=2, dataset_size="public")
     model = build_lora_model(str(tiny_model), TrainConfig(**params), "cpu")
     dp = engine.DPSGD(model, n_records=20, sample_rate=0.25, noise_multiplier=1.0, max_grad_norm=1.0,
-                      expected_batch_size=5, lr=1e-3, weight_decay=0, steps=4, seed=0, device="cpu")
-    out = tmp_path / "a"
-    engine.save_ckpt(out, 0, dp.state([(0.3, 0.25, 50)], [0.0] * 2, 2))  # a history far past ε=6
+                      expected_batch_size=5, lr=1e-3, weight_decay=0, steps=4, device="cpu")
+    out, priv = tmp_path / "a", tmp_path / "private" / "a"
+    engine.save_ckpt(priv, 0, dp.state([(0.3, 0.25, 50)], [0.0] * 2, 2))  # a history far past ε=6
     with pytest.raises(PrivcodeError, match="would spend"):
-        train_dp(str(tiny_model), str(private_data), out, TrainConfig(**params))
+        train_dp(str(tiny_model), str(private_data), out, TrainConfig(**params), private_dir=priv)
     assert not out.exists()
 
 
@@ -254,7 +259,7 @@ def test_training_again_into_a_spent_output_is_refused(tiny_model, private_data,
     from privcode.errors import PrivcodeError
 
     cfg = TrainConfig(epsilon=6.0, delta=1e-3, steps=1, batch_size=5, max_length=48, prompt_format="qa",
-                      lora_targets=["q_proj"])
+                      lora_targets=["q_proj"], dataset_size="public")
     out = tmp_path / "adapter"
     train_dp(str(tiny_model), str(private_data), out, cfg)
     import shutil
@@ -264,18 +269,19 @@ def test_training_again_into_a_spent_output_is_refused(tiny_model, private_data,
         train_dp(str(tiny_model), str(private_data), out, cfg)
     monkeypatch.setenv("PRIVCODE_ALLOW_RETRAIN", "1")
     train_dp(str(tiny_model), str(private_data), out, cfg)
-    assert len((tmp_path / ".privacy_spent.jsonl").read_text().splitlines()) == 2
+    data_id, _ = ledger.data_identity(private_data.parent)
+    assert budget.spent(data_id)["runs"] == 2  # both runs count against the data set's budget
 
 
 def test_fast_path_trains_the_same_model(tiny_model, private_data, tmp_path):
     """The GPU speed path (lean LoRA, chunked loss, hook-free per-record gradients, flat clipping)
     is the same mechanism: same σ, same sampled batches, same noise, the same adapter."""
     params = dict(epsilon=6.0, delta=1e-3, steps=3, batch_size=5, max_length=48, prompt_format="qa", lr=1e-2,
-                  lora_targets=["q_proj", "v_proj"], privsa_lambda_max=5.0, privsa_lambda_min=0.1)
-    train_dp(str(tiny_model), str(private_data), tmp_path / "ref", TrainConfig(**params))
+                  lora_targets=["q_proj", "v_proj"], privsa_lambda_max=5.0, privsa_lambda_min=0.1,
+                  dataset_size="public", reproducible_seed=5)  # the same streams for both paths
+    ref = train_dp(str(tiny_model), str(private_data), tmp_path / "ref", TrainConfig(**params))
     stats = train_dp(str(tiny_model), str(private_data), tmp_path / "fast", TrainConfig(**params, fast=True))
     assert ledger.read(tmp_path / "fast")["epsilon"] == ledger.read(tmp_path / "ref")["epsilon"]
-    ref = json.loads((tmp_path / "ref" / "train_stats.json").read_text())
     assert stats["batch_sizes"] == ref["batch_sizes"]
     a, b = _lora_tensors(tmp_path / "fast"), _lora_tensors(tmp_path / "ref")
     for k in a:

@@ -2,12 +2,13 @@
 on by default; the per-snippet path where named)."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 
-from privcode.dp import ledger
+from privcode import ledger
 from privcode.errors import PrivcodeError
 from privcode.filters import exec_filter
 from privcode.io import read_json, read_jsonl, write_jsonl
@@ -163,8 +164,9 @@ def test_duplicate_ids_and_missing_ledger(tmp_path):
 
 def test_cli(gen_dir, tmp_path, capsys):
     out = tmp_path / "cli_out"
+    opt_in = ["--accept-unisolated"] if "accept_unisolated" in inspect.signature(exec_filter.run).parameters else []
     rc = exec_filter.main(["--input", str(gen_dir / "samples.jsonl"), "--out", str(out), "--backend", "rlimit",
-                           "--workers", "2", "--wall-s", "4", "--cpu-s", "1", "--no-progress"])
+                           "--workers", "2", "--wall-s", "4", "--cpu-s", "1", "--no-progress"] + opt_in)
     assert rc == 0
     st = read_json(out / "stats.json")
     assert (st["backend"], st["isolation"], st["n_kept"], st["fork_server"]) == ("rlimit", "rlimit", 3, True)
@@ -194,7 +196,7 @@ def test_languages_hostile_samples_and_stats(tmp_path):
     probe = be.run("import os, resource\nprint(os.getuid(), resource.getrlimit(resource.RLIMIT_NPROC)[0],"
                    " sum(d.isdigit() for d in os.listdir('/proc')))\n", "python", LIM)
     uid, nproc, visible = (int(x) for x in probe.stdout.split()) if probe.ok else (0, 0, 99)
-    bomb = uid == 65534 and 0 < nproc <= 64 and visible <= 5
+    bomb = uid == 65534 and 0 < nproc <= 64 and visible <= 5  # PID 1, the template, the probe
     samples = [
         {"id": "py", "problem": "p", "lang": "py", "code": "assert sum([1, 2]) == 3\n"},
         {"id": "parent", "problem": "p", "lang": "python",
@@ -217,7 +219,7 @@ def test_languages_hostile_samples_and_stats(tmp_path):
                          workers=2, progress=False)
     kept = {k["id"] for k in read_jsonl(tmp_path / "out" / "kept.jsonl")}
     dropped = {x["id"]: x for x in read_jsonl(tmp_path / "out" / "dropped.jsonl")}
-    assert {"py", "bg"} <= kept
+    assert "py" in kept and dropped["bg"]["reason"] == "background_process"  # `(sleep 30 &)` is left running
     assert dropped["cob"]["reason"] == "toolchain_missing"
     assert not bomb or dropped["mem"]["reason"] == "oom"
     assert "parent" in kept or dropped["parent"]["reason"] == "killed"  # its server (rlimit) may die

@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from conftest import write_records
+from conftest import mark_private, write_records
 from privcode.data import security_prompts
-from privcode.dp import audit, ledger
+from privcode import ledger
+from privcode.dp import audit
 from privcode.errors import PrivcodeError
 from privcode.evaluate import leakage, pii, vuln
 from privcode.evaluate.leakage import LeakageConfig, inject_canaries, make_pii_canaries
@@ -120,12 +121,15 @@ def test_inject_canaries_counts(tmp_path):
 
 
 def test_inject_canaries_cli_writes_private_ledger(tmp_path):
-    data = write_records(tmp_path / "records.jsonl", 10)
-    leakage.inject_main(["--data", str(data), "--out", str(tmp_path / "d"),
+    data = mark_private(write_records(tmp_path / "private" / "data" / "records.jsonl", 10).parent)
+    out = tmp_path / "private" / "canary"
+    leakage.inject_main(["--data", str(data), "--out", str(out),
                          "--params", json.dumps({"kinds": ["name"], "per_kind": 2, "copies": [3], "seed": 0})])
-    priv = ledger.read(tmp_path / "d")
+    priv = ledger.read(out)
     assert math.isinf(priv["epsilon"]) and priv["mechanism"] == "raw-private-data" and priv["n_records"] == 16
-    assert len((tmp_path / "d" / "canaries.jsonl").read_text().splitlines()) == 2
+    assert priv["data_id"] == ledger.data_identity(data.parent)[0]  # the same data set for the budget
+    assert len((out / "canaries.jsonl").read_text().splitlines()) == 2
+    assert oct((out / "canaries.jsonl").stat().st_mode & 0o777) == oct(0o600)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +204,9 @@ def test_leakage_rates_per_group_and_kind(tmp_path, tiny_model):
     ref = {e["id"]: e["exposure"] for e in audit.exposure(model, tok, keys, 16, seed=0)}
     assert {p["id"]: p["exposure"] for p in r["per_canary"] if p["kind"] == "key"} == ref
 
-    priv = ledger.read(tmp_path / "out")
-    assert priv["epsilon"] == 0.0 and priv["stage"] == "leakage" and str(tiny_model) in priv["parents"]
+    priv = ledger.read(tmp_path / "out")  # reads the private canaries: an audit measurement, ε = inf
+    assert math.isinf(priv["epsilon"]) and priv["stage"] == "leakage" and str(tiny_model) in priv["parents"]
+    assert priv["model_epsilon"] == 0.0 and "private canaries" in priv["notes"][0]
 
 
 def test_leakage_greedy_problem_only_and_bad_canaries(tmp_path, tiny_model):

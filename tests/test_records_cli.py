@@ -10,7 +10,7 @@ import pytest
 
 from conftest import write_records
 from privcode.data.records import load_records, prepare, split
-from privcode.dp import ledger
+from privcode import ledger
 from privcode.errors import PrivcodeError
 
 
@@ -44,13 +44,33 @@ def test_split_is_seeded_and_disjoint():
 
 
 def test_prepare_writes_private_and_public_ledgers(tmp_path):
+    """The private split goes to the private zone (0700/0600, ε = inf as raw data); the prompts of a
+    source declared public are public (ε = 0)."""
     src = write_records(tmp_path / "all.jsonl", 10)
-    counts = prepare(str(src), tmp_path / "priv", tmp_path / "pub", private_fraction=0.5, seed=0)
+    priv = tmp_path / "private" / "data" / "priv"
+    counts = prepare(str(src), priv, tmp_path / "pub", private_fraction=0.5, seed=0, source_is_public=True)
     assert counts == {"private": 5, "public": 5}
-    assert math.isinf(ledger.read(tmp_path / "priv")["epsilon"])  # raw private data
+    assert math.isinf(ledger.read(priv)["epsilon"])  # raw private data
+    assert oct(priv.stat().st_mode & 0o777) == oct(0o700)
+    assert {oct(f.stat().st_mode & 0o777) for f in priv.iterdir()} == {oct(0o600)}
     assert ledger.read(tmp_path / "pub")["epsilon"] == 0.0
     pub = [json.loads(x) for x in (tmp_path / "pub" / "prompts.jsonl").read_text().splitlines()]
     assert all("solution" not in r for r in pub)
+
+
+def test_prompts_split_from_a_private_source_are_not_public(tmp_path):
+    """Own data without `source_is_public`: the split's prompts are private problem texts, so
+    their ledger (and everything derived from it) is ε = inf with a note; a separate public source
+    is public."""
+    src = write_records(tmp_path / "all.jsonl", 10)
+    priv = tmp_path / "private" / "data" / "priv"
+    prepare(str(src), priv, tmp_path / "pub", private_fraction=0.5, seed=0)
+    rec = ledger.read(tmp_path / "pub")
+    assert math.isinf(rec["epsilon"]) and "source_is_public" in rec["notes"][0]
+    pub_src = write_records(tmp_path / "public.jsonl", 4)
+    (pub_src.parent / "p2.jsonl").write_text(pub_src.read_text().replace("Write", "Please write"))
+    prepare(str(src), tmp_path / "private" / "p2", tmp_path / "pub2", public_source=str(pub_src.parent / "p2.jsonl"))
+    assert ledger.read(tmp_path / "pub2")["epsilon"] == 0.0
 
 
 def run_cli(*args):
@@ -67,7 +87,8 @@ def test_cli_lists_every_stage():
 
 def test_cli_missing_model_path_is_one_clear_error(tmp_path, private_data):
     p = run_cli("dp-finetune", "--model", str(tmp_path / "nope"), "--data", str(private_data),
-                "--out", str(tmp_path / "o"), "--params", '{"epsilon": 4, "delta": 1e-5, "steps": 1}')
+                "--out", str(tmp_path / "o"), "--params",
+                '{"epsilon": 4, "delta": 1e-5, "steps": 1, "dataset_size": "public"}')
     assert p.returncode == 2
     assert "model path does not exist" in p.stderr and str(tmp_path / "nope") in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()

@@ -7,8 +7,8 @@ import struct
 import pandas as pd
 import pytest
 
-from conftest import write_records
-from privcode.dp import ledger
+from conftest import fake_dp_release
+from privcode import ledger
 from privcode.errors import PrivcodeError
 from privcode.evaluate.leakage import summarize
 from privcode.filters.roundtrip import apply_threshold
@@ -19,15 +19,12 @@ from privcode.report import figures, table4, table5
 @pytest.fixture
 def models(tmp_path):
     """Ledger entries of three models: public (ε = 0), DP (ε = 4), non-private (ε = inf)."""
-    data = write_records(tmp_path / "private" / "records.jsonl", 20)
     pub = tmp_path / "m" / "pre"
     ledger.derive(pub, stage="build_model")
     dp = tmp_path / "m" / "dp"
-    ledger.dp_release(dp, stage="dp_finetune", epsilon=4.0, delta=1e-5, accountant="prv", sampler="poisson",
-                      sample_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0, steps=10, private_data=str(data),
-                      n_records=20)
+    fake_dp_release(dp, 4.0, 1e-5)
     nondp = tmp_path / "m" / "nondp"
-    ledger.non_private(nondp, stage="finetune", private_data=str(data))
+    ledger.non_private(nondp, stage="finetune", reason="trained on the private records")
     return {"PreCode": pub, "PrivCode": dp, "NonDPFT": nondp}
 
 
@@ -52,7 +49,7 @@ def test_table4(tmp_path, models):
     table4.main(["--out", str(out), str(d1), str(d2)])
     df = pd.read_csv(out)
     assert list(df.columns) == ["model", "method", "epsilon", "delta", "leak@k0", "leak@k5", "leak@k100", "leak",
-                                "exposure", "exp@k0", "exp@k5", "exp@k100", "pii", "pii_other"]
+                                "exposure", "exp@k0", "exp@k5", "exp@k100", "pii", "pii_other", "note"]
     assert list(df["method"]) == ["NonDPFT", "PrivCode"]           # table3's method order
     nd, pc = df.iloc[0], df.iloc[1]
     assert math.isinf(nd["epsilon"]) and pc["epsilon"] == pytest.approx(4.0) and pc["delta"] == pytest.approx(1e-5)

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from privcode.dp import ledger  # noqa: E402
+from privcode import ledger  # noqa: E402
 from privcode.errors import PrivcodeError  # noqa: E402
 from privcode.filters import roundtrip as rt  # noqa: E402
 from privcode.io import read_jsonl, write_jsonl  # noqa: E402

@@ -138,10 +138,10 @@ def test_huge_output_is_capped_not_hung(backend):
     t = time.monotonic()
     r = backend.run("while True:\n    print('x' * 1000)\n", "python", lim)
     assert time.monotonic() - t < 5
-    assert r.status == "killed" and r.truncated and len(r.stdout) <= 10_000, r
+    assert r.status == "output_limit" and r.truncated and len(r.stdout) <= 10_000, r
     # a big write to stderr only is capped too
     r = backend.run("import sys\nsys.stderr.write('e' * 10**6)\n", "python", lim)
-    assert r.truncated and len(r.stderr) <= 10_000
+    assert r.status == "output_limit" and r.truncated and len(r.stderr) <= 10_000
 
 
 def test_memory_bomb_contained_by_rlimit_as(ns_backend):
@@ -157,13 +157,24 @@ def test_memory_bomb_contained_by_rlimit_as(ns_backend):
 def test_file_size_limit(backend):
     r = backend.run("with open('big', 'wb') as f:\n    f.write(b'0' * (3 * 1024 * 1024))\n", "python",
                     Limits(wall_s=5, cpu_s=2, fsize_mb=1))
-    assert r.status != "ok", r
+    assert r.status == "disk_limit" and "File too large" in r.stderr, r
+    r = backend.run("head -c 3000000 /dev/zero > big\n", "shell", Limits(wall_s=5, cpu_s=2, fsize_mb=1))
+    assert r.status == "disk_limit", r  # SIGXFSZ
 
 
 def test_concurrent_runs(backend):
     with cf.ThreadPoolExecutor(4) as ex:
         rs = list(ex.map(lambda i: backend.run(f"print({i} * 2)\n", "python", FAST), range(8)))
     assert [r.stdout for r in rs] == [f"{i * 2}\n" for i in range(8)]
+
+
+def test_pool_keeps_its_worker(ns_backend):
+    """Benign snippets never taint a worker: one sandbox serves them all (no restart)."""
+    if not ns_backend.fork_server:
+        pytest.skip("fork server only")
+    rs = [ns_backend.run(f"print({i})\n", "python", FAST) for i in range(20)]
+    assert [r.stdout for r in rs] == [f"{i}\n" for i in range(20)]
+    assert (ns_backend.pool.restarts, ns_backend.pool.started) == (0, 1)
 
 
 # ---- isolation --------------------------------------------------------------------------------
@@ -205,6 +216,12 @@ def test_get_backend_auto_and_errors(monkeypatch):
         get_backend("auto", require_isolation=True)
     with pytest.raises(PrivcodeError, match="pretend"):
         get_backend("bwrap")
+
+
+def test_drop_reasons_are_the_statuses():
+    """Every status a run can end in is a documented drop reason of the filter (or "ok")."""
+    from privcode.filters.exec_filter import DROP_REASONS
+    assert set(DROP_REASONS) == (set(sb.STATUSES) - {"ok"}) | {"syntax_error"}
 
 
 def test_limits_validation_and_defaults():
@@ -257,7 +274,7 @@ def test_container_command_line_docker(fake_engine):
     assert opt["--security-opt"] == "no-new-privileges" and "--read-only" in a and opt["--pids-limit"] == "48"
     assert opt["--tmpfs"].startswith("/tmp:rw,exec,nosuid,nodev,size=")
     img = a.index("privcode-sandbox")
-    assert a[img + 1:img + 5] == ["/usr/bin/python3", "-B", "-s", "-c"]  # the server, from the image
+    assert a[img + 1:img + 5] == ["/usr/bin/python3", "-I", "-B", "-c"]  # the server, from the image
     assert json.loads(a[-1])["workdir"] == "/tmp/sandbox"
     assert spec.kill_argv == ["/usr/bin/docker", "rm", "-f", opt["--name"]]
     # toolchains are the image's

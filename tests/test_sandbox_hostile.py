@@ -1,6 +1,8 @@
-"""The hostile suite: programs that attack the sandbox, on every backend that works here, one
-sandbox per snippet ("ps") and on fork-server workers ("fs"). Everything must be contained and
-nothing may hang. Programs that could hurt the host (fork bomb, disk fill) run only where the test
+"""Hostile programs at the backend level, on every backend that works here, one sandbox per
+snippet ("ps") and on fork-server workers ("fs"): resource bombs, leftovers, signals, output,
+the fork server's own defences. Everything must be contained and nothing may hang. Reads of
+private data, writes outside, network, environment and compile-time includes are attacked
+through the exec filter from a project outside /tmp in test_sandbox_escape.py. Programs that could hurt the host (fork bomb, disk fill) run only where the test
 has just confirmed the isolation (PID namespace, uid 65534, RLIMIT_NPROC, private /tmp); the
 network test connects only to a listener this test opens on 127.0.0.1; signals are only sent to
 processes this test started (its own fork-server workers).
@@ -11,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from privcode.sandbox import base as sb
 from privcode.sandbox.base import Limits
-from test_sandbox import PROJECT, Runner, _backend, confirm_isolation  # noqa: E402  (tests/ is on sys.path)
+from test_sandbox import Runner, _backend, confirm_isolation  # noqa: E402  (tests/ is on sys.path)
 
 FAST = Limits(wall_s=5, cpu_s=2)
 NAMESPACED = ("bwrap", "unshare")
@@ -93,14 +94,6 @@ def listener():
     srv.close()
 
 
-def test_network_is_isolated(ns_backend, listener):
-    port = listener.getsockname()[1]
-    r = ns_backend.run(_CONNECT.format(port=port), "python", FAST)
-    assert r.status == "ok" and r.stdout.startswith("FAILED"), r
-    with pytest.raises(BlockingIOError):
-        listener.accept()  # nothing reached the host's listener
-
-
 def test_rlimit_fallback_does_not_isolate_network(listener):
     """Documents the fallback's weakness (the connection goes to our own listener only)."""
     b = _backend("rlimit")
@@ -130,7 +123,7 @@ def test_fork_bomb_contained(ns_backend):
     assert _wait_gone(token.encode()) == []  # the namespace (or the server's kill(-1)) took them all
     r = ns_backend.run("import os\nprint(sorted(int(d) for d in os.listdir('/proc') if d.isdigit()))\n",
                        "python", FAST)
-    assert r.status == "ok" and len(json.loads(r.stdout)) <= 3, r  # PID 1 (+ a wrapper) + itself
+    assert r.status == "ok" and len(json.loads(r.stdout)) <= 3, r  # PID 1, the template, itself
 
 
 def test_fork_bomb_with_subprocesses_capped_by_nproc(ns_backend):
@@ -147,7 +140,7 @@ def test_fork_bomb_with_subprocesses_capped_by_nproc(ns_backend):
             "print(n)\n")
     t = time.monotonic()
     r = ns_backend.run(code, "python", lim)
-    assert r.status == "ok", r
+    assert r.status == "background_process", r  # it left its sleeps running: killed, and dropped
     assert int(r.stdout) < 32
     assert time.monotonic() - t < 8
     assert _wait_gone(token.encode()) == []
@@ -179,119 +172,17 @@ def test_disk_fill_contained(ns_backend):
             "except OSError as e:\n"
             "    print('many', errno.errorcode[e.errno], n)\n")
     r = ns_backend.run(code, "python", lim)
-    assert r.status == "ok", r
+    assert r.status == "disk_limit", r  # it caught ENOSPC and exited 0, but its tmpfs is full
     big, many = r.stdout.splitlines()
     assert big == "big EFBIG"  # RLIMIT_FSIZE
     assert many.startswith("many ENOSPC") and int(many.split()[2]) * 3 * 2**20 <= info["tmp_bytes"]
     if ns_backend.fork_server:  # the next snippet of the worker gets a clean, empty /tmp again
         r = ns_backend.run("import os\nst = os.statvfs('/tmp')\nprint(sorted(os.listdir('/tmp')), "
                            "st.f_bfree / st.f_blocks > 0.9)\n", "python", lim)
-        assert r.stdout.strip() in ("['sandbox'] True", "['.privcode-tc', 'sandbox'] True"), r
-
-
-# ---- file system --------------------------------------------------------------------------------
-
-def test_cannot_write_outside_sandbox_tmp(backend):
-    if backend.name == "rlimit":
-        pytest.skip("documented: the rlimit fallback does not protect world-writable directories")
-    shared = Path(tempfile.mkdtemp(prefix="privcode-test-ww-"))
-    try:
-        shared.chmod(0o777)
-        target = shared / "escaped.txt"
-        proj_target = PROJECT / f".privcode-sandbox-escape-{uuid.uuid4().hex}"
-        own = f"/tmp/privcode-own-{uuid.uuid4().hex}.txt"
-        code = (f"for p in ({str(target)!r}, {str(proj_target)!r}, {own!r}, '/usr/evil', '/etc/evil', '/evil'):\n"
-                "    try:\n"
-                "        open(p, 'w').write('x')\n"
-                "        print('WROTE', p)\n"
-                "    except OSError as e:\n"
-                "        print('DENIED', p, type(e).__name__)\n")
-        r = backend.run(code, "python", FAST)
-        assert r.status == "ok", r
-        assert not target.exists() and not proj_target.exists()
-        assert f"WROTE {own}" in r.stdout and not Path(own).exists()  # its own /tmp: writable, private
-        assert f"DENIED {target}" in r.stdout and f"DENIED {proj_target}" in r.stdout
-        assert "WROTE /usr/evil" not in r.stdout and "WROTE /etc/evil" not in r.stdout and "WROTE /evil" not in r.stdout
-    finally:
-        for p in shared.iterdir():
-            p.unlink()
-        shared.rmdir()
-
-
-@pytest.fixture
-def private_files():
-    """A private (0600) training-data file and a world-readable results file in the project."""
-    results = PROJECT / "results"
-    created = not results.exists()
-    results.mkdir(exist_ok=True)
-    tag = uuid.uuid4().hex
-    private = results / f".privcode-sandbox-private-{tag}.jsonl"
-    public = results / f".privcode-sandbox-result-{tag}.json"
-    private.write_text("TOP-SECRET-TRAINING-RECORD\n")
-    private.chmod(0o600)
-    public.write_text("RESULT-FILE\n")
-    public.chmod(0o644)
-    yield private, public
-    private.unlink()
-    public.unlink()
-    if created:
-        results.rmdir()
-
-
-_READ = ("import os\nfor p in ({paths}):\n"
-         "    try:\n"
-         "        print('READ:' + open(p).read().strip()[:40].replace(chr(10), ' '))\n"
-         "    except OSError as e:\n"
-         "        print('NOPE', type(e).__name__)\n")
-
-
-def test_private_data_and_results_unreadable(backend, private_files):
-    private, public = private_files
-    paths = ", ".join(repr(str(p)) for p in (private, public, PROJECT / "privcode" / "__init__.py", "/etc/shadow"))
-    r = backend.run(_READ.format(paths=paths), "python", FAST)
-    assert r.status == "ok", r
-    lines = r.stdout.splitlines()
-    assert "TOP-SECRET" not in r.stdout
-    if backend.isolation == "namespaces+fs":
-        assert lines == ["NOPE FileNotFoundError"] * 4  # not even there
-    elif os.geteuid() == 0:  # unshare/rlimit run as nobody: mode 0600 protects, world-readable does not
-        # unreadable either way: denied (0600), or hidden when the checkout lives under /tmp, which
-        # the unshare backend replaces by a private tmpfs (CI clones may live there)
-        unreadable = {"NOPE PermissionError", "NOPE FileNotFoundError"}
-        assert lines[0] in unreadable and lines[3] in unreadable
-        # documented weakness: world-readable files can be read (unless hidden under /tmp)
-        assert lines[1] == "READ:RESULT-FILE" or (lines[1] == "NOPE FileNotFoundError"
-                                                  and str(public).startswith("/tmp/"))
-    else:
-        pytest.skip("rlimit as a normal user runs as that user: it reads what the user can")
-
-
-def test_compiler_cannot_include_host_files(backend, private_files):
-    if backend.backend.plan("cpp") is None or isinstance(backend.backend.plan("cpp"), str):
-        pytest.skip("no C++ toolchain")
-    private, _ = private_files
-    code = f'#include "{private}"\nint main() {{ return 0; }}\n'
-    r = backend.run(code, "cpp", Limits(wall_s=5, cpu_s=2, compile_s=20))
-    assert r.status == "error" and r.phase == "compile", r
-    assert "TOP-SECRET" not in r.stderr
+        assert r.stdout.strip() == "['sandbox'] True", r
 
 
 # ---- environment, processes, signals -------------------------------------------------------------
-
-def test_environment_secrets_not_visible(backend, monkeypatch):
-    monkeypatch.setenv("PRIVCODE_TEST_SECRET", "s3cr3t-value")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
-    code = ("import os\nout = dict(os.environ)\n"
-            "for p in ('/proc/1/environ', '/proc/self/environ', '/proc/%d/environ' % os.getppid()):\n"
-            "    try:\n"
-            "        out[p] = open(p, 'rb').read().decode('latin-1')\n"
-            "    except OSError as e:\n"
-            "        out[p] = type(e).__name__\n"
-            "print(out)\n")
-    r = backend.run(code, "python", FAST)
-    assert r.status == "ok", r
-    assert "s3cr3t-value" not in r.stdout and "PRIVCODE_TEST_SECRET" not in r.stdout
-
 
 def test_background_children_killed(backend):
     token = f"3{uuid.uuid4().int % 10**6}.75"
@@ -306,43 +197,43 @@ def test_background_children_killed(backend):
             "print('started')\n")
     t = time.monotonic()
     r = backend.run(code, "python", Limits(wall_s=8, cpu_s=2))
-    assert (r.status, r.stdout) == ("ok", "started\n"), r
+    assert (r.status, r.stdout) == ("background_process", "started\n"), r
     assert time.monotonic() - t < 4  # nothing kept the pipes open
     assert _wait_gone(token.encode()) == []
     if backend.fork_server and backend.isolation != "rlimit":  # and the next snippet sees nobody
         r = backend.run("import os\nprint(len([d for d in os.listdir('/proc') if d.isdigit()]))\n", "python", FAST)
-        assert r.status == "ok" and int(r.stdout) <= 2, r  # the server (PID 1) and itself
+        assert r.status == "ok" and int(r.stdout) <= 3, r  # the server (PID 1), the template and itself
 
 
 def test_signals_to_parent_filter_survives(backend):
+    """A snippet's parent is the template (same uid): killing it ends the snippet as "killed" and
+    the worker is replaced; the server (PID 1, or the rlimit server) and the filter survive."""
     r = backend.run("import os, signal, time\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\n"
                     "except OSError as e:\n    print(type(e).__name__)\ntime.sleep(0.2)\nprint('alive')\n",
                     "python", FAST)
-    if backend.isolation == "rlimit":
-        # its parent is the (one-shot or long-lived) server, same uid, no PID namespace: it dies,
-        # the snippet is "killed", the worker replaced -- the filter itself is not its parent
-        assert r.status in ("killed", "ok"), r
-    else:
-        # the parent is PID 1 of the namespace (signals from inside are ignored) or root (EPERM)
-        assert r.status == "ok" and r.stdout.endswith("alive\n"), r
-    if backend.isolation != "rlimit":
-        r = backend.run("import os, signal\nfor pid in (1, -1):\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
-                        "    except OSError as e:\n        print(type(e).__name__)\nprint('alive')\n", "python", FAST)
-        assert r.status == "ok" and r.stdout.endswith("alive\n"), r
-    r = backend.run("print('next')\n", "python", FAST)  # the worker (or a fresh one) still serves
+    assert r.status == "killed" and "template" in r.detail, r
+    r = backend.run("print('next')\n", "python", FAST)  # a fresh worker serves
     assert (r.status, r.stdout) == ("ok", "next\n"), r
-    if backend.fork_server and backend.isolation == "rlimit":
-        assert backend.pool.restarts <= 1
+    if backend.isolation != "rlimit":  # PID 1 ignores signals from inside; kill(-1) reaches the template
+        r = backend.run("import os, signal, time\nos.kill(1, signal.SIGKILL)\ntime.sleep(0.2)\nprint('alive')\n",
+                        "python", FAST)
+        assert (r.status, r.stdout) == ("ok", "alive\n"), r
+        r = backend.run("import os, signal\nos.kill(-1, signal.SIGKILL)\n", "python", FAST)
+        assert r.status == "killed", r
+        r = backend.run("print('next')\n", "python", FAST)
+        assert (r.status, r.stdout) == ("ok", "next\n"), r
+    if backend.fork_server:
+        assert backend.pool.restarts == (1 if backend.isolation == "rlimit" else 2)
 
 
 def test_huge_single_line(backend):
     lim = Limits(wall_s=10, cpu_s=5, output_bytes=10_000)
     t = time.monotonic()
     r = backend.run("import sys\nsys.stdout.write('x' * 10**8)\n", "python", lim)
-    assert r.status == "killed" and r.truncated and len(r.stdout) == 10_000, r
+    assert r.status == "output_limit" and r.truncated and len(r.stdout) == 10_000, r
     r = backend.run("import sys\nsys.stderr.write('y' * 10**7)\nsys.stderr.flush()\nimport time\ntime.sleep(30)\n",
                     "python", lim)
-    assert r.status == "killed" and r.truncated and len(r.stderr) <= 10_000, r
+    assert r.status == "output_limit" and r.truncated and len(r.stderr) <= 10_000, r
     # a huge single line of *code* (a 3 MB literal) goes in and runs
     r = backend.run("s = '" + "z" * 3_000_000 + "'\nprint(len(s))\n", "python", Limits(wall_s=10, cpu_s=5))
     assert (r.status, r.stdout) == ("ok", "3000000\n"), r
@@ -352,9 +243,9 @@ def test_huge_single_line(backend):
 def test_infinite_output(backend):
     t = time.monotonic()
     r = backend.run("while True:\n    print('spam')\n", "python", Limits(wall_s=5, cpu_s=2, output_bytes=5000))
-    assert r.status == "killed" and r.truncated, r
+    assert r.status == "output_limit" and r.truncated, r
     r = backend.run("yes\n", "shell", Limits(wall_s=5, cpu_s=2, output_bytes=5000))
-    assert r.status == "killed" and r.truncated, r
+    assert r.status == "output_limit" and r.truncated, r
     assert time.monotonic() - t < 5
     # (infinite loops and sleeping past the limit: test_sandbox.py)
 

@@ -33,7 +33,7 @@ def test_scale_script_dp_runs_one_and_two_processes_with_the_same_epsilon(tmp_pa
 def test_scale_script_dpft_mode_runs_dp_sgd_with_its_own_micro_batches(tmp_path):
     text = _run("dpft", tmp_path, NG="1")
     assert re.search(r"DPFT tiny x1 GPU \(fast path\): tokens/s \d+ .* eps 3\.9", text), text
-    stats = (tmp_path / "work" / "dpft1" / "train_stats.json").read_text()
+    stats = (tmp_path / "work" / "private" / "dpft1" / "train_stats.json").read_text()  # the private zone
     assert '"micro_batch_size": 64' in stats and '"micro_batch_tokens": 8192' in stats
 
 

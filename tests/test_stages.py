@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from privcode.dp import ledger
+from conftest import fake_dp_release
+from privcode import ledger
 from privcode.errors import PrivcodeError
 from privcode.io import read_jsonl, write_json, write_jsonl
 
@@ -87,9 +88,7 @@ def test_table3_reads_epsilon_from_the_ledger_only(tmp_path, private_data):
     pub = tmp_path / "pub"
     ledger.derive(pub, stage="build")
     dp = tmp_path / "dp"
-    ledger.dp_release(dp, stage="dp", epsilon=3.5, delta=1e-6, accountant="prv", sampler="poisson",
-                      sample_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0, steps=10,
-                      private_data=str(private_data), n_records=20)
+    fake_dp_release(dp, 3.5, 1e-6)
     dirs = [_eval_dir(tmp_path, "m", "PrivCode", "eps4", [dp], 40.0, 35.0),
             _eval_dir(tmp_path, "m", "PreCode", "base", [pub], 30.0, 25.0),
             _eval_dir(tmp_path, "m", "NonDPFT", "inf", [private_data.parent], 50.0, 45.0)]

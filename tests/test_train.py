@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conftest import write_records
-from privcode.dp import accountant, ledger
+from privcode import ledger
+from privcode.dp import accountant
 from privcode.errors import PrivcodeError
 from privcode.train import TrainConfig, build_lora_model, collate, load_rows, per_record_loss, train_dp, train_nondp
 
 DP = dict(epsilon=8.0, delta=1e-3, steps=3, batch_size=5, micro_batch_size=2, max_length=64, lr=1e-2,
-          lora_targets=["q_proj", "v_proj"], prompt_format="qa")
+          lora_targets=["q_proj", "v_proj"], prompt_format="qa", dataset_size="public")
 
 
 def test_dp_run_ledger_and_adapter(tiny_model, private_data, tmp_path):
@@ -26,7 +27,7 @@ def test_dp_run_ledger_and_adapter(tiny_model, private_data, tmp_path):
     assert priv["epsilon"] <= 8.0 and priv["epsilon"] > 7.5
     assert rel["epsilon_rdp"] >= priv["epsilon"]
     assert len(stats["batch_sizes"]) == 3 and stats["lora_max_abs_delta"] > 0
-    assert (out / "adapter_config.json").exists() and (out / "train_stats.json").exists()
+    assert (out / "adapter_config.json").exists() and not (out / "train_stats.json").exists()
 
 
 def test_dp_refuses_inputs_the_accountant_does_not_cover(tiny_model, private_data, tmp_path):
@@ -76,11 +77,12 @@ def test_per_record_gradients_match_batch_of_one(tiny_model, tmp_path):
 
 
 def test_nondp_on_private_data_is_inf(tiny_model, private_data, tmp_path):
-    out = tmp_path / "ft"
+    out, priv = tmp_path / "ft", tmp_path / "private" / "ft"
     stats = train_nondp(str(tiny_model), str(private_data), out,
-                        TrainConfig(steps=2, batch_size=4, max_length=64, prompt_format="qa"))
+                        TrainConfig(steps=2, batch_size=4, max_length=64, prompt_format="qa"), private_dir=priv)
     assert math.isinf(ledger.read(out)["epsilon"]) and stats["lora_max_abs_delta"] > 0
-    assert json.loads((out / "train_stats.json").read_text())["mode"] == "non-dp"
+    assert json.loads((priv / "train_stats.json").read_text())["mode"] == "non-dp"  # statistics: the zone
+    assert not (out / "train_stats.json").exists()
 
 
 def test_unknown_option_is_an_error():
@@ -96,7 +98,8 @@ def test_micro_batch_grouping_does_not_change_the_dp_model(tiny_model, private_d
     runs = {}
     for name, knobs in {"one": {"micro_batch_size": 1}, "tok": {"micro_batch_size": 8, "micro_batch_tokens": 256}}.items():
         out = tmp_path / name
-        stats = train_dp(str(tiny_model), str(private_data), out, TrainConfig(**{**DP, **knobs}))
+        cfg = TrainConfig(**{**DP, **knobs, "reproducible_seed": 3})  # the same noise and samples in both
+        stats = train_dp(str(tiny_model), str(private_data), out, cfg)
         runs[name] = (load_file(out / "adapter_model.safetensors"), stats["batch_sizes"])
     (a, sa), (b, sb) = runs["one"], runs["tok"]  # rows <= max_length 64: "tok" packs >= 4 rows a batch
     assert sa == sb and sum(sa) > 0

@@ -17,6 +17,7 @@ CONFIGS = sorted((REPO / "config").glob("*.yaml")) + sorted((REPO / "tests" / "c
 
 def snakemake_run(*args, cwd=REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    env.pop("PRIVCODE_ZONE", None)  # the workflow's zone is private/ in its working directory
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
@@ -82,7 +83,8 @@ def test_models_own_dp_finetune_memory_knobs_reach_their_runs_only():
     for that model's DP runs; the premium models' DPFT/JFT runs keep the section's."""
     out = snakemake("-n", "-p", "--forceall", "results/table3.csv", "--configfile", "config/paper.yaml")
     runs = {}
-    for m in re.finditer(r"dp-finetune --model (\S+) .*?--out results/dp/([^/]+)/(\S+?)/eps\S+ --params '(\{.*?\})'", out):
+    for m in re.finditer(r"dp-finetune --model (\S+) .*?--out results/dp/([^/]+)/(\S+?)/eps\S+ --private-dir \S+ "
+                         r"--params '(\{.*?\})'", out):
         runs[(m.group(2), m.group(3))] = json.loads(m.group(4))
     assert len(runs) == 9, sorted(runs)
     for (model, variant), p in runs.items():
@@ -123,12 +125,12 @@ def test_dry_run_paper_sweeps_and_tables():
 
 def test_paper_table3_trains_on_the_private_data_alone():
     """paper.yaml's Table 3 runs never see the canaries (the paper runs Table 4 separately): every
-    DP run and the NonDPFT fine-tune read results/data/private."""
+    DP run and the NonDPFT fine-tune read private/data/private (the private zone)."""
     out = snakemake("-n", "-p", "--forceall", "results/table3.csv", "--configfile", "config/paper.yaml")
     data = re.findall(r"dp-finetune --model \S+ --data (\S+)", out)
-    assert len(data) == 9 and set(data) == {"results/data/private/records.jsonl"}, data
+    assert len(data) == 9 and set(data) == {"private/data/private/records.jsonl"}, data
     nondp = re.findall(r"(?<!dp-)finetune --model \S+ --data (\S+) --out results/ft/[^/]+/NonDPFT/", out)
-    assert len(nondp) == 4 and set(nondp) == {"results/data/private/records.jsonl"}, nondp
+    assert len(nondp) == 4 and set(nondp) == {"private/data/private/records.jsonl"}, nondp
     assert "private_canary" not in out
 
 
@@ -147,7 +149,7 @@ def test_paper_table4_overlay_is_its_own_experiment(tmp_path):
     j = jobs(out)
     assert j["inject_canaries"] == 1 and j["leakage"] == 4 * 5 and j["dp_finetune"] == 9 and j["table4"] == 1
     data = re.findall(r"dp-finetune --model \S+ --data (\S+)", out)
-    assert set(data) == {"results/data/private_canary/records.jsonl"}, data
+    assert set(data) == {"private/data/private_canary/records.jsonl"}, data
 
 
 # ---- exec_filter.container_image: the rule's `container:` for `snakemake --sdm apptainer` --------
@@ -257,7 +259,7 @@ sys.exit(main(sys.argv[2:]))
 def test_exec_filter_runs_with_stdlib_and_tqdm_only(tmp_path):
     import tqdm
 
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.io import read_json, write_jsonl
 
     site = tmp_path / "site"  # privcode + tqdm only; `-I -S`: no site-packages, no PYTHONPATH
@@ -360,3 +362,69 @@ def test_schema_train_defaults_equal_train_config_defaults():
         assert default == spec["default"], f"'{key}': schema default {spec['default']!r}, TrainConfig {default!r}"
         checked += 1
     assert checked >= 10 and props["privsa_compile"]["default"] is False
+
+
+def test_conda_env_resolves_after_snakemake_copies_it(tmp_path):
+    """#16 item 3: the env file holds no path relative to the repository (Snakemake copies it away),
+    DeepSpeed is in it for the GPU rules, and the post-deploy script installs privcode from the
+    workflow's own source — found from the working directory (also `-d runs/x`) or $PRIVCODE_SRC."""
+    copy = tmp_path / ".snakemake" / "conda" / "abc123.yaml"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(REPO / "envs" / "privcode.yaml", copy)
+    env = yaml.safe_load(copy.read_text())
+    pips = [x for d in env["dependencies"] if isinstance(d, dict) for x in d["pip"]]
+    assert not [x for x in pips if x.startswith(("-e", ".", "/")) or "../" in x], pips
+    assert any(x.startswith("deepspeed") for x in pips)
+    post = REPO / "envs" / "privcode.post-deploy.sh"
+    run_dir = REPO / "runs" / f"postdeploy-{os.getpid()}"  # runs/ is git-ignored
+    run_dir.mkdir(parents=True)
+    try:
+        base = dict(os.environ, PRIVCODE_POST_DEPLOY_DRYRUN="1")
+        base.pop("PRIVCODE_SRC", None)
+        p = subprocess.run(["bash", str(post)], cwd=run_dir, env=base, capture_output=True, text=True)
+        assert p.returncode == 0 and p.stdout.splitlines()[0] == f"python -m pip install {REPO}", p.stderr
+    finally:
+        run_dir.rmdir()
+    p = subprocess.run(["bash", str(post)], cwd=tmp_path, env=base, capture_output=True, text=True)
+    assert p.returncode == 1 and "set PRIVCODE_SRC" in p.stderr
+    p = subprocess.run(["bash", str(post)], cwd=tmp_path, env={**base, "PRIVCODE_SRC": "/opt/privcode"},
+                       capture_output=True, text=True)
+    assert p.stdout.splitlines()[0] == "python -m pip install /opt/privcode"
+
+
+def test_paper_gpu_jobs_take_their_own_gpus_and_4_where_it_pays():
+    """#16 items 1-2: every GPU rule's command starts with `privcode gpu-run --gpus N`; DP stage 1,
+    DPFT and the utility fine-tune run torchrun on 4 GPUs; the CPU demo has no gpu-run at all."""
+    out = snakemake("-n", "-p", "--forceall", "results/table3.csv", "--configfile", "config/paper.yaml")
+    dp = re.findall(r"(privcode gpu-run --gpus \d -- \S+(?: --standalone --nproc_per_node \d -m privcode.cli)?) "
+                    r"dp-finetune", out)
+    assert len(dp) == 9 and set(dp) == {"privcode gpu-run --gpus 4 -- torchrun --standalone --nproc_per_node 4 "
+                                        "-m privcode.cli"}
+    for stage in ("generate", "roundtrip-filter", "evaluate"):
+        cmds = re.findall(rf"(\S+ gpu-run --gpus \d -- privcode|privcode) {stage} ", out)
+        assert cmds and set(cmds) == {"privcode gpu-run --gpus 1 -- privcode"}, (stage, set(cmds))
+    assert "privcode gpu-run --gpus 4 -- torchrun --standalone --nproc_per_node 4 -m privcode.cli finetune" in out
+    assert "gpu-run" not in snakemake("-n", "-p", "--forceall")
+
+
+def test_slurm_submit_string_keeps_a_4_gpu_job_on_one_node():
+    """#16 item 4: the slurm plugin's own submit string for the 4-GPU fine-tune, from the profile's
+    resources: one node, 4 GPUs of the model asked for, the profile's CPUs and memory."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    prof = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    gpus = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())["resources"]["gpus"]
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    for rule in ("dp_finetune", "finetune"):
+        res = Resources({**prof["default-resources"], **prof["set-resources"][rule], "gpu": gpus[rule]})
+        job = SimpleNamespace(resources=res, threads=1, is_group=lambda: False, name=rule, wildcards={})
+        call = get_submit_command(job, {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "account": "",
+                                        "partition": "", "workdir": "/w"}) + set_gres_string(job)
+        assert "--nodes=1" in call and "--gpus=h100:4" in call, call
+        assert f"--cpus-per-task={res['cpus_per_task']}" in call and f"--mem {res['mem_mb']}" in call, call

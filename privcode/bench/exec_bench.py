@@ -15,7 +15,8 @@ min(workers, cores). All snippets must succeed (a failed one is reported, the fi
 the strongest backend with the fork server.
 
     privcode bench exec [--backends auto|all|bwrap,rlimit] [--workers N] [--n-trivial 400]
-                        [--n-real 200] [--langs] [--out results/bench_exec.json]
+                        [--n-real 200] [--langs] [--modes fork-server,per-snippet] [--no-peer]
+                        [--out results/bench_exec.json]
 """
 from __future__ import annotations
 
@@ -84,13 +85,13 @@ def _row(backend, mode, workload, n, workers, dt, ok, bad, cores) -> dict:
 
 
 def bench(backends: list[str], workers: int, n_trivial: int, n_real: int, langs: bool,
-          log=print) -> dict:
+          log=print, modes=("fork-server", "per-snippet"), peer: bool = True) -> dict:
     cores = os.cpu_count() or 1
     limits = Limits(wall_s=10, cpu_s=10)
     workloads = {"trivial": ["x = 1\n"] * n_trivial, "realistic": realistic_snippets(n_real)}
     rows = []
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable  # as in the sandbox
-    for wl, snippets in workloads.items():
+    for wl, snippets in workloads.items() if peer else ():
         dt, ok, bad = _timed(_peer(python, limits), snippets, workers)
         rows.append(_row("none (python -c)", "per-snippet", wl, len(snippets), workers, dt, ok, bad, cores))
         log(_fmt(rows[-1]))
@@ -100,11 +101,14 @@ def bench(backends: list[str], workers: int, n_trivial: int, n_real: int, langs:
             log(f"skip {name}: {be.why_unavailable()}")
             continue
         for wl, snippets in workloads.items():
-            with be.pool(workers, limits) as pool:
-                _timed(lambda c: pool.run(c, "python", limits), ["pass\n"] * workers, workers)  # start
-                dt, ok, bad = _timed(lambda c: pool.run(c, "python", limits), snippets, workers)
-            rows.append(_row(name, "fork-server", wl, len(snippets), workers, dt, ok, bad, cores))
-            log(_fmt(rows[-1]))
+            if "fork-server" in modes:
+                with be.pool(workers, limits) as pool:
+                    _timed(lambda c: pool.run(c, "python", limits), ["pass\n"] * workers, workers)  # start
+                    dt, ok, bad = _timed(lambda c: pool.run(c, "python", limits), snippets, workers)
+                rows.append(_row(name, "fork-server", wl, len(snippets), workers, dt, ok, bad, cores))
+                log(_fmt(rows[-1]))
+            if "per-snippet" not in modes:
+                continue
             k = max(workers, len(snippets) // 4)  # per-snippet sandboxes are slow: a quarter is enough
             dt, ok, bad = _timed(lambda c: be.run(c, "python", limits), snippets[:k], workers)
             rows.append(_row(name, "per-snippet", wl, k, workers, dt, ok, bad, cores))
@@ -162,6 +166,9 @@ def main(argv=None) -> None:
     p.add_argument("--n-trivial", type=int, default=400)
     p.add_argument("--n-real", type=int, default=200)
     p.add_argument("--langs", action="store_true", help="also time a hello world per language")
+    p.add_argument("--modes", default="fork-server,per-snippet",
+                   help="comma list of fork-server, per-snippet (default both)")
+    p.add_argument("--no-peer", action="store_true", help="skip the unsandboxed `python -c` rows")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
     if a.backends == "all":
@@ -174,7 +181,10 @@ def main(argv=None) -> None:
         if unknown:
             raise SystemExit(f"unknown backends {unknown} (choose from {', '.join(sb.BACKENDS)})")
     try:
-        res = bench(names, a.workers, a.n_trivial, a.n_real, a.langs)
+        modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
+        if not modes or set(modes) - {"fork-server", "per-snippet"}:
+            raise SystemExit(f"--modes: choose from fork-server, per-snippet (got {a.modes!r})")
+        res = bench(names, a.workers, a.n_trivial, a.n_real, a.langs, modes=modes, peer=not a.no_peer)
     except PrivcodeError as e:
         raise SystemExit(f"privcode: error: {e}")
     print()

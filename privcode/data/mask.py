@@ -1,6 +1,6 @@
 """JFT's first stage input: the private records with detected PII replaced by placeholders.
 
-    privcode mask-pii --data results/data/private_canary/records.jsonl --out results/data/private_masked
+    privcode mask-pii --data private/data/private_canary/records.jsonl --out private/data/private_masked
 
 Not a privacy mechanism in the DP sense: masking misses what the detector misses, so the output
 is still private data (its privacy.json keeps ε = inf for one record). JFT ("just fine-tune
@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 from privcode.io import atomic_dir, iter_jsonl, write_json, write_jsonl
+
+MASK_NOTE = "selective DP only: a non-private stage read PII-masked private data"
 
 
 def mask_text(text: str, detector) -> tuple[str, int]:
@@ -29,7 +31,7 @@ def mask_text(text: str, detector) -> tuple[str, int]:
 
 
 def main(argv=None) -> None:
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.evaluate.pii import get_detector
 
     ap = argparse.ArgumentParser(prog="privcode mask-pii", description=__doc__,
@@ -46,9 +48,10 @@ def main(argv=None) -> None:
             r[f], n = mask_text(r[f], det)
             masked += n
         recs.append(r)
-    with atomic_dir(a.out) as tmp:
+    with atomic_dir(a.out, private=True) as tmp:  # still private data: the private zone
         write_jsonl(tmp / "records.jsonl", recs)
         write_json(tmp / "stats.json", {"records": len(recs), "masked_spans": masked, "detector": a.detector})
-        # derived from private data without DP: composes to ε = inf, marked as PII-masked
-        ledger.derive(tmp, stage="mask_pii", parents=[str(Path(a.data).parent)], pii_masked=True)
+        # derived from private data without DP: ε = inf, the same data set for the budget
+        ledger.private_source(tmp, stage="mask_pii", n_records=len(recs), parents=[str(Path(a.data).parent)],
+                              note=MASK_NOTE, detector=a.detector)
     print(json.dumps({"records": len(recs), "masked_spans": masked}))

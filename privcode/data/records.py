@@ -1,16 +1,21 @@
 """Load and validate instruction→code records from JSONL, Parquet or a Hugging Face dataset.
 
     privcode prepare-data --source results/data/taskgen/records.jsonl \
-        --private results/data/private --public results/data/public --params '{"private_fraction": 0.5}'
+        --private private/data/private --public results/data/public --params '{"private_fraction": 0.5}'
     privcode prepare-data --source hf:ise-uiuc/Magicoder-OSS-Instruct-75K ...   # paper
 
 The split is a seeded shuffle: `private_fraction` of the records become the private set (one
-record = one privacy unit); the rest lose their solutions and become the public prompts that the
-DP model answers. Public prompts are *assumed public* (they are never trained on under DP).
+record = one privacy unit), written to the private zone; the rest lose their solutions and
+become the prompts that the DP model answers. Those prompts are public only when `source` is
+public data standing in for private data (`source_is_public: true`, the paper's setting) or when
+they come from a separate `public_source`; otherwise they are private problem texts, and their
+ledger (and everything built on them) says ε = inf.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import random
 from pathlib import Path
@@ -32,7 +37,12 @@ def load_records(source: str, columns: dict | None = None, hf_split: str = "trai
         name = source[3:] if source.startswith("hf:") else source
         from datasets import load_dataset
 
-        ds = load_dataset(name, split=hf_split)
+        try:
+            ds = load_dataset(name, split=hf_split)
+        except (OSError, ConnectionError, ValueError) as e:  # offline, unknown name or split
+            from privcode.models import hub_error
+
+            raise hub_error(name, e, what="dataset") from None
         rows = [(f"{name}[{hf_split}]", i + 1, r) for i, r in enumerate(ds)]
     elif not p.exists():
         raise PrivcodeError("data file does not exist", path=p)
@@ -80,30 +90,60 @@ def split(records: list[dict], private_fraction: float, seed: int) -> tuple[list
     return priv, pub
 
 
+def data_id_of(records: list[dict]) -> str:
+    """Identity of a private data set for the budget registry (private zone only): a hash of its
+    records, so the same source prepared again (another split seed, `-d` directory, `rm -rf
+    results`) is the same data set."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.get("problem"), r.get("solution"), r.get("lang")], ensure_ascii=False).encode())
+    return h.hexdigest()[:32]
+
+
 def prepare(source: str, private_dir: Path, public_dir: Path, *, private_fraction: float = 0.26, seed: int = 42,
             columns: dict | None = None, hf_split: str = "train", public_source: str | None = None,
-            max_private: int | None = None, max_public: int | None = None) -> dict:
-    from privcode.dp import ledger
+            max_private: int | None = None, max_public: int | None = None, source_is_public: bool = False,
+            delta: float | None = None, dataset_size=None) -> dict:
+    """Split `source` into private records (private zone) and public prompts.
+
+    The public prompts are public only if they come from a separate `public_source`, or if the
+    whole `source` is public data standing in for private data (`source_is_public`, the paper's
+    Magicoder setting). A split of a source that is not declared public leaves private problem
+    texts in the "public" prompts: their ledger says ε = inf, and so does everything built on them."""
+    from privcode import ledger
 
     recs = load_records(source, columns, hf_split)
+    data_id = data_id_of(recs)  # the whole source: every split of it is one data set for the budget
     if public_source:
         priv = recs
         pub = load_records(public_source, columns, hf_split, need_solution=False)
     else:
         priv, pub = split(recs, private_fraction, seed)
     priv, pub = priv[:max_private] if max_private else priv, pub[:max_public] if max_public else pub
+    if delta is not None:  # fail now, not after hours of upstream work when the DP job starts
+        n_hat = len(priv) if dataset_size in (None, "public") else int(dataset_size)
+        if not 0 < delta < 1 / n_hat:
+            raise PrivcodeError(f"privacy.delta={delta} must be below 1/N = {1 / n_hat:.3g} (N = {n_hat}"
+                                f"{' declared' if dataset_size not in (None, 'public') else ' private records'})",
+                                field="privacy.delta")
     overlap = {r["problem"] for r in priv} & {r["problem"] for r in pub}
     if overlap:
         raise PrivcodeError(f"{len(overlap)} public prompts also appear in the private data; "
                             "public prompts must be disjoint from private records", path=public_source or source)
-    with atomic_dir(private_dir) as tmp:
+    with atomic_dir(private_dir, private=True) as tmp:
         write_jsonl(tmp / "records.jsonl", priv)
-        ledger.private_source(tmp, stage="prepare_data", private_data=str(tmp / "records.jsonl"),
-                              n_records=len(priv), source=source)
+        ledger.private_source(tmp, stage="prepare_data", n_records=len(priv), data_id=data_id, source=source)
     with atomic_dir(public_dir) as tmp:
         write_jsonl(tmp / "prompts.jsonl", ({"id": r["id"], "problem": r["problem"], "lang": r["lang"]} for r in pub))
-        ledger.derive(tmp, stage="prepare_data", source=public_source or source,
-                      note="public prompts (assumed public; disjoint from the private records)")
+        if public_source or source_is_public:
+            ledger.derive(tmp, stage="prepare_data", source=public_source or source,
+                          note=None, public="a separate public source" if public_source
+                          else "the source is declared public (data.source_is_public)")
+        else:
+            ledger.non_private(tmp, stage="prepare_data", source=source,
+                               reason="public prompts split from a source not declared public: they are private "
+                                      "records' problem texts",
+                               note="public prompts split from private data (data.source_is_public is false)")
     return {"private": len(priv), "public": len(pub)}
 
 
@@ -114,7 +154,16 @@ def main(argv=None) -> None:
     ap.add_argument("--private", required=True, type=Path, help="output directory of the private records")
     ap.add_argument("--public", required=True, type=Path, help="output directory of the public prompts")
     ap.add_argument("--params", default="{}", help="JSON: private_fraction, seed, columns, hf_split, "
-                    "public_source, max_private, max_public")
+                    "public_source, max_private, max_public, source_is_public, delta and dataset_size (checked: "
+                    "δ < 1/N)")
     a = ap.parse_args(argv)
-    counts = prepare(a.source, a.private, a.public, **json.loads(a.params))
+    try:
+        params = json.loads(a.params)
+    except json.JSONDecodeError as e:
+        raise PrivcodeError(f"--params is not valid JSON: {e.msg}") from None
+    known = set(inspect.signature(prepare).parameters) - {"source", "private_dir", "public_dir"}
+    bad = sorted(set(params) - known) if isinstance(params, dict) else ["(not an object)"]
+    if bad:
+        raise PrivcodeError(f"unknown prepare-data option(s) {bad}; known: {sorted(known)}", path="--params")
+    counts = prepare(a.source, a.private, a.public, **params)
     print(json.dumps(counts))

@@ -6,18 +6,22 @@
 Guarantee: (ε, δ)-DP with one record of the private JSONL as the unit, for the sequence of
 noisy LoRA updates (and so for anything computed from them). Mechanism per step:
 - Poisson sampling: every record is in the step's batch independently with probability q
-  (Opacus's samplers; with several processes each record lives on exactly one rank, each rank
-  draws from its own RNG stream, so inclusions stay independent);
+  (Opacus's sampler; with several processes every rank draws the same global sample from one
+  shared secret stream and computes the clipped gradients of its share: privcode.dp.sampling);
 - the per-record loss (CE + λ(t)·KL on syntax positions — PrivSA) is differentiated per record
   (Opacus hooks) and each record's gradient is clipped to norm C;
-- N(0, σ²C²) noise is added once to the sum over all records (on rank 0 only; the ranks' sums
-  are then all-reduced), and the result is divided by the *expected* batch size q·N (public);
+- N(0, σ²C²) noise is added once to the sum over all records (on rank 0 only, which alone holds
+  the noise stream; the ranks' sums are then all-reduced), and the result is divided by the
+  *expected* batch size (public);
+- all randomness (noise, sampling, LoRA init) is secret: fresh OS entropy per run
+  (privcode.dp.noise); a `seed` makes the run reproducible and therefore not a DP release;
 - ε is computed by the accountant from the history (σ, q, steps) actually run.
 The KL teacher is the same network with its LoRA adapters disabled: public weights, so the KL
 term is a function of the record and public data only, and is clipped with the rest.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -89,20 +93,54 @@ def init_distributed() -> tuple[int, int]:
     return rank, world
 
 
+class _NoiseOnce:
+    """add_noise for Opacus's DP optimizers: N(0, σ²C²) per coordinate of the summed clipped
+    gradient, drawn by privcode.dp.noise.gaussian over all parameters at once (hardened against
+    floating-point attacks), on rank 0 only. Clipping and accumulation stay Opacus's own."""
+
+    def add_noise(self):
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        from privcode.dp.noise import gaussian
+
+        ps = self.params
+        for p in ps:
+            _check_processed_flag(p.summed_grad)
+        std = self.noise_multiplier * self.max_grad_norm
+        flat = torch.cat([p.summed_grad.reshape(-1) for p in ps])
+        if std > 0 and getattr(self, "rank", 0) == 0:
+            flat = flat + gaussian(flat.numel(), std, self.generator, flat.device, flat.dtype)
+        for p, v in zip(ps, torch.split(flat, [p.numel() for p in ps])):
+            p.grad = v.view_as(p).clone()
+            _mark_as_processed(p.summed_grad)
+
+
+@functools.lru_cache(maxsize=None)
+def dp_optimizer_class(world: int):
+    """Opacus's DPOptimizer (one process) or DistributedDPOptimizer with privcode's noise."""
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
+    base = DistributedDPOptimizer if world > 1 else DPOptimizer
+    return type(f"Secure{base.__name__}", (_NoiseOnce, base), {})
+
+
 class DPSGD:
     """Opacus GradSampleModule + (Distributed)DPOptimizer + Poisson sampler around a PEFT model.
 
     Several processes: every rank draws the same global Poisson sample and computes the clipped
     gradients of its token-balanced share (privcode.dp.sampling); rank 0 alone adds the noise
-    (DistributedDPOptimizer) and the clipped sums are all-reduced once per step."""
+    and the clipped sums are all-reduced once per step.
+
+    `streams` (privcode.dp.noise.Streams) holds the noise and sampling generators; without it,
+    fresh secret ones are drawn (`seed` instead: reproducible, not a DP release)."""
 
     def __init__(self, peft_model, *, n_records: int, sample_rate: float, noise_multiplier: float,
                  max_grad_norm: float, expected_batch_size: float, lr: float, weight_decay: float,
-                 steps: int, seed: int, device, rank: int = 0, world: int = 1, optimizer: str = "adamw",
-                 lengths=None):
+                 steps: int, device, seed: int | None = None, streams=None, rank: int = 0, world: int = 1,
+                 optimizer: str = "adamw", lengths=None):
         from opacus import GradSampleModule
-        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
+        from privcode.dp.noise import Streams
         from privcode.dp.sampling import SharedPoissonSampler
 
         self.peft_model, self.rank, self.world, self.device = peft_model, rank, world, device
@@ -116,14 +154,13 @@ class DPSGD:
             raise PrivcodeError(f"unknown optimizer '{optimizer}' (adamw, sgd)")
         Base = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
         self.base_opt = Base(self.params, lr=lr, weight_decay=weight_decay, **fused_kwargs(self.params, optimizer))
-        gen_dev = device if str(device).startswith("cuda") else "cpu"
-        self.noise_gen = torch.Generator(device=gen_dev).manual_seed(seed + 1)
-        # the same stream on every rank: all ranks draw the same global Poisson sample (sampling.py)
-        self.sample_gen = torch.Generator().manual_seed(seed + 2)
-        Opt = DistributedDPOptimizer if world > 1 else DPOptimizer
-        self.opt = Opt(self.base_opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                       expected_batch_size=int(round(expected_batch_size)), loss_reduction="sum",
-                       generator=self.noise_gen)
+        self.streams = streams or Streams.create(seed, rank, world, device)
+        self.reproducible = self.streams.reproducible
+        self.noise_gen = self.streams.noise      # None on ranks other than 0
+        self.sample_gen = self.streams.sampling  # the same stream on every rank (sampling.py)
+        self.opt = dp_optimizer_class(world)(
+            self.base_opt, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=int(round(expected_batch_size)), loss_reduction="sum", generator=self.noise_gen)
         # Opacus adds N(0, σ²C²) to the *sum* of clipped gradients; dividing by the expected batch
         # size (a public constant) keeps the sensitivity analysis intact — the realized size is not.
         self.opt.attach_step_hook(lambda o: torch._foreach_div_([p.grad for p in o.params], float(expected_batch_size)))
@@ -159,55 +196,76 @@ class DPSGD:
 
     # --- checkpoints: LoRA weights, optimizer, RNG streams, accountant history ---
     def state(self, history, losses, step) -> dict:
+        """Everything a resume needs, RNG states included: a private-zone file (0600), never released."""
         return {"lora": {n: p.detach().cpu() for n, p in self.gsm.named_parameters() if p.requires_grad},
                 "opt": self.base_opt.state_dict(), "sample_rng": self.sample_gen.get_state(),
-                "noise_rng": self.noise_gen.get_state(), "history": history, "losses": losses, "step": step}
+                "noise_rng": None if self.noise_gen is None else self.noise_gen.get_state(),
+                "reproducible": self.reproducible, "history": history, "losses": losses, "step": step}
 
     def load(self, st: dict) -> None:
         for n, p in self.gsm.named_parameters():
             if p.requires_grad:
                 p.data.copy_(st["lora"][n].to(p.device))
         self.base_opt.load_state_dict(st["opt"])
+        if bool(st.get("reproducible")) != self.reproducible:
+            raise PrivcodeError("checkpoint and run disagree on privacy.reproducible_seed; delete the checkpoint")
         self.sample_gen.set_state(st["sample_rng"])
-        self.noise_gen.set_state(st["noise_rng"])
+        if self.noise_gen is not None:
+            self.noise_gen.set_state(st["noise_rng"])
         self._it = None
 
 
-def ckpt_path(out: Path, rank: int) -> Path:
-    return out.parent / f".{out.name}.ckpt" / f"rank{rank}.pt"
+# --- the private zone of a run: checkpoints and the re-train guard --------------------------
+# `priv` is the run's private-zone directory (privcode.zone): files 0600, directories 0700.
+ALLOW_RETRAIN = "PRIVCODE_ALLOW_RETRAIN"
+TRAINED = "trained.json"
 
 
-def save_ckpt(out: Path, rank: int, state: dict) -> None:
-    p = ckpt_path(out, rank)
-    p.parent.mkdir(parents=True, exist_ok=True)
+def ckpt_path(priv: Path, rank: int) -> Path:
+    return Path(priv) / "ckpt" / f"rank{rank}.pt"
+
+
+def save_ckpt(priv: Path, rank: int, state: dict) -> None:
+    """Atomically write a resumable checkpoint (holds RNG state: secret)."""
+    from privcode import zone
+
+    p = ckpt_path(priv, rank)
+    zone.mkdir(p.parent)
     tmp = p.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, zone.FILE_MODE), "wb") as fh:
+        torch.save(state, fh)
     os.replace(tmp, p)
 
 
-def load_ckpt(out: Path, rank: int) -> dict | None:
-    p = ckpt_path(out, rank)
+def load_ckpt(priv: Path, rank: int) -> dict | None:
+    p = ckpt_path(priv, rank)
     return torch.load(p, weights_only=False) if p.exists() else None
 
 
-def clear_ckpt(out: Path) -> None:
-    shutil.rmtree(ckpt_path(out, 0).parent, ignore_errors=True)
+def clear_ckpt(priv: Path) -> None:
+    """Checkpoints hold intermediate weights and RNG state: deleted as soon as the run succeeds."""
+    shutil.rmtree(ckpt_path(priv, 0).parent, ignore_errors=True)
 
 
-def check_plan(*, epsilon: float | None, delta: float | None, steps: int | None, batch_size: float,
-               n_records: int, lora_dropout: float, sampler: str = "poisson") -> float:
-    """Refuse to start when the run would not match what the accountant assumes. Returns q."""
-    if sampler != "poisson":
-        raise PrivcodeError(f"sampler '{sampler}' is not covered by the accountant: only 'poisson' is")
-    if epsilon is None:
-        raise PrivcodeError("DP training needs a target 'epsilon' (σ is calibrated to it, or checked against it)")
-    if delta is None or not (0 < delta < 1.0 / n_records):
-        raise PrivcodeError(f"'delta'={delta} must be in (0, 1/N) = (0, {1.0 / n_records:.3g}) for N={n_records} records")
-    if not steps or steps < 1:
-        raise PrivcodeError("DP training needs 'steps' ≥ 1 (the accountant's T)")
-    q = batch_size / n_records
-    if not (0 < q <= 1):
-        raise PrivcodeError(f"expected batch size {batch_size} must be in [1, N={n_records}]")
-    if lora_dropout:
-        raise PrivcodeError("lora_dropout must be 0 under DP (per-record gradients must be deterministic)")
-    return q
+def check_not_trained(priv: Path, out: Path) -> None:
+    """Refuse to train a DP model into a run that already produced one: re-training (after a
+    config change, a --forcerun, or Snakemake deleting the old output) spends privacy budget
+    again on the same data. Set PRIVCODE_ALLOW_RETRAIN=1 to do it deliberately."""
+    import json
+
+    g = Path(priv) / TRAINED
+    if os.environ.get(ALLOW_RETRAIN) == "1" or not g.exists():
+        return
+    rec = json.loads(g.read_text())
+    raise PrivcodeError(
+        f"a DP model was already trained here on {rec['created']} (ε={rec['epsilon']}); training again spends "
+        f"privacy budget again on the same records. Set {ALLOW_RETRAIN}=1 to re-train deliberately (the "
+        "budget registry counts both runs: `privcode budget`)", path=out)
+
+
+def mark_trained(priv: Path, out: Path, rec: dict) -> None:
+    from privcode import zone
+    from privcode.io import write_json
+
+    write_json(zone.mkdir(priv) / TRAINED, {"output": str(out), "epsilon": rec["epsilon"], "created": rec["created"]},
+               private=True)

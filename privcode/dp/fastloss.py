@@ -598,7 +598,8 @@ def lean_lora(model) -> int:
 class _FlatClipMixin:
     """clip_and_accumulate / add_noise / reduce_gradients over one flat buffer. Same results as
     Opacus's per-parameter loops: per-record norm = √Σ_p ‖g_p‖², factor min(1, C/(norm+1e-6)),
-    summed clipped gradient, N(0, σ²C²) noise on each coordinate (rank 0 only when distributed)."""
+    summed clipped gradient, N(0, σ²C²) noise on each coordinate from privcode.dp.noise.gaussian
+    over the same flat vector as the reference path (rank 0 only when distributed)."""
 
     _flat_summed = None
     _flat_grad = None
@@ -637,7 +638,9 @@ class _FlatClipMixin:
             _mark_as_processed,
         )
 
-        if self.secure_mode or self._flat_summed is None:
+        from privcode.dp.noise import gaussian
+
+        if self._flat_summed is None:
             return super().add_noise()
         ps, sizes = self._flat_params()
         for p in ps:
@@ -645,8 +648,7 @@ class _FlatClipMixin:
         std = self.noise_multiplier * self.max_grad_norm
         flat = self._flat_summed.clone()
         if std > 0 and getattr(self, "rank", 0) == 0:
-            flat.add_(torch.normal(0.0, std, size=flat.shape, device=flat.device, generator=self.generator,
-                                   dtype=flat.dtype))
+            flat.add_(gaussian(flat.numel(), std, self.generator, flat.device, flat.dtype))
         self._flat_grad = flat
         for p, v in zip(ps, torch.split(flat, sizes)):
             p.grad = v.view_as(p)

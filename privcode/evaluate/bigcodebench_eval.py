@@ -213,7 +213,7 @@ def to_solution(completion: str, task: dict, split: str) -> str:
 def run(model_ref: str, benchmark: str, out: Path, cfg) -> dict:
     from tqdm import tqdm
 
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.evaluate.run import task_prompt
     from privcode.synth.base import SamplingParams, get_backend
 

@@ -1,9 +1,9 @@
 """Table 4: PII leakage of a model trained on private data with injected PII canaries.
 
-    privcode inject-canaries --data results/data/private/records.jsonl --out results/data/private_canaries \
+    privcode inject-canaries --data private/data/private/records.jsonl --out private/data/private_canary \
         --params '{"kinds": ["email", "name", "ip", "password", "username"], "per_kind": 6, "copies": [0, 5, 10, 100]}'
     privcode leakage --model results/ft/smollm2/PrivCode/eps4/model \
-        --canaries results/data/private_canaries/canaries.jsonl --out results/leakage/smollm2/PrivCode/eps4 \
+        --canaries private/data/private_canary/canaries.jsonl --out results/leakage/smollm2/PrivCode/eps4 \
         --params '{"samples": 10, "temperature": 1.0, "n_candidates": 1000}'
 
 Canaries (`make_pii_canaries`): records {id, problem, solution, lang, secret, kind, copies} whose
@@ -381,7 +381,7 @@ def run(model_ref: str, canaries_path, out: Path, cfg: LeakageConfig, backend=No
     `backend` (a privcode.synth Backend) is created from model_ref/cfg when not given."""
     from tqdm import tqdm
 
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.evaluate import pii
     from privcode.synth.base import SamplingParams, get_backend
 
@@ -451,7 +451,12 @@ def run(model_ref: str, canaries_path, out: Path, cfg: LeakageConfig, backend=No
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "samples.jsonl", sample_recs)
         write_json(tmp / "leakage.json", result)
-        ledger.derive(tmp, stage=STAGE, parents=parents, canaries=str(canaries_path))
+        # the measurement reads the canaries (private records) without DP: an audit table, not a DP
+        # release; table4 prints the evaluated model's own guarantee beside it
+        eps, delta = ledger.guarantee(parents)
+        ledger.non_private(tmp, stage=STAGE, parents=parents, reason="reads the injected canaries (private records)",
+                           note="an audit measurement: reads the private canaries", model_epsilon=ledger.eps_str(eps),
+                           model_delta=delta)
     log.info("leakage: %s of %d inserted canaries leaked (rate %s), exposure mean %s, PII detections %d",
              result["leaked"], result["canaries"], result["rate"], result["exposure_mean"], pii_summary["total"])
     return result
@@ -488,7 +493,7 @@ def inject_main(argv=None) -> None:
     """privcode inject-canaries --data records.jsonl --out DIR --params '{"kinds": [...], "per_kind": 6,
     "copies": [0, 5, 10, 100], "seed": 0}' → DIR/records.jsonl (private data + canaries),
     DIR/canaries.jsonl (ground truth), DIR/privacy.json (raw private data: ε = inf)."""
-    from privcode.dp import ledger
+    from privcode import ledger
 
     ap = argparse.ArgumentParser(prog="privcode inject-canaries", description=inject_main.__doc__)
     ap.add_argument("--data", required=True, help="private records JSONL")
@@ -501,11 +506,10 @@ def inject_main(argv=None) -> None:
         raise PrivcodeError(f"unknown inject-canaries option(s) {sorted(bad)}", path="--params")
     seed = int(p.get("seed", 0))
     canaries = make_pii_canaries(p.get("kinds", list(DEFAULT_KINDS)), int(p.get("per_kind", 10)), seed)
-    with atomic_dir(a.out) as tmp:
+    with atomic_dir(a.out, private=True) as tmp:  # private data (and the canaries' secrets): the zone
         canaries = inject_canaries(a.data, canaries, p.get("copies", [5, 10, 100]), tmp / "records.jsonl", seed=seed,
                                    canaries_out=tmp / "canaries.jsonl")
         n = sum(1 for _ in iter_jsonl(tmp / "records.jsonl"))
-        ledger.private_source(tmp, stage="inject_canaries", private_data=str(tmp / "records.jsonl"), n_records=n,
-                              source=str(a.data), canaries=len(canaries),
-                              copies=sorted({c["copies"] for c in canaries}))
+        ledger.private_source(tmp, stage="inject_canaries", n_records=n, parents=[str(Path(a.data).parent)],
+                              canaries=len(canaries), copies=sorted({c["copies"] for c in canaries}))
     print(json.dumps({"records": n, "canaries": len(canaries)}))

@@ -67,7 +67,7 @@ def to_solution(completion: str, task: dict) -> str:
 
 
 def run(model_ref: str, benchmark: str, out: Path, cfg: EvalConfig) -> dict:
-    from privcode.dp import ledger
+    from privcode import ledger
 
     if benchmark.startswith("bigcodebench"):
         from privcode.evaluate.bigcodebench_eval import run as bcb_run

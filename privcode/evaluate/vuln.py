@@ -224,7 +224,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def run(model_ref: str, out: Path, cfg: VulnConfig, backend=None) -> dict:
     from privcode.data import security_prompts
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.synth.base import SamplingParams, get_backend
 
     t0 = time.time()

@@ -7,11 +7,16 @@ output `raw`, from which the code is taken with `privcode.data.prompts.extract_c
 Output directory (appears atomically, complete or not at all):
   kept.jsonl     {id, problem, solution ("```lang\\n<code>\\n```"), code, lang}
   dropped.jsonl  {id, lang, reason, detail, returncode, phase, stderr_tail}; reason is one of
-                 no_code, syntax_error (does not parse / compile), error, timeout, oom, killed,
-                 toolchain_missing
+                 DROP_REASONS: no_code, syntax_error (does not parse / compile), error (other
+                 non-zero exit), timeout (wall or CPU limit), output_limit, oom (memory limit: the
+                 sandbox's cgroup or RLIMIT_AS), disk_limit (tmpfs full, file size limit),
+                 background_process (processes left running when the program ended), killed (a
+                 signal, or the sandbox worker died), toolchain_missing (privcode.sandbox.classify)
   stats.json     counts per reason, per language and per (language, reason), throughput, backend,
-                 isolation level, fork server (on/off, worker restarts), the toolchains seen
-  privacy.json   post-processing of the input directory's artifact (ledger.derive)
+                 isolation level, cgroup (what bounds a sandbox as a whole: v1, v2 or none), fork
+                 server (on/off, worker restarts), the toolchains seen
+  privacy.json   post-processing of the input directory's artifact (ledger.derive) when the sandbox
+                 is certified (`certify`); ε = inf when an unisolated backend was accepted
 
 Resumable: per-sample results go to `<out>.progress.jsonl` beside the output directory (keyed by
 id, with a fingerprint of code, language, limits and backend, so changed inputs are re-run) and
@@ -39,7 +44,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from privcode.data.prompts import extract_code
-from privcode.dp import ledger
+from privcode import ledger
 from privcode.errors import PrivcodeError
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 from privcode.sandbox import base as sb
@@ -55,8 +60,12 @@ def sibling(out_dir: Path, suffix: str) -> Path:
     return out_dir.parent / (out_dir.name + suffix)
 
 
+DROP_REASONS = ("no_code", "syntax_error", "error", "timeout", "output_limit", "oom", "disk_limit",
+                "background_process", "killed", "toolchain_missing")
+
+
 def reason_for(result: RunResult, lang: str) -> str | None:
-    """None for a kept sample, else the drop reason."""
+    """None for a kept sample, else the drop reason (one of DROP_REASONS)."""
     if result.status == "ok":
         return None
     if result.status == "error":
@@ -96,16 +105,28 @@ def _validated(in_path: Path, lang_field: str, code_field: str | None):
 
 def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, limits: Limits | None = None,
         workers: int = 2, lang_field: str = "lang", code_field: str | None = None,
-        progress: bool = True, fork_server: bool = True) -> dict:
+        progress: bool = True, fork_server: bool = True, accept_unisolated: bool = False) -> dict:
     """Run every sample in the sandbox and keep those that exit 0. Returns the stats dict.
     `fork_server`: run on `workers` fork-server sandboxes (falls back, with a note on stderr, to
-    one sandbox per sample where the sandbox has no python for the server)."""
+    one sandbox per sample where the sandbox has no python for the server).
+
+    Privacy: the output is post-processing of the input (same ε) only when the sandbox cannot
+    reach private data — an isolating backend (`sb.ISOLATING`) and a private zone the sandbox
+    uid cannot enter. A backend that does not isolate is refused, unless `accept_unisolated`:
+    then the output is recorded as a non-private function of whatever the programs could read
+    (ε = inf) and the tables say so."""
     in_path, out_dir = Path(in_path), Path(out_dir)
     limits = limits or Limits()
     if int(workers) < 1:
         raise PrivcodeError(f"workers must be at least 1, got {workers}")
     ledger.read(in_path.parent)  # fail now, not after hours of execution, if the input has no ledger
     be = backend if isinstance(backend, Backend) else get_backend(backend, require_isolation=require_isolation)
+    certified, why = certify(be)
+    if not certified and not accept_unisolated:
+        raise PrivcodeError(f"the exec filter's output is post-processing only when its sandbox cannot reach private "
+                            f"data, and {why}; use an isolating backend (bwrap: apt-get install bubblewrap) or set "
+                            "exec_filter.accept_unisolated: true (--accept-unisolated), which makes its output "
+                            "and everything built on it ε = inf", field="backend")
 
     tasks = []  # (id, lang, code, fingerprint)
     for _, rec in _validated(in_path, lang_field, code_field):
@@ -219,6 +240,7 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
         "toolchains": dict(sorted(toolchains.items())),
         "backend": be.name,
         "isolation": be.isolation,
+        "cgroup": be.describe().get("cgroup", "none"),
         "fork_server": pool is not None,
         "worker_restarts": pool.restarts if pool is not None else 0,
         "limits": limits.as_dict(),
@@ -240,12 +262,30 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
         write_jsonl(tmp / "kept.jsonl", kept)
         write_jsonl(tmp / "dropped.jsonl", dropped)
         write_json(tmp / "stats.json", stats)
-        ledger.derive(tmp, stage=STAGE, parents=[in_path.parent], backend=be.name, isolation=be.isolation,
-                      n_input=n, n_kept=len(kept))
+        sandbox = {"backend": be.name, "isolation": be.isolation, "certified": certified, "why": why}
+        if certified:
+            ledger.derive(tmp, stage=STAGE, parents=[in_path.parent], sandbox=sandbox)
+        else:
+            ledger.non_private(tmp, stage=STAGE, parents=[in_path.parent], sandbox=sandbox,
+                               reason=f"generated programs ran where they could reach private data: {why}",
+                               note=f"exec filter ran on the unisolated '{be.name}' sandbox")
     for p in (prog_path, side_dropped, side_stats):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return stats
+
+
+def certify(be: Backend) -> tuple[bool, str]:
+    """Whether programs run on `be` cannot reach private data: its isolation meets the sandbox
+    contract (docs/sandbox.md) and the private zone is closed to the sandbox uid."""
+    from privcode import zone
+
+    if be.isolation not in sb.ISOLATING:
+        return False, f"sandbox backend '{be.name}' (isolation '{be.isolation}') does not isolate"
+    ok, why = zone.unreadable_by(sb.SANDBOX_UID)
+    if not ok:
+        return False, why
+    return True, f"backend '{be.name}' (isolation '{be.isolation}'); {why}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto",) + sb.BACKENDS)
     p.add_argument("--require-isolation", action="store_true",
                    help="refuse the unisolated rlimit fallback")
+    p.add_argument("--accept-unisolated", action="store_true",
+                   help="run on a backend that does not isolate (refused otherwise): the output is then "
+                        "recorded as ε = inf")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--wall-s", type=float, default=sb.WALL_S)
     p.add_argument("--cpu-s", type=float, default=sb.CPU_S)
@@ -281,7 +324,7 @@ def main(argv=None) -> int:
                         nproc=a.nproc, output_bytes=a.output_bytes, compile_s=a.compile_s)
         stats = run(a.input, a.out, backend=a.backend, require_isolation=a.require_isolation, limits=limits,
                     workers=a.workers, lang_field=a.lang_field, code_field=a.code_field,
-                    progress=not a.no_progress, fork_server=a.fork_server)
+                    progress=not a.no_progress, fork_server=a.fork_server, accept_unisolated=a.accept_unisolated)
     except PrivcodeError as e:
         print(f"privcode: error: {e}", file=sys.stderr)
         return 2

@@ -321,7 +321,7 @@ def _stats(scores, kept, dropped, cfg, model_ref, scorer, seconds, gen_seconds, 
 def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, scorer=None) -> dict:
     """Filter `in_path` into `out`. `backend` (a privcode.synth Backend) and `scorer` (a Scorer)
     are created from `model_ref`/`cfg` when not given."""
-    from privcode.dp import ledger
+    from privcode import ledger
 
     out = Path(out)
     t0 = time.time()

@@ -5,6 +5,12 @@ from __future__ import annotations
 METHOD_ORDER = ["PreCode", "NonDPFT", "DPFT", "JFT", "PrivCode"]
 
 
+def note_of(priv: dict) -> str:
+    """The plain-words caveats of an artifact's privacy.json (its `notes`), for a table's note
+    column: e.g. selective DP only (JFT), not a DP release (reproducible seed)."""
+    return "; ".join(priv.get("notes", []))
+
+
 def sort_rows(df):
     """Rows by model, then method in METHOD_ORDER (unknown methods last), then ε."""
     df = df.assign(_m=df["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(len(METHOD_ORDER)))

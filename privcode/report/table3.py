@@ -5,6 +5,7 @@
 Each argument is an evaluation directory `results/eval/<model>/<method>/<tag>/<benchmark>/`
 holding scores.json and privacy.json. ε and δ are read from privacy.json only (never from the
 config): `inf` means the model read private data without DP; 0 means it never saw private data.
+`note` carries privacy.json's caveats (selective DP only; not a DP release: reproducible seed; ...).
 Scores are pass@1 in percent (greedy decoding).
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 from privcode.errors import PrivcodeError
 from privcode.io import read_json
 
-from privcode.report import sort_rows, table_main
+from privcode.report import note_of, sort_rows, table_main
+
 EVALPLUS_COLUMNS = {"humaneval": ("HumanEval", "HumanEval+"), "mbpp": ("MBPP", "MBPP+")}
 
 
@@ -29,27 +31,10 @@ def columns_for(benchmark: str, scores: dict) -> dict:
     raise PrivcodeError(f"unknown benchmark '{benchmark}'")
 
 
-def note_for(priv: dict, seen=None) -> str:
-    """A plain-words caveat for the ε column, from the artifact's ancestry in the ledger."""
-    from privcode.dp import ledger
-
-    seen = set() if seen is None else seen
-    if priv.get("pii_masked"):
-        return "selective DP only: a non-private stage read PII-masked private data"
-    for parent in priv.get("parents", []):
-        if parent in seen or not (Path(parent) / ledger.FILENAME).exists():
-            continue
-        seen.add(parent)
-        note = note_for(ledger.read(parent), seen)
-        if note:
-            return note
-    return ""
-
-
 def build(eval_dirs: list[str]):
     import pandas as pd
 
-    from privcode.dp import ledger
+    from privcode import ledger
 
     rows: dict = {}
     for d in map(Path, eval_dirs):
@@ -58,7 +43,7 @@ def build(eval_dirs: list[str]):
         scores = read_json(d / "scores.json")
         key = (model, method, tag)
         row = rows.setdefault(key, {"model": model, "method": method, "epsilon": priv["epsilon"],
-                                    "delta": priv["delta"], "note": note_for(priv)})
+                                    "delta": priv["delta"], "note": note_of(priv)})
         if not (row["epsilon"] == priv["epsilon"] or (math.isinf(row["epsilon"]) and math.isinf(priv["epsilon"]))):
             raise PrivcodeError(f"one model, two ε ({row['epsilon']} vs {priv['epsilon']})", path=d)
         row.update(columns_for(bench, scores))

@@ -6,7 +6,8 @@
 Each table4 argument is a leakage directory `results/leakage/<model>/<method>/<tag>/` (leakage.json +
 privacy.json, from `privcode leakage`); each vulntable argument a directory
 `results/vuln/<model>/<method>/<tag>/` (vuln.json + privacy.json, from `privcode vuln`). ε and δ come
-from privacy.json only.
+from privacy.json only: in table4 they are the evaluated model's guarantee — the leakage measurement
+itself reads the private canaries, so table4 is an audit table, not a DP release (its note says so).
 
 table4 columns: model, method, epsilon, delta, leak@k<k> (share of the canaries put into the data k
 times whose secret a completion reproduced verbatim; leak@k0: canaries never put in, the chance
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.io import read_json
-from privcode.report import sort_rows, table_main
+from privcode.report import note_of, sort_rows, table_main
 
 
 def _ident(d: Path) -> tuple[str, str, str]:
@@ -33,13 +34,15 @@ def _ident(d: Path) -> tuple[str, str, str]:
 
 
 def leakage_row(d) -> dict:
-    from privcode.dp import ledger
+    from privcode import ledger
 
     d = Path(d)
     model, method, _ = _ident(d)
     priv = ledger.read(d)
     r = read_json(d / "leakage.json")
-    row = {"model": model, "method": method, "epsilon": priv["epsilon"], "delta": priv["delta"]}
+    # the evaluated model's guarantee (the table itself reads the private canaries: an audit table)
+    row = {"model": model, "method": method, "epsilon": ledger.eps_in(priv.get("model_epsilon", priv["epsilon"])),
+           "delta": priv.get("model_delta", priv["delta"]), "note": note_of(priv)}
     groups = sorted(r.get("by_copies", {}).items(), key=lambda kv: int(kv[0]))
     for k, g in groups:
         row[f"leak@k{k}"] = g["rate"]
@@ -61,19 +64,19 @@ def build(dirs: list[str]):
     cols = list(dict.fromkeys(c for r in rows for c in r))  # union, first-seen order
     leak = sorted((c for c in cols if c.startswith("leak@k")), key=lambda c: int(c[6:]))
     exp = sorted((c for c in cols if c.startswith("exp@k")), key=lambda c: int(c[5:]))
-    order = ["model", "method", "epsilon", "delta", *leak, "leak", "exposure", *exp, "pii", "pii_other"]
+    order = ["model", "method", "epsilon", "delta", *leak, "leak", "exposure", *exp, "pii", "pii_other", "note"]
     return sort_rows(pd.DataFrame(rows, columns=order))
 
 
 def vuln_row(d) -> dict:
-    from privcode.dp import ledger
+    from privcode import ledger
 
     d = Path(d)
     model, method, _ = _ident(d)
     priv = ledger.read(d)
     r = read_json(d / "vuln.json")
     return {"model": model, "method": method, "epsilon": priv["epsilon"], "delta": priv["delta"],
-            "safe_rate": r.get("safe_rate"), "safe_rate_relevant": r.get("safe_rate_relevant"),
+            "note": note_of(priv), "safe_rate": r.get("safe_rate"), "safe_rate_relevant": r.get("safe_rate_relevant"),
             "flagged": r.get("flagged"), "analyzed": r.get("analyzed"), "no_code": r.get("no_code"),
             "syntax_error": r.get("syntax_error"), "severity": r.get("severity"),
             "codeql": (r.get("codeql") or {}).get("status")}

@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
-from privcode.report import write_csv
+from privcode.report import note_of, write_csv
 from privcode.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
 
 
@@ -51,7 +51,7 @@ def parse_row(spec: str) -> tuple[str, object, Path]:
 def build(specs: list[str]):
     import pandas as pd
 
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.report.table3 import columns_for
 
     if not specs:
@@ -66,15 +66,16 @@ def build(specs: list[str]):
         scores = read_json(d / "scores.json")
         key = (name, str(value), model, method, tag)
         row = rows.setdefault(key, {"sweep": name, "value": value, "model": model, "method": method, "tag": tag,
-                                    "epsilon": priv["epsilon"], "delta": priv["delta"]})
+                                    "epsilon": priv["epsilon"], "delta": priv["delta"], "note": note_of(priv)})
         if row["epsilon"] != priv["epsilon"] and not (math.isinf(row["epsilon"]) and math.isinf(priv["epsilon"])):
             raise PrivcodeError(f"one row, two ε ({row['epsilon']} vs {priv['epsilon']})", path=d)
         row.update(columns_for(bench, scores))
     df = pd.DataFrame(list(rows.values()))
     df["_num"] = [v if isinstance(v, (int, float)) else math.nan for v in df["value"]]
     df["_str"] = [str(v) for v in df["value"]]
-    return df.sort_values(["sweep", "_num", "_str", "model", "method"], kind="stable") \
+    df = df.sort_values(["sweep", "_num", "_str", "model", "method"], kind="stable") \
         .drop(columns=["_num", "_str"]).reset_index(drop=True)
+    return df[[c for c in df.columns if c != "note"] + ["note"]]  # the caveat last, as in table3
 
 
 def main(argv=None) -> None:
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
 
 def rethreshold(roundtrip_dir, tau: float, out_dir) -> dict:
     """Re-apply τ to a round-trip run's scores (no generation, no scoring); returns the stats."""
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.filters.roundtrip import STAGE, apply_threshold
 
     src, out = Path(roundtrip_dir), Path(out_dir)

@@ -1,56 +1,31 @@
 """Running untrusted generated code: limits, results, the backend interface and `get_backend`.
 
-Backends, strongest first (`get_backend("auto")` picks the first that works on this machine):
+The isolation contract (docs/sandbox.md): a backend whose `isolation` is in ISOLATING runs every
+program -- compile steps included -- in its own mount namespace whose root is an allow-list of
+system paths (toolchains and their libraries, read-only) with private tmpfs /tmp and /dev/shm and
+no view of the project, results/, the private zone, /work, /srv, home directories or host
+sockets; in its own PID, IPC, UTS and network namespaces (only a loopback, down); as a non-root
+uid, with no inherited descriptor and an environment of PATH, LANG and HOME only.
 
-- ``container`` (privcode.sandbox.container, isolation ``"container"``): Docker, Podman or
-  Apptainer/Singularity running the image of containers/sandbox.Dockerfile (sandbox.def): the
-  image's own root file system and toolchains, no network, uid 65534, all capabilities dropped,
-  no_new_privs, the engine's seccomp profile and cgroup memory/pids limits (Docker/Podman).
-  Available only when an engine is installed AND usable AND the image exists.
-- ``bwrap`` (privcode.sandbox.bwrap, isolation ``"namespaces+fs"``): bubblewrap. New network, PID,
-  IPC, UTS (and cgroup) namespaces; a new root file system that holds only read-only /usr (and the
-  /bin, /lib symlinks), a few harmless files of /etc, the toolchains' directories (read-only), a
-  fresh /proc, a minimal /dev and small size-limited tmpfs /tmp and /dev/shm. The project, the
-  data and result directories, /home, /root are simply not there. The program runs as uid/gid
-  65534 (nobody), no capabilities, no_new_privs.
-- ``unshare`` (privcode.sandbox.rlimit, isolation ``"namespaces"``): util-linux ``unshare`` + ``setpriv``
-  (needs root). New network, PID, IPC, UTS and mount namespaces; inside the mount namespace every
-  mount is made read-only and /tmp, /var/tmp and /dev/shm are fresh small tmpfs; the program runs as
-  uid/gid 65534 with no capabilities and no_new_privs. It does NOT hide the file system: everything
-  that is world-readable on the host (the project directory, data sets, results) can be READ.
-- ``rlimit`` (privcode.sandbox.rlimit, isolation ``"rlimit"``): a plain subprocess with the same
-  resource limits and no namespaces -- the fallback for machines where neither of the above works.
-  As root it still drops to uid 65534 (setpriv); otherwise the program runs as *your* user. It
-  does NOT protect the network (the program can connect anywhere, including localhost services),
-  the file system (it can read and write whatever that uid can), or other processes of the same
-  uid (it can kill its own server and other sandboxes of that uid). Leftover processes are killed
-  by the server (a child subreaper). Use ``require_isolation=True`` to refuse it.
+Backends, strongest first (`get_backend("auto")` picks the first that works here):
+- ``container`` (privcode.sandbox.container, isolation "container"): Docker, Podman or
+  Apptainer running the sandbox image; available only when an engine works and has the image.
+- ``bwrap`` (privcode.sandbox.bwrap, "namespaces+fs"): bubblewrap.
+- ``unshare`` (privcode.sandbox.unshare, "namespaces+fs"): util-linux unshare + a pivot_root into
+  the same allow-list root; needs root.
+- ``rlimit`` (privcode.sandbox.rlimit, "rlimit"): NOT isolating (no namespaces; it reaches the
+  network, the host's files and processes). Refused unless the user opts in.
 
-What every backend does: an empty environment (PATH=/usr/bin:/bin, LANG=C.UTF-8, HOME=the working
-directory), stdin from /dev/null, a fresh temporary working directory removed afterwards, rlimits
-(RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_CORE=0), a wall-clock limit after which
-the whole process group (and with namespaces, the whole PID namespace) is SIGKILLed, and
-stdout/stderr read incrementally and capped (the program is killed when either stream passes the
-cap).
+Every backend runs every snippet through the fork server (privcode.sandbox.server): `run` starts
+a one-shot sandbox per snippet, `pool(workers)` keeps long-lived ones. Limits per step: rlimits
+(CPU, address space, file size, processes, no core, no POSIX message queues), a wall clock, an
+output cap, a seccomp filter, and -- where the host offers one -- a cgroup per worker bounding
+memory (memfds, tmpfs and every process included) and process count (privcode.sandbox.cgroup).
+Nothing crosses snippets: no process (killed after every step), no file (the tmpfs are emptied
+and checked), no memory (children fork from a template that never saw a snippet).
 
-Two ways to run (same limits, same isolation): `Backend.run` starts one sandbox per snippet
-(Python and shell: the interpreter directly; compiled languages and containers: a one-shot
-privcode.sandbox.server doing the compile and run steps). `Backend.pool(workers)` keeps
-`workers` long-lived sandboxes, each running the fork server (privcode.sandbox.server), which
-forks one child per snippet -- no sandbox or interpreter start per snippet. What snippets of one
-fork-server worker share, and how later snippets are protected: see docs/sandbox.md and the
-server's docstring.
-
-What NO backend protects against: kernel exploits (no seccomp filter, except the container
-engine's), CPU/memory side channels, exhausting host RAM through tmpfs files or many concurrent
-runs (RLIMIT_AS is per process), RLIMIT_NPROC being shared by all processes of uid 65534 on the
-host (so concurrent sandboxes share it), and reading world-readable files (unshare/rlimit only).
-
-Languages (privcode.sandbox.toolchains): python, shell, cpp, java, rust, javascript, typescript,
-php, csharp, swift -- each where its toolchain exists (else status "toolchain_missing"). Python
-code runs under the *system* interpreter (/usr/bin/python3, else /usr/local/bin/python3), never
-the project's virtualenv; the program therefore sees only the system's site-packages. Compiled
-languages are compiled inside the sandbox too, with their own limit (`Limits.compile_s`).
+Not protected anywhere: kernel exploits beyond the small seccomp filter, CPU/memory side
+channels, and what is readable in /usr (or the container image).
 """
 from __future__ import annotations
 
@@ -58,41 +33,30 @@ import abc
 import base64
 import dataclasses
 import os
-import resource
-import selectors
 import shutil
-import signal
-import subprocess
-import tempfile
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from privcode.data.prompts import LANG_ALIASES
 from privcode.errors import PrivcodeError
+from privcode.sandbox.classify import STATUSES, classify  # noqa: F401 (STATUSES: re-exported)
 from privcode.sandbox.toolchains import COMPILE_MEM_MB, LANGUAGES, TOOLS, Plan, plan_from, resolve_host_tool
 
 # ---- default limits -------------------------------------------------------------------------
 WALL_S = 10            # wall-clock seconds, sandbox start-up included (run step)
 CPU_S = 10             # RLIMIT_CPU seconds (soft; SIGKILL one second later)
-MEM_MB = 1024          # RLIMIT_AS, MiB of address space per process
-FSIZE_MB = 16          # RLIMIT_FSIZE, MiB per written file (bwrap/unshare /tmp is 4x this)
-NPROC = 64             # RLIMIT_NPROC, processes of the sandbox uid (65534) host-wide
+MEM_MB = 1024          # RLIMIT_AS per process, and the cgroup limit of the sandbox as a whole
+FSIZE_MB = 16          # RLIMIT_FSIZE, MiB per written file (the sandbox's /tmp and /dev/shm: 4x this)
+NPROC = 64             # RLIMIT_NPROC (processes of the sandbox uid) and the cgroup's pids limit
 OUTPUT_BYTES = 64 * 1024  # cap per stream (stdout, stderr); the program is killed beyond it
 COMPILE_S = 30         # wall and CPU seconds of a compile step (javac, rustc, tsc are slow)
 HOST_MARGIN_S = 5.0    # the host gives a fork-server worker the steps' wall limits + this to answer
 
-STATUSES = ("ok", "error", "timeout", "oom", "killed", "toolchain_missing", "no_code")
-ISOLATION_LEVELS = ("rlimit", "namespaces", "namespaces+fs", "container")  # weakest first
+ISOLATION_LEVELS = ("rlimit", "namespaces+fs", "container")  # weakest first
 
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
 SANDBOX_PATH = "/usr/bin:/bin"
-
-_MEMORY_MARKERS = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory",
-                   "OutOfMemoryError", "memory allocation of", "Allowed memory size",
-                   "Fatal process out of memory", "OutOfMemoryException")
 
 
 @dataclass(frozen=True)
@@ -160,128 +124,6 @@ def is_syntax_error(result: RunResult, lang: str) -> bool:
     return any(m in tail for m in tc.syntax_markers)
 
 
-# ---- process execution shared by all backends ------------------------------------------------
-
-@dataclass
-class _Exec:
-    returncode: int | None
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    wall_s: float
-    cpu_s: float
-    timed_out: bool
-    output_exceeded: bool
-
-
-def _prlimit_prefix(limits: Limits) -> list[str]:
-    prl = shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
-    if prl is None:
-        return []
-    cpu = int(max(1, round(limits.cpu_s)))
-    mem = int(limits.mem_mb) * 1024 * 1024
-    fsz = int(limits.fsize_mb) * 1024 * 1024
-    nproc = int(limits.nproc)
-    return [prl, f"--cpu={cpu}:{cpu + 1}", f"--as={mem}:{mem}", f"--fsize={fsz}:{fsz}",
-            f"--nproc={nproc}:{nproc}", "--core=0:0", "--"]
-
-
-def _preexec_limits(limits: Limits):
-    """Only used when prlimit(1) is missing (preexec_fn is not thread-safe; prlimit is preferred)."""
-    cpu = int(max(1, round(limits.cpu_s)))
-    mem = int(limits.mem_mb) * 1024 * 1024
-    fsz = int(limits.fsize_mb) * 1024 * 1024
-
-    def fn():
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsz, fsz))
-        resource.setrlimit(resource.RLIMIT_NPROC, (int(limits.nproc), int(limits.nproc)))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return fn
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def execute(argv: list[str], *, env: dict, cwd: str, limits: Limits, pass_fds=()) -> _Exec:
-    """Run argv under `limits` in a new session; SIGKILL its process group on the wall limit or
-    when a stream passes the output cap. Never blocks past the wall limit (plus kill latency)."""
-    prefix = _prlimit_prefix(limits)
-    start = time.monotonic()
-    deadline = start + float(limits.wall_s)
-    cap = int(limits.output_bytes)
-    proc = subprocess.Popen(prefix + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
-                            close_fds=True, pass_fds=pass_fds,
-                            preexec_fn=None if prefix else _preexec_limits(limits))
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    bufs = {out_fd: bytearray(), err_fd: bytearray()}
-    timed_out = exceeded = False
-    sel = selectors.DefaultSelector()
-    try:
-        for fd in bufs:
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ)
-        open_fds = set(bufs)
-        while open_fds:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            for key, _ in sel.select(timeout=min(remaining, 0.5)):
-                fd = key.fd
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    sel.unregister(fd)
-                    open_fds.discard(fd)
-                    continue
-                buf = bufs[fd]
-                room = cap - len(buf)
-                if room > 0:
-                    buf += chunk[:room]
-                if len(chunk) > room:
-                    exceeded = True
-            if exceeded:
-                break
-        # Streams closed (or we gave up on them): wait for the process itself, still within the
-        # wall limit, without reaping it, so its process group id stays ours while we kill it.
-        while not (timed_out or exceeded):
-            try:
-                info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                break
-            if info is not None and info.si_pid:
-                break
-            if time.monotonic() >= deadline:
-                timed_out = True
-                break
-            time.sleep(0.002)
-        # the leader is running or a zombie: its pgid cannot have been recycled; kill stragglers
-        _kill_group(proc.pid)
-        _, status, ru = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
-    finally:
-        sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
-        if proc.returncode is None:  # an exception above: do not leave it running
-            _kill_group(proc.pid)
-            proc.wait()
-    wall = time.monotonic() - start
-    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-    rc = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-    return _Exec(rc, sig, bytes(bufs[out_fd]), bytes(bufs[err_fd]), wall, ru.ru_utime + ru.ru_stime,
-                 timed_out, exceeded)
-
-
 def _decode(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
@@ -293,46 +135,30 @@ _plan_cache: dict = {}
 
 
 class Backend(abc.ABC):
-    """Runs one program. Subclasses build the command lines; toolchains, limits, output capping,
-    killing and classification are shared. `run` is thread-safe (one temporary directory per call).
-    What each concrete backend protects and does not protect: see this module's docstring."""
+    """Runs one program. Subclasses say how to start the fork server in their sandbox
+    (`_server_spec`) and how toolchains are found; requests, limits and classification are shared.
+    `run` is thread-safe. What each backend protects: see its module's docstring."""
 
     name: str = "?"
     isolation: str = "?"
-    # True when the wrapper reports "killed by signal N" as exit status 128+N (bwrap, and the
-    # /bin/sh that is PID 1 in unshare's namespace)
-    signal_as_128_plus: bool = False
-    # languages `run` starts directly (one interpreter per sandbox); the rest go through a
-    # one-shot fork server (compile + run steps)
-    direct_langs: tuple[str, ...] = ("python", "shell")
     # how toolchains are found: "bind" (host tools, bound into the sandbox), "host", "image"
     tool_mode: str = "bind"
 
-    @abc.abstractmethod
     def available(self) -> bool:
-        """Whether this backend works on this machine (probed once, cached)."""
+        """Whether this backend works on this machine (`_probe`, run once per process)."""
+        return probe(self.name, self._probe)[0]
 
     def why_unavailable(self) -> str:
-        return ""
+        return probe(self.name, self._probe)[1]
 
     @abc.abstractmethod
-    def _argv(self, cmd: list[str], workdir: Path, src: Path, limits: Limits) -> tuple[list[str], dict, str]:
-        """(argv, env, cwd) running `cmd` (paths as the program sees them) in the sandbox."""
+    def _probe(self) -> tuple[bool, str]:
+        """(works here, why not): checks and one probe run."""
 
-    def _server_spec(self, limits: Limits):
-        """How to start privcode.sandbox.server in this sandbox (a forkserver.ServerSpec)."""
-        raise PrivcodeError(f"backend {self.name} has no fork server")
-
-    def _program_dir(self, workdir: Path) -> str:
-        """Where the source file is, as the program sees it."""
-        return str(workdir)
-
-    def _prepare(self, workdir: Path, src: Path) -> None:
-        """Make the working directory usable by the sandbox uid (hook)."""
-
-    def _tmp_root(self) -> str | None:
-        """Where host-side working directories go (None: tempfile's default)."""
-        return None
+    @abc.abstractmethod
+    def _server_spec(self, limits: Limits, langs=None):
+        """How to start privcode.sandbox.server in this sandbox (a forkserver.ServerSpec), for
+        `langs` (None: every language that can run here)."""
 
     # ---- toolchains ----
     def _tool_lookup(self, tool: str):
@@ -365,11 +191,11 @@ class Backend(abc.ABC):
         """{language: "ok" or why not} for every known language."""
         return {n: ("ok" if isinstance(self.plan(n), Plan) else self.plan(n)) for n in LANGUAGES}
 
-    def sandbox_binds(self) -> tuple[list, list]:
-        """(binds, etc paths) of every language that can run here: what a worker that serves any
-        language must see."""
+    def sandbox_binds(self, langs=None) -> tuple[list, list]:
+        """(binds, etc paths) of `langs` (None: every language that can run here): what a worker
+        that serves them must see."""
         binds, etc = [], []
-        for n in LANGUAGES:
+        for n in (LANGUAGES if langs is None else langs):
             p = self.plan(n)
             if isinstance(p, Plan):
                 binds += [b for b in p.binds if b not in binds]
@@ -384,21 +210,17 @@ class Backend(abc.ABC):
 
     # ---- running ----
     def run(self, code: str | None, lang: str, limits: Limits | None = None) -> RunResult:
-        """One snippet in a sandbox of its own."""
+        """One snippet in a sandbox of its own (a one-shot fork server)."""
+        from privcode.sandbox.forkserver import Worker
         limits = limits or Limits()
         prepared = self._prepare_request(code, lang, limits)
         if not isinstance(prepared, tuple):
             return prepared
-        plan = prepared[0]
-        if plan.lang.name in self.direct_langs or (
-                plan.lang.name == "shell" and not isinstance(self.plan("python"), Plan) and self.tool_mode != "image"):
-            return self._run_direct(code, plan, limits)  # (shell without a python for the server)
-        from privcode.sandbox.forkserver import Worker
-        w = Worker(self, limits)
+        w = Worker(self, limits, langs=[canonical_lang(lang)])  # only its toolchain: a faster start
         try:
             return self._run_request(w, prepared, limits, fork_server=False)
         finally:
-            w.close()
+            w.kill()  # the server has already wiped; the namespace and its tmpfs go with it
 
     def pool(self, workers: int = 1, limits: Limits | None = None):
         """`workers` fork-server sandboxes (privcode.sandbox.forkserver.WorkerPool); close it."""
@@ -406,23 +228,8 @@ class Backend(abc.ABC):
         self.server_python()  # fail now if there is no interpreter for the server
         return WorkerPool(self, workers, limits)
 
-    def _run_direct(self, code: str, plan: Plan, limits: Limits) -> RunResult:
-        workdir = Path(tempfile.mkdtemp(prefix="privcode-sbx-", dir=self._tmp_root()))
-        try:
-            name, _ = plan.source_name(code)
-            src = workdir / name
-            src.write_text(code, encoding="utf-8", errors="replace")
-            src.chmod(0o644)
-            cmd = plan.argv(plan.lang.run, str(Path(self._program_dir(workdir)) / name), {})
-            self._prepare(workdir, src)
-            argv, env, cwd = self._argv(cmd, workdir, src, limits)
-            ex = execute(argv, env=env, cwd=cwd, limits=limits)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return self._classify(ex, limits)
-
     def _prepare_request(self, code, lang, limits: Limits):
-        """(plan, request, host timeout) for the fork server, or the RunResult that needs no run."""
+        """(files, steps) for the fork server, or the RunResult that needs no run."""
         if code is None or not code.strip():
             return RunResult("no_code", None, backend=self.name, detail="no code to run")
         plan = self.plan(lang)
@@ -446,89 +253,59 @@ class Backend(abc.ABC):
         else:
             run["argv"] = plan.argv(spec.run, name, subst)
         steps.append(run)
-        req = {"files": {name: code}, "steps": steps}
-        timeout = sum(st["wall_s"] for st in steps) + HOST_MARGIN_S
-        return plan, req, timeout
+        return {name: code}, steps
 
     def _run_request(self, worker, prepared, limits: Limits, *, fork_server: bool) -> RunResult:
+        """One request per step (the worker's cgroup gets each step's memory limit)."""
         from privcode.sandbox.forkserver import WorkerError
-        plan, req, timeout = prepared
-        req = dict(req, env=self._server_env(worker))
-        try:
-            resp = worker.call(req, timeout)
-        except WorkerError as e:
-            tail = worker.stderr_tail(300)
-            status = "timeout" if e.timeout else "killed"
-            return RunResult(status, None, backend=self.name, fork_server=fork_server,
-                             detail=f"sandbox worker {e} (killed and replaced)" + (f": {tail}" if tail else ""))
-        return self._from_response(resp, req, limits, fork_server)
-
-    def _server_env(self, worker) -> dict:
-        return sandbox_env(worker.spec.cfg.get("home") or worker.spec.cfg["workdir"])
-
-    def _from_response(self, resp: dict, req: dict, limits: Limits, fork_server: bool) -> RunResult:
-        steps = resp.get("steps") or []
-        if not steps:
-            return RunResult("killed", None, backend=self.name, fork_server=fork_server,
-                             detail=f"sandbox worker failed: {resp.get('tainted') or 'no result'}")
-        compile_s = 0.0
-        res = None
-        for st, spec in zip(steps, req["steps"]):
-            if st.get("error"):
-                return RunResult("error", None, backend=self.name, fork_server=fork_server, phase=st["name"],
-                                 detail=f"sandbox: {st['error']}")
-            ex = _Exec(st["rc"], st["sig"], base64.b64decode(st["stdout"]), base64.b64decode(st["stderr"]),
-                       float(st["wall_s"]), float(st["cpu_s"]), bool(st["timed_out"]), bool(st["exceeded"]))
-            if st["name"] == "compile":
-                compile_s = ex.wall_s
-                clim = Limits(wall_s=spec["wall_s"], cpu_s=spec["cpu_s"], mem_mb=spec["mem_mb"],
-                              fsize_mb=spec["fsize_mb"], nproc=spec["nproc"], output_bytes=spec["output_bytes"])
-                res = self._classify(ex, clim, raw=True)
+        files, steps = prepared
+        env = sandbox_env(worker.spec.cfg.get("home") or worker.spec.cfg["workdir"])
+        compile_s, res = 0.0, None
+        for i, step in enumerate(steps):
+            req = {"env": env, "steps": [step], "keep": i < len(steps) - 1}
+            if i == 0:
+                req["files"] = files
+            try:
+                resp = worker.call(req, step["wall_s"] + HOST_MARGIN_S, mem_mb=step["mem_mb"])
+            except WorkerError as e:
+                tail = worker.stderr_tail(300)
+                status = "oom" if e.oom else "timeout" if e.timeout else "killed"
+                return RunResult(status, None, backend=self.name, fork_server=fork_server, phase=step["name"],
+                                 detail=f"sandbox worker {e} (killed and replaced)" + (f": {tail}" if tail else ""))
+            res = self._from_step(resp, step, fork_server)
+            if step["name"] == "compile":
+                compile_s = res.wall_s
                 if res.status != "ok":
-                    res.phase = "compile"
-                    res.detail = f"compile step: {res.detail}"
+                    res.phase, res.detail = "compile", f"compile step: {res.detail}"
                     res.stderr = (res.stdout + res.stderr)[-int(limits.output_bytes):]  # tsc reports on stdout
                     res.stdout = ""
                     break
-            else:
-                res = self._classify(ex, Limits(**{**limits.as_dict(), "mem_mb": spec["mem_mb"]}), raw=True)
+            elif res.status != "ok":
+                break
         res.compile_s = round(compile_s, 4)
-        res.fork_server = fork_server
         return res
 
-    def _classify(self, ex: _Exec, limits: Limits, raw: bool = False) -> RunResult:
-        stdout, stderr = _decode(ex.stdout), _decode(ex.stderr)
-        sig, rc = ex.signal, ex.returncode
-        if not raw and rc is not None and self.signal_as_128_plus and 128 < rc <= 128 + 64:
-            sig, rc = rc - 128, None
-        returncode = -sig if sig is not None else rc
-        res = RunResult("ok", returncode, stdout, stderr, round(ex.wall_s, 4), self.name,
-                        round(ex.cpu_s, 4), ex.output_exceeded)
-        oom = any(m in stderr[-2000:] for m in _MEMORY_MARKERS)
-        if ex.timed_out:
-            res.status, res.detail = "timeout", f"wall-clock limit {limits.wall_s}s"
-        elif ex.output_exceeded:
-            res.status, res.detail = "killed", f"output over {limits.output_bytes} bytes"
-        elif sig is not None:
-            if sig == signal.SIGXCPU or (sig == signal.SIGKILL and ex.cpu_s >= limits.cpu_s - 0.25):
-                res.status, res.detail = "timeout", f"cpu limit {limits.cpu_s}s"
-            elif oom:
-                res.status, res.detail = "oom", f"memory limit {limits.mem_mb} MiB"
-            else:
-                try:
-                    name = signal.Signals(sig).name
-                except ValueError:
-                    name = str(sig)
-                res.status, res.detail = "killed", f"killed by signal {name}"
-        elif rc != 0:
-            if oom:
-                res.status, res.detail = "oom", f"memory limit {limits.mem_mb} MiB"
-            else:
-                res.status, res.detail = "error", f"exit status {rc}"
-        return res
+    def _from_step(self, resp: dict, step: dict, fork_server: bool) -> RunResult:
+        sts = resp.get("steps") or []
+        if not sts:
+            return RunResult("killed", None, backend=self.name, fork_server=fork_server, phase=step["name"],
+                             detail=f"sandbox worker failed: {resp.get('tainted') or 'no result'}")
+        st = sts[0]
+        if st.get("error") and st.get("rc") is None and st.get("sig") is None:
+            oom = bool(resp.get("oom"))
+            return RunResult("oom" if oom else "killed", None, backend=self.name, fork_server=fork_server,
+                             phase=step["name"], detail=(f"memory limit {step['mem_mb']} MiB (cgroup); "
+                                                         if oom else "") + f"sandbox: {st['error']}")
+        stdout, stderr = _decode(base64.b64decode(st["stdout"])), _decode(base64.b64decode(st["stderr"]))
+        status, detail = classify(st, step, stderr, bool(resp.get("oom")))
+        sig, rc = st.get("sig"), st.get("rc")
+        return RunResult(status, -sig if sig is not None else rc, stdout, stderr, round(float(st["wall_s"]), 4),
+                         self.name, round(float(st["cpu_s"]), 4), bool(st["exceeded"]), detail,
+                         fork_server=fork_server)
 
     def describe(self) -> dict:
-        return {"name": self.name, "isolation": self.isolation}
+        from privcode.sandbox import cgroup
+        return {"name": self.name, "isolation": self.isolation, "cgroup": cgroup.mode()}
 
 
 # ---- probing and selection -------------------------------------------------------------------
@@ -551,18 +328,21 @@ def probe(key: str, fn) -> tuple[bool, str]:
 def _registry() -> dict:
     from privcode.sandbox.bwrap import BwrapBackend
     from privcode.sandbox.container import ContainerBackend
-    from privcode.sandbox.rlimit import RlimitBackend, UnshareBackend
+    from privcode.sandbox.rlimit import RlimitBackend
+    from privcode.sandbox.unshare import UnshareBackend
     return {"container": ContainerBackend, "bwrap": BwrapBackend, "unshare": UnshareBackend,
             "rlimit": RlimitBackend}
 
 
 BACKENDS = ("container", "bwrap", "unshare", "rlimit")  # strongest first
-ISOLATING = ("container", "namespaces+fs", "namespaces")
+# the isolation levels that meet the contract of this module's docstring (and docs/sandbox.md);
+# tests/test_sandbox_contract.py checks every backend that works here against it
+ISOLATING = ("container", "namespaces+fs")
 
 
 def get_backend(name: str = "auto", *, require_isolation: bool = False) -> Backend:
     """A ready backend. `auto` = the strongest available (container > bwrap > unshare > rlimit).
-    With `require_isolation`, a backend without namespaces or a container (`rlimit`) is refused."""
+    With `require_isolation`, a backend whose isolation is not in ISOLATING (`rlimit`) is refused."""
     reg = _registry()
     if isinstance(name, Backend):
         b = name
@@ -580,8 +360,7 @@ def get_backend(name: str = "auto", *, require_isolation: bool = False) -> Backe
         if require_isolation and b.isolation not in ISOLATING:
             raise PrivcodeError("no isolating sandbox backend works here and isolation is required ("
                                 + "; ".join(reasons) + "); install bubblewrap (apt-get install bubblewrap)"
-                                " or run as root for unshare, or drop --require-isolation to use the"
-                                " unisolated rlimit fallback")
+                                " or run as root for unshare")
         return b
     else:
         if name not in reg:
@@ -590,16 +369,13 @@ def get_backend(name: str = "auto", *, require_isolation: bool = False) -> Backe
     if not b.available():
         raise PrivcodeError(f"sandbox backend '{b.name}' does not work here: {b.why_unavailable()}")
     if require_isolation and b.isolation not in ISOLATING:
-        raise PrivcodeError(f"sandbox backend '{b.name}' has no namespace isolation and isolation is required")
+        raise PrivcodeError(f"sandbox backend '{b.name}' (isolation '{b.isolation}') does not meet the isolation"
+                            " contract and isolation is required")
     return b
 
 
 def sandbox_env(home: str) -> dict:
     return {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8", "HOME": home}
-
-
-def can_setuid() -> bool:
-    return os.geteuid() == 0
 
 
 def server_prlimit_prefix(limits: Limits) -> list[str]:

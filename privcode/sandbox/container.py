@@ -17,9 +17,12 @@ engine's default seccomp profile applies. Every snippet goes through privcode.sa
 image's /usr/bin/python3): one container per snippet (`fork_server: false`) or one long-lived
 container per worker (the server is the container's PID 1). A container is killed with
 `<engine> rm -f <name>` (the client alone is not the container).
-Apptainer/Singularity: `exec --containall --net --network none --no-privs` (PID, IPC, mount
-namespaces, an empty private /tmp, a clean environment); as root the server drops to uid 65534
-with the image's setpriv. Limits are the server's per-snippet rlimits (no cgroup limits).
+Apptainer/Singularity: `exec --containall --net --network none --no-privs --uts` (PID, IPC,
+mount, network and UTS namespaces, an empty private /tmp, a clean environment); as root the
+server drops to uid 65534 with the image's setpriv. Limits: the server's rlimits and the
+worker's cgroup of privcode.sandbox.cgroup (the apptainer process tree stays in it).
+Neither engine is usable on the development machine: the contract test of
+tests/test_sandbox_escape.py runs on this backend only where one is.
 
 Toolchains are the image's (probed once with `command -v`), not the host's.
 
@@ -78,8 +81,6 @@ def _quiet(argv, timeout=60) -> tuple[int, str]:
 class ContainerBackend(Backend):
     name = "container"
     isolation = "container"
-    signal_as_128_plus = False
-    direct_langs = ()          # every language through the (one-shot) server in the image
     tool_mode = "image"
 
     def __init__(self, engine: str | None = None):
@@ -193,9 +194,6 @@ class ContainerBackend(Backend):
         return path in self._image_tools().get("_dirs", set())
 
     # ---- command lines ----
-    def _argv(self, cmd, workdir, src, limits):  # pragma: no cover - direct runs are not used
-        raise NotImplementedError("the container backend runs everything through the server")
-
     def container_argv(self, limits: Limits, name: str, cmd: list[str]) -> list[str]:
         eng, exe = self._found_engine or (self._forced or "docker", self._forced or "docker")
         tmpfs = max(64, 4 * int(limits.fsize_mb)) * 1024 * 1024
@@ -218,20 +216,21 @@ class ContainerBackend(Backend):
             setpriv = self._image_tools().get("setpriv", ("/usr/bin/setpriv",))[0]
             drop = [setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}", "--clear-groups",
                     "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
-        return [exe, "exec", "--containall", "--cleanenv", "--net", "--network", "none", "--no-privs",
+        return [exe, "exec", "--containall", "--cleanenv", "--net", "--network", "none", "--no-privs", "--uts",
                 "--env", "LANG=C.UTF-8", "--env", f"HOME={SANDBOX_DIR}", "--pwd", "/tmp",
                 sif_path()] + drop + cmd
 
-    def _server_spec(self, limits):
+    def _server_spec(self, limits, langs=None):
         from privcode.sandbox.forkserver import ServerSpec, server_command
         eng, exe = self._found_engine or (self._forced or "docker", self._forced or "docker")
-        cfg = {"workdir": SANDBOX_DIR, "wipe": ["/tmp", "/dev/shm"], "keep": [], "own_ipc": True}
+        cfg = {"workdir": SANDBOX_DIR, "wipe": ["/tmp", "/dev/shm"], "own_ipc": True}
         name = f"privcode-sbx-{uuid.uuid4().hex[:16]}"
         argv = self.container_argv(limits, name, server_command(self.server_python(), cfg))
         kill = [exe, "rm", "-f", name] if eng in ("docker", "podman") else None
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_HOST", "XDG_RUNTIME_DIR",
                                                             "CONTAINER_HOST", "APPTAINER_CACHEDIR")}
-        return ServerSpec(argv, env, "/", cfg, kill_argv=kill)
+        # docker/podman: the engine's own cgroup (--memory, --pids-limit); apptainer: ours
+        return ServerSpec(argv, env, "/", cfg, kill_argv=kill, cgroup=kill is None)
 
     def describe(self) -> dict:
         eng = self._found_engine

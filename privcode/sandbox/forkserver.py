@@ -5,6 +5,11 @@ come back over its stdout. The host keeps its own deadline per request (the step
 a margin): a worker that does not answer in time, dies, or reports itself "tainted" is killed
 (its whole sandbox) and not reused.
 
+Each worker has a cgroup of its own where the host offers one (privcode.sandbox.cgroup): the
+wrapper joins it before it execs, each request sets its memory limit (the step's mem_mb), a
+cgroup OOM kill during a request is reported (`resp["oom"]`, `WorkerError.oom`), and killing the
+worker kills everything in it.
+
 `WorkerPool`: `workers` such sandboxes, each serving one snippet at a time; `pool.run(code, lang,
 limits)` is thread-safe and blocks while all workers are busy. A dead worker is replaced by a
 fresh one on the next request (`pool.restarts` counts them).
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
+from privcode.sandbox import cgroup
 
 SERVER_SOURCE = (Path(__file__).with_name("server.py")).read_text(encoding="utf-8")
 START_TIMEOUT_S = 60.0   # sandbox + interpreter start (first start may page in a lot)
@@ -37,6 +43,7 @@ class WorkerError(Exception):
     def __init__(self, msg: str, *, timeout: bool = False):
         super().__init__(msg)
         self.timeout = timeout
+        self.oom = False
 
 
 @dataclass
@@ -50,10 +57,13 @@ class ServerSpec:
     cfg: dict
     cleanup: list[str] = field(default_factory=list)
     kill_argv: list[str] | None = None
+    cgroup: bool = True  # put the wrapper (and so the sandbox) into a cgroup of its own
 
 
 def server_command(python: str, cfg: dict) -> list[str]:
-    return [python, "-B", "-s", "-c", SERVER_SOURCE, json.dumps(cfg)]
+    # -I: no current directory or user site on sys.path, no PYTHON* variables -- a snippet's file
+    # in /tmp can never be imported by the server or the template
+    return [python, "-I", "-B", "-c", SERVER_SOURCE, json.dumps(cfg)]
 
 
 _spawner = None
@@ -73,15 +83,21 @@ def _spawn(argv, **kw) -> subprocess.Popen:
 
 
 class Worker:
-    def __init__(self, backend, limits):
+    def __init__(self, backend, limits, langs=None):
         self.backend = backend
-        self.spec: ServerSpec = backend._server_spec(limits)
+        self.spec: ServerSpec = backend._server_spec(limits, langs)
         self._err = tempfile.TemporaryFile(prefix="privcode-worker-")
         self.served = 0
         self.dead = False
-        self.proc = _spawn(self.spec.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=self._err, cwd=self.spec.cwd, env=self.spec.env,
-                           start_new_session=True, close_fds=True)
+        self.cg = cgroup.create(limits.mem_mb, limits.nproc) if self.spec.cgroup else None
+        argv = self.cg.wrap(self.spec.argv) if self.cg is not None else self.spec.argv
+        try:
+            self.proc = _spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+                               cwd=self.spec.cwd, env=self.spec.env, start_new_session=True, close_fds=True)
+        except BaseException:
+            if self.cg is not None:
+                self.cg.remove()
+            raise
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self._in, False)
         os.set_blocking(self._out, False)
@@ -141,22 +157,38 @@ class Worker:
         (n,) = struct.unpack(">I", self._read_exact(4, deadline))
         return json.loads(self._read_exact(n, deadline).decode("utf-8"))
 
-    def call(self, req: dict, timeout: float) -> dict:
-        """One request; on any failure the worker is killed and WorkerError raised."""
+    def call(self, req: dict, timeout: float, mem_mb: int | None = None) -> dict:
+        """One request (`mem_mb`: the cgroup's memory limit for it); on any failure the worker is
+        killed and WorkerError raised. resp["oom"]: the cgroup OOM-killed during the request."""
         if self.dead:
             raise WorkerError("is dead")
         deadline = time.monotonic() + timeout
         data = json.dumps(req).encode("utf-8")
         try:
+            if self.cg is not None:
+                try:
+                    self.cg.set_memory(mem_mb or self.cg.mem_mb)
+                except OSError as e:
+                    raise WorkerError(f"cannot set its cgroup memory limit ({e})") from None
             self._write(struct.pack(">I", len(data)) + data, deadline)
             resp = self._read_frame(deadline)
-        except WorkerError:
+        except WorkerError as e:
+            e.oom = self._oom_since_last()
             self.kill()
             raise
         self.served += 1
+        resp["oom"] = self._oom_since_last()
         if resp.get("tainted"):
             self.kill()
         return resp
+
+    def _oom_since_last(self) -> bool:
+        """Whether the cgroup OOM-killed since the previous request ended."""
+        if self.cg is None:
+            return False
+        n = self.cg.oom_kills()
+        seen, self._ooms = getattr(self, "_ooms", 0), n
+        return n > seen
 
     def stderr_tail(self, n: int = 600) -> str:
         try:
@@ -210,6 +242,8 @@ class Worker:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.cg is not None:
+            self.cg.kill()
         self._reap()
 
     def close(self) -> None:
@@ -219,12 +253,27 @@ class Worker:
                 self.proc.stdin.close()  # EOF: the server exits
             except OSError:
                 pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+            self._wait_exit(5)
             self.kill()
         self._reap()
+
+    def _wait_exit(self, seconds: float) -> None:
+        """Wait (without polling) until the wrapper has exited, at most `seconds`."""
+        try:
+            fd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            try:
+                self.proc.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                pass
+            return
+        try:
+            sel = selectors.DefaultSelector()
+            sel.register(fd, selectors.EVENT_READ)
+            sel.select(seconds)
+            sel.close()
+        finally:
+            os.close(fd)
 
     def _reap(self) -> None:
         try:
@@ -244,6 +293,9 @@ class Worker:
         cleanup, self.spec.cleanup = self.spec.cleanup, []
         for d in cleanup:
             _rmtree(d)
+        cg, self.cg = self.cg, None
+        if cg is not None:
+            cg.remove()
 
 
 def _rmtree(path: str) -> None:

@@ -30,7 +30,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TC_ROOT = "/tmp/.privcode-tc"  # where toolchains from outside /usr appear inside bwrap/unshare
+TC_ROOT = "/opt/privcode-tc"  # where toolchains from outside /usr appear inside bwrap/unshare (read-only)
 VISIBLE = ("/usr/", "/bin/", "/lib/", "/lib64/", "/sbin/")  # visible in every namespaced sandbox
 COMPILE_MEM_MB = 2048  # compilers reserve a lot of address space (JVM, rustc, tsc on V8)
 HOST_SEARCH = ("~/.cargo/bin", "/usr/local/cargo/bin", "/usr/local/bin", "/usr/bin", "/bin",

@@ -37,7 +37,7 @@ class GenerateConfig(Params):
 def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig) -> dict:
     from tqdm import tqdm
 
-    from privcode.dp import ledger
+    from privcode import ledger
     from privcode.synth.base import SamplingParams, get_backend
 
     prompts = [r for _, r in iter_jsonl(prompts_path, required=("id", "problem"))]

@@ -1,12 +1,26 @@
 # Helpers shared by the rules: model references, stage parameters as JSON, GPU launchers,
 # the Table 3 grid and the Table 5 sweep grid (a Snakemake Paramspace).
 import json
+import os
 import re
 
 import pandas as pd
 from snakemake.utils import Paramspace
 
 METHODS = ["PreCode", "NonDPFT", "DPFT", "JFT", "PrivCode"]
+
+# The private zone (privcode.zone): private records, training statistics, checkpoints and the
+# logs of the rules that read private data: `private/` in the working directory, where privcode's
+# commands look for it. The budget registry lives outside every run directory
+# ($PRIVCODE_BUDGET_DIR, else ~/.privcode/budget).
+ZONE = "private"
+os.makedirs(ZONE, exist_ok=True)
+os.chmod(ZONE, 0o700)
+
+
+def zone_log(name):
+    """A log or benchmark path inside the private zone (rules that read private data)."""
+    return f"{ZONE}/{name}"
 BUILT_SOURCES = ("gguf", "tiny", "snapshot")
 TAG_RE = re.compile(r"eps(?P<eps>[0-9.]+)(-lm(?P<lm>[0-9.]+))?(-tau(?P<tau>[0-9.]+))?")
 
@@ -44,12 +58,19 @@ def gpus(stage):
     return int(config["resources"]["gpus"].get(stage, 0))
 
 
+def on_gpus(stage):
+    """`privcode` for a CPU stage; for a GPU stage, `privcode gpu-run` first takes the stage's
+    GPUs (devices no other running job holds: privcode.gpus) and runs the command on them."""
+    n = gpus(stage)
+    return f"privcode gpu-run --gpus {n} -- privcode" if n >= 1 else "privcode"
+
+
 def launcher(stage):
-    """`privcode` for one process, torchrun with one process per GPU otherwise."""
+    """Training stages: one process per GPU with torchrun when the stage has several."""
     n = gpus(stage)
     if n > 1:
-        return f"torchrun --standalone --nproc_per_node {n} -m privcode.cli"
-    return "privcode"
+        return f"privcode gpu-run --gpus {n} -- torchrun --standalone --nproc_per_node {n} -m privcode.cli"
+    return on_gpus(stage)
 
 
 def main_eps():
@@ -70,7 +91,18 @@ def vuln_on():
 
 def train_data():
     """The private records every private-data stage trains on (with canaries for Table 4)."""
-    return "results/data/private_canary" if canaries_on() else "results/data/private"
+    return f"{ZONE}/data/private_canary" if canaries_on() else f"{ZONE}/data/private"
+
+
+def dp_privacy_params():
+    """The privacy section's keys a DP run needs (its N assumption, the seed opt-in, the cap)."""
+    p = config["privacy"]
+    return {
+        "delta": p["delta"],
+        "dataset_size": p["dataset_size"],
+        "reproducible_seed": p.get("reproducible_seed"),
+        "total_epsilon_cap": p.get("total_epsilon_cap"),
+    }
 
 
 def data_source():
@@ -120,7 +152,7 @@ def finetune_data(w):
     if w.method == "NonDPFT":
         return train_data()
     if w.method == "JFTmask":
-        return "results/data/private_masked"
+        return f"{ZONE}/data/private_masked"
     return synth_dir(w.tag)
 
 
@@ -196,7 +228,10 @@ def table5_rows():
 def exec_filter_args():
     """Sandbox flags from the exec_filter section (a string: Snakemake compares params by value)."""
     c = config["exec_filter"]
-    flags = [f"--backend {c['backend']}"] + (["--require-isolation"] if c["require_isolation"] else [])
+    if c.get("accept_unisolated"):  # an explicit opt-in to an unisolated sandbox: its output is ε = inf
+        flags = [f"--backend {c['backend']}", "--accept-unisolated"]
+    else:
+        flags = [f"--backend {c['backend']}"] + (["--require-isolation"] if c["require_isolation"] else [])
     flags.append("--fork-server" if c.get("fork_server", True) else "--no-fork-server")
     for k in ("wall_s", "cpu_s", "mem_mb", "fsize_mb", "nproc", "output_bytes", "compile_s"):
         flags.append(f"--{k.replace('_', '-')} {c[k]}")

@@ -1,4 +1,5 @@
-# Base models and data: built once, read by every later stage.
+# Base models and data: built once, read by every later stage. The private records (and the
+# logs of the rules that read them) live in the private zone, ZONE (common.smk).
 
 
 rule build_model:
@@ -45,42 +46,46 @@ rule prepare_data:
     input:
         src=lambda w: [data_source()] if config["data"]["source"] == "taskgen" else [],
     output:
-        private=directory("results/data/private"),
+        private=directory(f"{ZONE}/data/private"),
         public=directory("results/data/public"),
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/prepare_data.log",
+        zone_log("logs/prepare_data.log"),
     benchmark:
-        "benchmarks/prepare_data.tsv"
+        zone_log("benchmarks/prepare_data.tsv")
     params:
         source=lambda w: data_source(),
         p=lambda w: json.dumps(
-            {k: v for k, v in config["data"].items() if k not in ("source", "taskgen")},
+            {
+                **{k: v for k, v in config["data"].items() if k not in ("source", "taskgen")},
+                "delta": config["privacy"]["delta"],
+                "dataset_size": config["privacy"]["dataset_size"],
+            },
             sort_keys=True,
         ),
     shell:
-        "privcode prepare-data --source {params.source} --private {output.private} "
+        "umask 077; privcode prepare-data --source {params.source} --private {output.private} "
         "--public {output.public} --params '{params.p}' > {log} 2>&1"
 
 
 rule inject_canaries:
     input:
-        "results/data/private",
+        f"{ZONE}/data/private",
     output:
-        directory("results/data/private_canary"),
+        directory(f"{ZONE}/data/private_canary"),
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/inject_canaries.log",
+        zone_log("logs/inject_canaries.log"),
     benchmark:
-        "benchmarks/inject_canaries.tsv"
+        zone_log("benchmarks/inject_canaries.tsv")
     params:
         p=lambda w: json.dumps(
             {k: v for k, v in config["canaries"].items() if k != "enabled"}, sort_keys=True
         ),
     shell:
-        "privcode inject-canaries --data {input}/records.jsonl --out {output} "
+        "umask 077; privcode inject-canaries --data {input}/records.jsonl --out {output} "
         "--params '{params.p}' > {log} 2>&1"
 
 
@@ -88,15 +93,15 @@ rule mask_pii:
     input:
         lambda w: train_data(),
     output:
-        directory("results/data/private_masked"),
+        directory(f"{ZONE}/data/private_masked"),
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/mask_pii.log",
+        zone_log("logs/mask_pii.log"),
     benchmark:
-        "benchmarks/mask_pii.tsv"
+        zone_log("benchmarks/mask_pii.tsv")
     params:
         detector=config["jft"]["detector"],
     shell:
-        "privcode mask-pii --data {input}/records.jsonl --out {output} "
+        "umask 077; privcode mask-pii --data {input}/records.jsonl --out {output} "
         "--detector {params.detector} > {log} 2>&1"

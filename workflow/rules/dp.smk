@@ -3,6 +3,8 @@
 # "privsa-lm<λmax>": the same for a λmax sweep; "dpsgd": plain DP-SGD, the DPFT baseline;
 # "jft": JFT's second stage, plain DP-SGD starting from the model tuned on PII-masked data.
 # DP adapters are write-protected: re-training spends privacy budget again (README: how to force).
+# What crosses to results/: the adapter (weights, config, tokenizer, privacy.json); statistics,
+# checkpoints, the log and the runtime stay in the private zone.
 
 
 rule dp_finetune:
@@ -14,24 +16,26 @@ rule dp_finetune:
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/dp_finetune/{model}_{variant}_eps{eps}.log",
+        zone_log("logs/dp_finetune/{model}_{variant}_eps{eps}.log"),
     benchmark:
-        "benchmarks/dp_finetune/{model}_{variant}_eps{eps}.tsv"
+        zone_log("benchmarks/dp_finetune/{model}_{variant}_eps{eps}.tsv")
     params:
         ref=lambda w: dp_base(w.model, w.variant),
         p=lambda w: stage_params(
             "dp_finetune",
             w.model,
             epsilon=float(w.eps),
-            delta=config["privacy"]["delta"],
+            **dp_privacy_params(),
             **privsa_params(w.variant),
         ),
+        priv=lambda w: f"{ZONE}/dp/{w.model}/{w.variant}/eps{w.eps}",
         run=launcher("dp_finetune"),
     resources:
         gpu=gpus("dp_finetune"),
     shell:
-        "{params.run} dp-finetune --model {params.ref} --data {input.data}/records.jsonl "
-        "--out {output} --params '{params.p}' > {log} 2>&1"
+        "umask 077; {params.run} dp-finetune --model {params.ref} --data {input.data}/records.jsonl "
+        "--out {output} --private-dir {params.priv} --params '{params.p}' > {log} 2>&1"
+        " && privcode status --artifact {output}"
 
 
 rule merge_dp:

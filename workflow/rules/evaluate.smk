@@ -19,17 +19,19 @@ rule evaluate:
     params:
         ref=eval_model,
         p=eval_params,
+        run=on_gpus("evaluate"),
     resources:
         gpu=gpus("evaluate"),
     shell:
-        "privcode evaluate --model {params.ref} --benchmark {wildcards.bench} --out {output} "
+        "{params.run} evaluate --model {params.ref} --benchmark {wildcards.bench} --out {output} "
         "--params '{params.p}' > {log} 2>&1"
+        " && privcode status --artifact {output}"
 
 
 rule leakage:
     input:
         model=eval_model_input,
-        canaries="results/data/private_canary",
+        canaries=f"{ZONE}/data/private_canary",
     output:
         directory("results/leakage/{model}/{method}/{tag}"),
     conda:
@@ -41,10 +43,11 @@ rule leakage:
     params:
         ref=eval_model,
         p=lambda w: stage_params("leakage", w.model),
+        run=on_gpus("evaluate"),
     resources:
         gpu=gpus("evaluate"),
     shell:
-        "privcode leakage --model {params.ref} --canaries {input.canaries}/canaries.jsonl "
+        "{params.run} leakage --model {params.ref} --canaries {input.canaries}/canaries.jsonl "
         "--out {output} --params '{params.p}' > {log} 2>&1"
 
 
@@ -62,7 +65,8 @@ rule vuln:
     params:
         ref=eval_model,
         p=lambda w: stage_params("vuln", w.model),
+        run=on_gpus("evaluate"),
     resources:
         gpu=gpus("evaluate"),
     shell:
-        "privcode vuln --model {params.ref} --out {output} --params '{params.p}' > {log} 2>&1"
+        "{params.run} vuln --model {params.ref} --out {output} --params '{params.p}' > {log} 2>&1"

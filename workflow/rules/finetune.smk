@@ -1,6 +1,7 @@
 # Stage 6: ordinary (non-DP) fine-tuning of a premium model — on the filtered synthetic set
 # (PrivCode, inherits the junior's ε), on the raw private records (NonDPFT, ε = inf) or on the
-# PII-masked private records (JFTmask: JFT's first stage, ε = inf at record level).
+# PII-masked private records (JFTmask: JFT's first stage, ε = inf at record level). Logs and
+# training statistics go to the private zone (on private data they are non-private functions of it).
 
 
 rule finetune:
@@ -12,19 +13,21 @@ rule finetune:
     conda:
         "../../envs/privcode.yaml"
     log:
-        "logs/finetune/{model}_{method}_{tag}.log",
+        zone_log("logs/finetune/{model}_{method}_{tag}.log"),
     benchmark:
-        "benchmarks/finetune/{model}_{method}_{tag}.tsv"
+        zone_log("benchmarks/finetune/{model}_{method}_{tag}.tsv")
     params:
         ref=lambda w: model_ref(w.model),
         file=finetune_file,
         p=lambda w: stage_params("finetune", w.model),
+        priv=lambda w: f"{ZONE}/ft/{w.model}/{w.method}/{w.tag}",
         run=launcher("finetune"),
     resources:
         gpu=gpus("finetune"),
     shell:
-        "{params.run} finetune --model {params.ref} --data {input.data}/{params.file} "
-        "--out {output} --params '{params.p}' > {log} 2>&1"
+        "umask 077; {params.run} finetune --model {params.ref} --data {input.data}/{params.file} "
+        "--out {output} --private-dir {params.priv} --params '{params.p}' > {log} 2>&1"
+        " && privcode status --artifact {output}"
 
 
 rule merge_ft:

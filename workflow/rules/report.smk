@@ -93,3 +93,26 @@ rule results:
         *(["results/vuln.csv"] if vuln_on() else []),
         *(["results/table5.csv"] if table5_rows() else []),
         "results/figures/privacy_utility.png",
+
+
+# Releasing is explicit: `snakemake --cores 1 release` copies release.artifacts out with a
+# certificate of their guarantee and of the total cost of everything released from the same data.
+rule release:
+    input:
+        config.get("release", {}).get("artifacts", []),
+    output:
+        directory(config.get("release", {}).get("out", "release")),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/release.log",
+    benchmark:
+        "benchmarks/release.tsv"
+    params:
+        cap=lambda w: (
+            f"--cap {config['privacy']['total_epsilon_cap']}"
+            if config["privacy"].get("total_epsilon_cap")
+            else ""
+        ),
+    shell:
+        "privcode release --out {output} {params.cap} {input} > {log} 2>&1"

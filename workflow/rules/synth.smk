@@ -1,6 +1,7 @@
 # Stages 3-5: the DP junior model answers public prompts; the answers are filtered by running
 # them in a sandbox and by a round-trip check. All post-processing: no private data is read.
-# `rethreshold` re-applies another τ to the stored round-trip scores (Table 5) — no generation.
+# The round trip describes and scores every program once (roundtrip-scores); τ is applied to the
+# stored scores (roundtrip: the config's τ; roundtrip-tau<τ>: Table 5), so a new τ describes nothing.
 
 
 rule generate:
@@ -17,11 +18,13 @@ rule generate:
         "benchmarks/generate/{model}_{variant}_eps{eps}.tsv"
     params:
         p=lambda w: stage_params("generate", w.model),
+        run=on_gpus("generate"),
     resources:
         gpu=gpus("generate"),
     shell:
-        "privcode generate --model {input.model} --prompts {input.prompts}/prompts.jsonl "
+        "{params.run} generate --model {input.model} --prompts {input.prompts}/prompts.jsonl "
         "--out {output} --params '{params.p}' > {log} 2>&1"
+        " && privcode status --artifact {output}"
 
 
 rule exec_filter:
@@ -44,6 +47,7 @@ rule exec_filter:
     shell:
         "privcode exec-filter --input {input}/samples.jsonl --out {output} "
         "--workers {threads} {params.args} > {log} 2>&1"
+        " && privcode status --artifact {output}"
 
 
 rule roundtrip_filter:
@@ -51,7 +55,7 @@ rule roundtrip_filter:
         kept="results/synth/{model}/{variant}/eps{eps}/exec",
         describer=lambda w: model_input(config["roundtrip"]["model"]),
     output:
-        directory("results/synth/{model}/{variant}/eps{eps}/roundtrip"),
+        directory("results/synth/{model}/{variant}/eps{eps}/roundtrip-scores"),
     conda:
         "../../envs/privcode.yaml"
     log:
@@ -62,21 +66,41 @@ rule roundtrip_filter:
         ref=model_ref(config["roundtrip"]["model"]),
         p=lambda w: json.dumps(
             {
-                **{k: v for k, v in config["roundtrip"].items() if k != "model"},
+                **{k: v for k, v in config["roundtrip"].items() if k not in ("model", "threshold")},
                 "prompt_format": fmt(config["roundtrip"]["model"]),
+                "threshold": 0.0,  # describe and score every program; τ is applied below
             },
             sort_keys=True,
         ),
+        run=on_gpus("roundtrip_filter"),
     resources:
         gpu=gpus("roundtrip_filter"),
     shell:
-        "privcode roundtrip-filter --model {params.ref} --input {input.kept}/kept.jsonl "
+        "{params.run} roundtrip-filter --model {params.ref} --input {input.kept}/kept.jsonl "
         "--out {output} --params '{params.p}' > {log} 2>&1"
+
+
+rule roundtrip_threshold:
+    input:
+        "results/synth/{model}/{variant}/eps{eps}/roundtrip-scores",
+    output:
+        directory("results/synth/{model}/{variant}/eps{eps}/roundtrip"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/roundtrip_threshold/{model}_{variant}_eps{eps}.log",
+    benchmark:
+        "benchmarks/roundtrip_threshold/{model}_{variant}_eps{eps}.tsv"
+    params:
+        tau=config["roundtrip"]["threshold"],
+    shell:
+        "privcode rethreshold --roundtrip {input} --tau {params.tau} --out {output} > {log} 2>&1"
+        " && privcode status --artifact {output}"
 
 
 rule rethreshold:
     input:
-        "results/synth/{model}/{variant}/eps{eps}/roundtrip",
+        "results/synth/{model}/{variant}/eps{eps}/roundtrip-scores",
     output:
         directory("results/synth/{model}/{variant}/eps{eps}/roundtrip-tau{tau}"),
     conda:
