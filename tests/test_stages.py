@@ -34,6 +34,45 @@ def test_generate_resumes_and_keeps_raw(tiny_model, tmp_path):
     assert not (tmp_path / ".gen.progress.jsonl").exists()
 
 
+def test_generate_over_two_devices_equals_one_process_and_resumes(tiny_model, tmp_path, monkeypatch):
+    """shards: one process per device of CUDA_VISIBLE_DEVICES (fake ids on CPU), merged in prompt order."""
+    from privcode.synth.generate import GenerateConfig, run
+
+    prompts = _prompts(tmp_path, n=5)
+    cfg = dict(max_new_tokens=6, batch_size=2)
+    one = run(str(tiny_model), str(prompts), tmp_path / "one", GenerateConfig(**cfg, shards=1))
+    assert one["processes"] == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "fake0,fake1")
+    # shard 1 of 2 was killed after p3 (its slice is p1, p3): that answer must be reused, not redone
+    (tmp_path / ".two.progress.1of2.jsonl").write_text(
+        json.dumps({"id": "p3", "problem": "Write f3.", "lang": "python", "raw": "reused"}) + "\n")
+    two = run(str(tiny_model), str(prompts), tmp_path / "two", GenerateConfig(**cfg))
+    assert two["processes"] == 2
+    a, b = read_jsonl(tmp_path / "one" / "raw.jsonl"), read_jsonl(tmp_path / "two" / "raw.jsonl")
+    assert [r["id"] for r in b] == ["p0", "p1", "p2", "p3", "p4"]
+    assert [r["raw"] for r in b] == [r["raw"] if r["id"] != "p3" else "reused" for r in a]
+    assert not list(tmp_path.glob(".two.progress*"))
+    with pytest.raises(PrivcodeError, match="shards must be"):
+        run(str(tiny_model), str(prompts), tmp_path / "bad", GenerateConfig(**cfg, shards=-1))
+
+
+def test_generate_shards_each_see_one_device(tmp_path, monkeypatch):
+    from privcode import shard
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "g7,g9")
+    log = tmp_path / "seen"
+    # the children are `python -m privcode.cli <stage> ...`: use a stage that fails loudly to see the env
+    with pytest.raises(PrivcodeError, match="shard 0/2 .*failed"):
+        shard.spawn("no-such-stage", [], 2)
+    assert shard.count(0) == 2 and shard.count(3) == 3 and shard.part(list(range(5)), (1, 2)) == [1, 3]
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import os\nopen({str(log)!r}, 'a').write(os.environ['CUDA_VISIBLE_DEVICES'] + '\\n')\n")
+    with pytest.raises(PrivcodeError):
+        shard.spawn("no-such-stage", [], 2)
+    assert sorted(log.read_text().split()) == ["g7", "g9"]
+
+
 def test_merge_equals_adapter_model(tiny_model, tmp_path):
     from peft import PeftModel
 

@@ -5,6 +5,8 @@
 
 Post-processing only: the inputs are a DP model and public prompts, so the output inherits the
 model's (ε, δ). Progress is appended to a sibling `.<out>.progress.jsonl`; a killed run resumes.
+With several GPUs in CUDA_VISIBLE_DEVICES (`privcode gpu-run --gpus N`), one process per GPU answers its
+slice of the prompts and the results are merged in prompt order (privcode.shard; `shards` below).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from privcode import shard
 from privcode.data.prompts import extract_code, render_prompt
 from privcode.errors import PrivcodeError
 from privcode.params import Params
@@ -31,47 +34,90 @@ class GenerateConfig(Params):
     limit: int | None = None       # answer only the first `limit` prompts (demo budget)
     dtype: str = "float32"
     seed: int = 0
+    shards: int = 0                # processes, one per GPU: 0 = one per device in CUDA_VISIBLE_DEVICES
 
 
 
-def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig) -> dict:
+def _progress_files(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.progress*.jsonl"))
+
+
+def _ids_in(path: Path) -> list:
+    ids = []
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            try:
+                ids.append(json.loads(raw)["id"])
+            except (json.JSONDecodeError, KeyError):
+                break  # a torn last line
+    return ids
+
+
+def _answer(todo: list[dict], done: ResumableJsonl, model_ref: str, cfg: GenerateConfig, total: int) -> None:
     from tqdm import tqdm
 
-    from privcode import ledger
     from privcode.synth.base import SamplingParams, get_backend
+
+    backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
+    tok = getattr(backend, "tokenizer", None)
+    sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    bar = tqdm(total=total, initial=total - len(todo), desc="generate", unit="prompt")
+    chunk = max(cfg.batch_size * 2, 1)
+    for s in range(0, len(todo), chunk):  # checkpoint granularity
+        part = todo[s:s + chunk]
+        texts = backend.generate([render_prompt(r["problem"], cfg.prompt_format, tok) for r in part], sp,
+                                 progress=bar.update)
+        for r, t in zip(part, texts):
+            done.add({"id": r["id"], "problem": r["problem"], "lang": r.get("lang", "python"), "raw": t[0]})
+    bar.close()
+
+
+def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig, shard_spec: str | None = None) -> dict:
+    from privcode import ledger
 
     prompts = [r for _, r in iter_jsonl(prompts_path, required=("id", "problem"))]
     if cfg.limit:
         prompts = prompts[: cfg.limit]
     if not prompts:
         raise PrivcodeError("no prompts", path=prompts_path)
-    progress = out.parent / f".{out.name}.progress.jsonl"
     t0 = time.time()
+    me = shard.parse(shard_spec)
+    if me is not None:  # a child: answer this slice into its own progress file, write no output
+        mine = out.parent / f".{out.name}.progress.{me[0]}of{me[1]}.jsonl"
+        seen = set()  # answered under another shard count, or before sharding (read only: no rewrite)
+        for f in _progress_files(out):
+            if not f.name.endswith(f"of{me[1]}.jsonl"):
+                seen |= set(_ids_in(f))
+        with ResumableJsonl(mine, key="id") as done:
+            todo = [r for r in shard.part(prompts, me) if r["id"] not in done and r["id"] not in seen]
+            if todo:
+                _answer(todo, done, model_ref, cfg, len(todo))
+        return {"prompts": len(todo), "shard": shard_spec}
+    progress = out.parent / f".{out.name}.progress.jsonl"
+    n = shard.count(cfg.shards)
+    if n > 1:
+        shard.spawn("generate", ["--model", model_ref, "--prompts", str(prompts_path), "--out", str(out),
+                                 "--params", json.dumps(cfg.__dict__)], n)
     with ResumableJsonl(progress, key="id") as done:
+        for f in _progress_files(out):
+            if f != progress:
+                with ResumableJsonl(f, key="id") as other:
+                    done.done.update(other.done)
         todo = [r for r in prompts if r["id"] not in done]
         if todo:
-            backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
-            tok = getattr(backend, "tokenizer", None)
-            sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
-            bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generate", unit="prompt")
-            chunk = max(cfg.batch_size * 2, 1)
-            for s in range(0, len(todo), chunk):  # checkpoint granularity
-                part = todo[s:s + chunk]
-                texts = backend.generate([render_prompt(r["problem"], cfg.prompt_format, tok) for r in part], sp,
-                                         progress=bar.update)
-                for r, t in zip(part, texts):
-                    done.add({"id": r["id"], "problem": r["problem"], "lang": r.get("lang", "python"), "raw": t[0]})
-            bar.close()
+            _answer(todo, done, model_ref, cfg, len(prompts))
         results = [done.done[r["id"]] for r in prompts]
     samples = [{**r, "code": extract_code(r["raw"], r["lang"])} for r in results]
+    seconds = time.time() - t0
     stats = {"prompts": len(prompts), "with_code": sum(s["code"] is not None for s in samples),
-             "seconds": time.time() - t0, "config": cfg.__dict__, "model": model_ref}
+             "seconds": seconds, "processes": n, "config": cfg.__dict__, "model": model_ref}
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "raw.jsonl", results)
         write_jsonl(tmp / "samples.jsonl", samples)
         write_json(tmp / "stats.json", stats)
         ledger.derive(tmp, stage="generate", parents=ledger.model_parents(model_ref) + [str(Path(prompts_path).parent)])
-    progress.unlink(missing_ok=True)
+    for f in _progress_files(out):
+        f.unlink(missing_ok=True)
     return stats
 
 
@@ -82,6 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", required=True, help="public prompts JSONL (id, problem, lang)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--params", default="{}", help="JSON object of GenerateConfig fields")
+    ap.add_argument("--shard", help="i/n: answer prompts i, i+n, ... into a progress file (what `shards` starts)")
     a = ap.parse_args(argv)
-    stats = run(a.model, a.prompts, a.out, GenerateConfig.from_dict(json.loads(a.params)))
-    print(json.dumps({k: stats[k] for k in ("prompts", "with_code")}))
+    stats = run(a.model, a.prompts, a.out, GenerateConfig.from_dict(json.loads(a.params)), a.shard)
+    if a.shard is None:
+        print(json.dumps({k: stats[k] for k in ("prompts", "with_code", "processes")}))
