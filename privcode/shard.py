@@ -51,13 +51,13 @@ def part(items: list, shard: tuple[int, int] | None) -> list:
 def spawn(stage: str, argv: list[str], n: int) -> None:
     """Run `privcode <stage> <argv> --shard i/n` for i < n at once, one device each; raise if one fails."""
     devs = devices()
-    if n > 1 and len(devs) not in (0, n) and len(devs) < n:
+    if 0 < len(devs) < n:
         raise PrivcodeError(f"{n} shards but CUDA_VISIBLE_DEVICES lists {len(devs)} device(s): {','.join(devs)}")
     procs = []
     for i in range(n):
         env = dict(os.environ)
         if devs:
-            env["CUDA_VISIBLE_DEVICES"] = devs[i % len(devs)]
+            env["CUDA_VISIBLE_DEVICES"] = devs[i]
         cmd = [sys.executable, "-m", "privcode.cli", stage, *argv, "--shard", f"{i}/{n}"]
         procs.append(subprocess.Popen(cmd, env=env))
     rcs = [p.wait() for p in procs]
