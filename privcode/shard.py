@@ -12,9 +12,11 @@ shard uses the same sampling seed, so greedy outputs do not depend on n.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from privcode.errors import PrivcodeError
 
@@ -64,3 +66,21 @@ def spawn(stage: str, argv: list[str], n: int) -> None:
     bad = [f"shard {i}/{n} (exit {rc})" for i, rc in enumerate(rcs) if rc != 0]
     if bad:
         raise PrivcodeError(f"{stage}: {', '.join(bad)} failed; its log is above; re-run to resume")
+
+
+def progress_files(out: Path) -> list[Path]:
+    """The progress files of output `out`: `.<out>.progress.jsonl` (one process) and the shards'."""
+    return sorted(out.parent.glob(f".{out.name}.progress*.jsonl"))
+
+
+def ids_in(path: Path) -> set:
+    """The ids of a progress file, read without touching it: a sibling shard may be appending to it
+    (a torn last line is skipped)."""
+    ids = set()
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            try:
+                ids.add(json.loads(raw)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break
+    return ids

@@ -224,3 +224,28 @@ def test_config_and_scorer_errors(tmp_path):
         rt.Scorer(str(local))
     with pytest.raises(PrivcodeError, match="no config.json"):
         rt.Scorer(str(tmp_path / "nowhere"), num_layers=6)
+
+
+def test_describers_over_two_devices_equal_one_process_and_resume(tiny_model, tmp_path, kept_input, scorer,
+                                                                   monkeypatch):
+    """shards: one describer process per device of CUDA_VISIBLE_DEVICES (fake ids on CPU, the real
+    tiny model in each child), merged in input order and scored once: the same scores as one process."""
+    c = dict(n=1, temperature=0.0, threshold=0.0, prefill=True, max_new_tokens=5, backend="hf")
+    one = rt.run(str(tiny_model), kept_input, tmp_path / "one", cfg(**c, shards=1), scorer=scorer)
+    assert one["processes"] == 1 and one["descriptions_generated"] == 4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "fake0,fake1")
+    # shard 1 of 2 (programs rev, vow) was killed after rev: its description is reused, not redone
+    gen = {"model": str(tiny_model), **{k: getattr(cfg(**c), k) for k in rt._GEN_KEYS}}
+    reused = rt.PREFILL + " reused words"
+    (tmp_path / ".two.progress.1of2.jsonl").write_text(json.dumps(
+        {"id": "rev", "code": PROGRAMS["rev"][1], "gen": gen, "descriptions": [reused]}) + "\n")
+    two = rt.run(str(tiny_model), kept_input, tmp_path / "two", cfg(**c), scorer=scorer)
+    assert two["processes"] == 2 and two["descriptions_generated"] == 3
+    a, b = read_jsonl(tmp_path / "one" / "scores.jsonl"), read_jsonl(tmp_path / "two" / "scores.jsonl")
+    assert [r["id"] for r in b] == list(PROGRAMS)
+    assert [r["descriptions"] for r in b] == [r["descriptions"] if r["id"] != "rev" else [reused] for r in a]
+    assert [r["best"]["f1"] for r in b if r["id"] != "rev"] == pytest.approx(
+        [r["best"]["f1"] for r in a if r["id"] != "rev"], abs=1e-5)  # other batch padding: float noise only
+    assert not list(tmp_path.glob(".two.progress*"))
+    with pytest.raises(PrivcodeError, match="'shards': must be an integer >= 0"):
+        cfg(shards=-1)

@@ -79,6 +79,8 @@ class RoundTripConfig(Params):
     seed: int = 0
     limit: int | None = None             # filter only the first `limit` programs (demo budget)
     prefill: bool = False                # start each answer with PREFILL (small models ignore the format)
+    shards: int = 0                      # describer processes, one per GPU: 0 = one per device in
+                                         # CUDA_VISIBLE_DEVICES (privcode.shard); BERTScore runs once, here
 
 
     def __post_init__(self):
@@ -102,6 +104,8 @@ class RoundTripConfig(Params):
         need(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit",
              "must be null or an integer >= 1")
         need(isinstance(self.prefill, bool), "prefill", "must be true or false")
+        need(isinstance(self.shards, int) and self.shards >= 0, "shards",
+             "must be an integer >= 0 (0: one process per visible GPU)")
         need(self.temperature > 0 or self.n == 1, "n", "n > 1 needs temperature > 0 (greedy gives one answer)")
 
 
@@ -227,15 +231,21 @@ def _read_input(in_path, limit):
     return samples
 
 
-def _generate(samples, progress_path, model_ref, cfg, backend):
-    """Descriptions for every sample, resumable: returns ({id: [texts]}, n generated now, seconds)."""
+def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge=()):
+    """Descriptions for every sample, resumable: returns ({id: [texts]}, n generated now, seconds).
+    `index`: each sample's position in the whole input (the sampling seed of its chunk), default its
+    position here; `merge`: other progress files (of shards) whose descriptions count as done."""
     from tqdm import tqdm
 
     from privcode.synth.base import SamplingParams, get_backend
 
     t0 = time.time()
     gen = {"model": model_ref, **{k: getattr(cfg, k) for k in _GEN_KEYS}}
+    index = list(range(len(samples))) if index is None else index
     with ResumableJsonl(progress_path, key="id") as done:
+        for f in merge:
+            with ResumableJsonl(f, key="id") as other:
+                done.done.update(other.done)
         for r in samples:  # descriptions of another program or made with other settings: not reused
             old = done.done.get(r["id"])
             if old is not None and (old.get("code") != r["code"] or old.get("gen") != gen):
@@ -243,7 +253,7 @@ def _generate(samples, progress_path, model_ref, cfg, backend):
                     f"descriptions made with other settings ({old.get('gen')})"
                 raise PrivcodeError(f"progress file holds {what} for id '{r['id']}': delete it to start over",
                                     path=progress_path)
-        todo = [(i, r) for i, r in enumerate(samples) if r["id"] not in done]
+        todo = [(index[i], r) for i, r in enumerate(samples) if r["id"] not in done.done]
         generated = 0
         if todo:
             if backend is None:
@@ -318,10 +328,13 @@ def _stats(scores, kept, dropped, cfg, model_ref, scorer, seconds, gen_seconds, 
     }
 
 
-def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, scorer=None) -> dict:
+def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, scorer=None,
+        shard_spec: str | None = None) -> dict:
     """Filter `in_path` into `out`. `backend` (a privcode.synth Backend) and `scorer` (a Scorer)
-    are created from `model_ref`/`cfg` when not given."""
-    from privcode import ledger
+    are created from `model_ref`/`cfg` when not given. With `cfg.shards` ≠ 1 the descriptions are
+    written by one child process per GPU (`shard_spec` 'i/n': programs i, i+n, … into
+    `.<out>.progress.<i>of<n>.jsonl`, no output), then merged and scored here in input order."""
+    from privcode import ledger, shard
 
     out = Path(out)
     t0 = time.time()
@@ -329,13 +342,32 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
     parents = ledger.model_parents(model_ref) + [str(Path(in_path).parent)]
     ledger.read(parents[-1])  # a missing privacy.json fails now, not after hours of generation
     progress_path = out.parent / f".{out.name}.progress.jsonl"
+    me = shard.parse(shard_spec)
+    if me is not None:  # a child: describe this slice into its own progress file
+        mine = out.parent / f".{out.name}.progress.{me[0]}of{me[1]}.jsonl"
+        seen = set()  # described under another shard count or by one process: read only (siblings
+        for f in shard.progress_files(out):  # of this count are being appended to right now)
+            if not f.name.endswith(f"of{me[1]}.jsonl"):
+                seen |= shard.ids_in(f)
+        idx = [i for i in range(len(samples))[me[0]::me[1]] if samples[i]["id"] not in seen]
+        _, generated, _ = _generate([samples[i] for i in idx], mine, model_ref, cfg, backend, idx)
+        return {"samples": len(idx), "descriptions_generated": generated, "shard": shard_spec}
+    n = shard.count(cfg.shards)
     failed_dir = out.parent / f".{out.name}.failed"
     if scorer is None:  # loaded first: a bad scorer setting fails before generation, not after
         scorer = Scorer(cfg.scorer_model, cfg.scorer_num_layers, cfg.scorer_batch_size)
     if cfg.threshold == RoundTripConfig.threshold and scorer.model != RoundTripConfig.scorer_model:
         log.warning("threshold %.2f is PrivCode's value for roberta-large; BERTScore F1 of '%s' is on another "
                     "scale (MiniLM-L6: use ~0.45)", cfg.threshold, scorer.model)
-    descs, generated, gen_seconds = _generate(samples, progress_path, model_ref, cfg, backend)
+    g0 = time.time()
+    before = set().union(*(shard.ids_in(f) for f in shard.progress_files(out)))
+    if n > 1:
+        shard.spawn("roundtrip-filter", ["--model", model_ref, "--input", str(in_path), "--out", str(out),
+                                         "--params", json.dumps(asdict(cfg))], n)
+    descs, generated, gen_seconds = _generate(samples, progress_path, model_ref, cfg, backend,
+                                              merge=[f for f in shard.progress_files(out) if f != progress_path])
+    gen_seconds = time.time() - g0
+    generated = sum(len(descs[r["id"]]) for r in samples if r["id"] not in before)  # by any process, this run
     t1 = time.time()
     scores = _score(samples, descs, scorer)
     score_seconds = time.time() - t1
@@ -345,6 +377,7 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
         r["kept"] = r["id"] in kept_ids  # at this run's τ; apply_threshold recomputes from "best"
     stats = _stats(scores, kept, dropped, cfg, model_ref, scorer, time.time() - t0, gen_seconds, score_seconds,
                    generated)
+    stats["processes"] = n
     details = dict(threshold=cfg.threshold, scorer=scorer.describe(), n=cfg.n)
     if not kept:
         with atomic_dir(failed_dir) as tmp:
@@ -363,7 +396,8 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
         write_jsonl(tmp / "scores.jsonl", scores)
         write_json(tmp / "stats.json", stats)
         ledger.derive(tmp, stage=STAGE, parents=parents, **details)
-    progress_path.unlink(missing_ok=True)
+    for f in shard.progress_files(out):
+        f.unlink(missing_ok=True)
     shutil.rmtree(failed_dir, ignore_errors=True)
     return stats
 
@@ -375,10 +409,13 @@ def main(argv=None) -> None:
     ap.add_argument("--input", required=True, help="kept.jsonl of the execution filter (id, problem, code, lang, solution)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--params", default="{}", help="JSON object of RoundTripConfig fields")
+    ap.add_argument("--shard", help="i/n: describe programs i, i+n, ... into a progress file (what `shards` starts)")
     a = ap.parse_args(argv)
     try:
         params = json.loads(a.params)
     except json.JSONDecodeError as e:
         raise PrivcodeError(f"malformed JSON ({e.msg})", path="--params") from None
-    stats = run(a.model, a.input, a.out, RoundTripConfig.from_dict(params))
+    stats = run(a.model, a.input, a.out, RoundTripConfig.from_dict(params), shard_spec=a.shard)
+    if a.shard is not None:
+        return
     print(json.dumps({k: stats[k] for k in ("samples", "kept", "kept_rate", "no_valid", "best_score_median")}))

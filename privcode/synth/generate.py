@@ -38,21 +38,6 @@ class GenerateConfig(Params):
 
 
 
-def _progress_files(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.progress*.jsonl"))
-
-
-def _ids_in(path: Path) -> list:
-    ids = []
-    with open(path, encoding="utf-8") as fh:
-        for raw in fh:
-            try:
-                ids.append(json.loads(raw)["id"])
-            except (json.JSONDecodeError, KeyError):
-                break  # a torn last line
-    return ids
-
-
 def _answer(todo: list[dict], done: ResumableJsonl, model_ref: str, cfg: GenerateConfig, total: int) -> None:
     from tqdm import tqdm
 
@@ -85,9 +70,9 @@ def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig, shard
     if me is not None:  # a child: answer this slice into its own progress file, write no output
         mine = out.parent / f".{out.name}.progress.{me[0]}of{me[1]}.jsonl"
         seen = set()  # answered under another shard count, or before sharding (read only: no rewrite)
-        for f in _progress_files(out):
+        for f in shard.progress_files(out):
             if not f.name.endswith(f"of{me[1]}.jsonl"):
-                seen |= set(_ids_in(f))
+                seen |= shard.ids_in(f)
         with ResumableJsonl(mine, key="id") as done:
             todo = [r for r in shard.part(prompts, me) if r["id"] not in done and r["id"] not in seen]
             if todo:
@@ -99,7 +84,7 @@ def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig, shard
         shard.spawn("generate", ["--model", model_ref, "--prompts", str(prompts_path), "--out", str(out),
                                  "--params", json.dumps(cfg.__dict__)], n)
     with ResumableJsonl(progress, key="id") as done:
-        for f in _progress_files(out):
+        for f in shard.progress_files(out):
             if f != progress:
                 with ResumableJsonl(f, key="id") as other:
                     done.done.update(other.done)
@@ -116,7 +101,7 @@ def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig, shard
         write_jsonl(tmp / "samples.jsonl", samples)
         write_json(tmp / "stats.json", stats)
         ledger.derive(tmp, stage="generate", parents=ledger.model_parents(model_ref) + [str(Path(prompts_path).parent)])
-    for f in _progress_files(out):
+    for f in shard.progress_files(out):
         f.unlink(missing_ok=True)
     return stats
 
