@@ -199,3 +199,29 @@ def test_missing_package_is_one_clear_error(data, tmp_path, monkeypatch):
     with pytest.raises(PrivcodeError, match=r"BigCodeBench is not usable \(cannot import bigcodebench.evaluate: "
                                             r"No module named 'pqdm'\): pip install"):
         bcb.score(ok, "complete", "full", str(data["full"]), tmp_path / "out")
+
+
+def test_evaluate_over_two_devices_equals_one_process_and_resumes(tiny_model, data, tmp_path, monkeypatch):
+    """shards: one generation process per device of CUDA_VISIBLE_DEVICES (fake ids on CPU, the real
+    tiny model in each child), completions merged in task order, scored once."""
+    bench = "bigcodebench-complete-full"
+    cfg = dict(override=str(data["full"]), max_new_tokens=6, batch_size=2, parallel=2)
+    one = evaluate_run(str(tiny_model), bench, tmp_path / "one", EvalConfig(**cfg, shards=1))
+    assert one["processes"] == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "fake0,fake1")
+    # shard 1 of 2 (tasks 1, 3) was killed after task 1: its completion is reused, not redone
+    gen = {"model": str(tiny_model), "max_new_tokens": 6, "prompt_format": "qa"}
+    reused = "    return 'reused'\n```"
+    progress = tmp_path / ".two.progress.1of2.jsonl"
+    progress.write_text(json.dumps({"id": "BigCodeBench/1", "gen": gen, "raw": reused}) + "\n")
+    two = evaluate_run(str(tiny_model), bench, tmp_path / "two", EvalConfig(**cfg))
+    assert two["processes"] == 2 and two["n_tasks"] == 4
+    a, b = read_jsonl(tmp_path / "one" / "raw.jsonl"), read_jsonl(tmp_path / "two" / "raw.jsonl")
+    assert [r["task_id"] for r in b] == [f"BigCodeBench/{n}" for n in range(4)]
+    assert [r["raw"] for r in b] == [r["raw"] if r["task_id"] != "BigCodeBench/1" else reused for r in a]
+    assert not list(tmp_path.glob(".two.progress*"))
+    progress.write_text(json.dumps({"id": "BigCodeBench/1", "gen": {**gen, "max_new_tokens": 9}, "raw": ""}) + "\n")
+    with pytest.raises(PrivcodeError, match="other settings"):
+        evaluate_run(str(tiny_model), bench, tmp_path / "two", EvalConfig(**cfg))
+    with pytest.raises(PrivcodeError, match="'shards': must be an integer >= 0"):
+        EvalConfig(shards=-1)

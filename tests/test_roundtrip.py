@@ -249,3 +249,8 @@ def test_describers_over_two_devices_equal_one_process_and_resume(tiny_model, tm
     assert not list(tmp_path.glob(".two.progress*"))
     with pytest.raises(PrivcodeError, match="'shards': must be an integer >= 0"):
         cfg(shards=-1)
+    stale = tmp_path / ".two.progress.0of2.jsonl"  # a shard's file from other settings: one clear error
+    stale.write_text(json.dumps({"id": "add", "code": PROGRAMS["add"][1], "gen": {**gen, "seed": 7},
+                                 "descriptions": []}) + "\n")
+    with pytest.raises(PrivcodeError, match="other settings"):
+        rt.run(str(tiny_model), kept_input, tmp_path / "two", cfg(**c), scorer=scorer)

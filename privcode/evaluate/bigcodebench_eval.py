@@ -210,33 +210,29 @@ def to_solution(completion: str, task: dict, split: str) -> str:
     return code
 
 
-def run(model_ref: str, benchmark: str, out: Path, cfg) -> dict:
-    from tqdm import tqdm
-
-    from privcode import ledger
-    from privcode.evaluate.run import task_prompt
-    from privcode.synth.base import SamplingParams, get_backend
+def run(model_ref: str, benchmark: str, out: Path, cfg, shard_spec: str | None = None) -> dict | None:
+    from privcode import ledger, shard
+    from privcode.evaluate.run import completions
 
     split, subset = parse_name(benchmark)
     tasks = list(load_tasks(subset, cfg.override).values())[: cfg.limit or None]
     t0 = time.time()
-    backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
-    key = f"{split}_prompt"
-    prompts = [task_prompt(t[key], cfg.prompt_format, getattr(backend, "tokenizer", None)) for t in tasks]
-    bar = tqdm(total=len(prompts), desc=f"evaluate {benchmark}", unit="task")
-    outs = backend.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens), progress=bar.update)
-    bar.close()
+    outs = completions(model_ref, benchmark, tasks, f"{split}_prompt", out, cfg, shard_spec)
+    if outs is None:
+        return None
     gen_s = time.time() - t0
     with atomic_dir(out) as tmp:
-        write_jsonl(tmp / "raw.jsonl", ({"task_id": t["task_id"], "raw": o[0]} for t, o in zip(tasks, outs)))
+        write_jsonl(tmp / "raw.jsonl", ({"task_id": t["task_id"], "raw": o} for t, o in zip(tasks, outs)))
         write_jsonl(tmp / "samples.jsonl",
-                    ({"task_id": t["task_id"], "solution": to_solution(o[0], t, split)} for t, o in zip(tasks, outs)))
+                    ({"task_id": t["task_id"], "solution": to_solution(o, t, split)} for t, o in zip(tasks, outs)))
         scores = score(tmp / "samples.jsonl", split, subset, cfg.override, tmp / "evaluator",
                        task_ids=[t["task_id"] for t in tasks] if cfg.limit else None, parallel=cfg.parallel)
         result = {"benchmark": benchmark, "model": model_ref, **scores, "generation_seconds": gen_s,
-                  "seconds": time.time() - t0, "config": cfg.__dict__}
+                  "seconds": time.time() - t0, "processes": shard.count(cfg.shards), "config": cfg.__dict__}
         write_json(tmp / "scores.json", result)
         ledger.derive(tmp, stage="evaluate", parents=ledger.model_parents(model_ref), benchmark=benchmark)
+    for f in shard.progress_files(out):
+        f.unlink(missing_ok=True)
     return result
 
 

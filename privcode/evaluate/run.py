@@ -4,6 +4,10 @@
         --out results/eval/smollm2/PrivCode/eps4/humaneval \
         --params '{"override": "results/data/taskgen/humaneval.jsonl", "prompt_format": "chat"}'
 
+With `shards` ≠ 1 (0: one per GPU of CUDA_VISIBLE_DEVICES) the completions are written by one child
+process per GPU (privcode.shard), merged in task order and scored once; every process resumes from
+its `.<out>.progress*.jsonl`.
+
 Benchmarks: humaneval, mbpp (EvalPlus: base and plus tests), bigcodebench-{complete,instruct}-{full,hard}
 (BigCodeBench, local execution). The prompt follows EvalPlus's instruction/response-prefix format,
 rendered in the model's prompt format. Raw generations are kept beside the extracted samples.
@@ -18,9 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from privcode import shard
 from privcode.errors import PrivcodeError
 from privcode.params import Params
-from privcode.io import atomic_dir, iter_jsonl, write_json, write_jsonl
+from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
 RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:"
@@ -38,7 +43,12 @@ class EvalConfig(Params):
     limit: int | None = None       # first `limit` tasks only (smoke runs); None = the whole benchmark
     dtype: str = "float32"
     parallel: int | None = None    # evaluator worker processes
+    shards: int = 0                # generation processes, one per GPU: 0 = one per device in CUDA_VISIBLE_DEVICES
 
+    def __post_init__(self):
+        if not (isinstance(self.shards, int) and self.shards >= 0):
+            raise PrivcodeError("must be an integer >= 0 (0: one process per visible GPU)", path="--params",
+                                field="shards")
 
 
 def load_tasks(benchmark: str, override: str | None) -> list[dict]:
@@ -66,37 +76,98 @@ def to_solution(completion: str, task: dict) -> str:
     return code
 
 
-def run(model_ref: str, benchmark: str, out: Path, cfg: EvalConfig) -> dict:
+def _answer(tasks, key, done, model_ref, cfg, gen, total, what):
+    from tqdm import tqdm
+
+    from privcode.synth.base import SamplingParams, get_backend
+
+    backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
+    tok = getattr(backend, "tokenizer", None)
+    bar = tqdm(total=total, initial=total - len(tasks), desc=f"evaluate {what}", unit="task")
+    chunk = max(cfg.batch_size * 2, 1)  # checkpoint granularity
+    for s in range(0, len(tasks), chunk):
+        part = tasks[s:s + chunk]
+        outs = backend.generate([task_prompt(t[key], cfg.prompt_format, tok) for t in part],
+                                SamplingParams(max_new_tokens=cfg.max_new_tokens), progress=bar.update)
+        for t, o in zip(part, outs):
+            done.add({"id": t["task_id"], "gen": gen, "raw": o[0]})
+    bar.close()
+
+
+def completions(model_ref: str, benchmark: str, tasks: list[dict], key: str, out: Path, cfg: EvalConfig,
+                shard_spec: str | None = None) -> list[str] | None:
+    """The greedy completion of each task's `key` prompt, in task order, resumable. A child
+    (`shard_spec` 'i/n') answers tasks i, i+n, ... into its own progress file and returns None."""
+    gen = {"model": model_ref, "max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format}
+
+    def check(done, path):  # completions of another model or with other settings are not reused
+        for t in tasks:
+            old = done.done.get(t["task_id"])
+            if old is not None and old.get("gen") != gen:
+                raise PrivcodeError(f"progress file holds completions made with other settings ({old.get('gen')}) "
+                                    f"for task '{t['task_id']}': delete it to start over", path=path)
+
+    me = shard.parse(shard_spec)
+    if me is not None:
+        mine = out.parent / f".{out.name}.progress.{me[0]}of{me[1]}.jsonl"
+        seen = set()  # done under another shard count or by one process: read only (siblings append)
+        for f in shard.progress_files(out):
+            if not f.name.endswith(f"of{me[1]}.jsonl"):
+                seen |= shard.ids_in(f)
+        with ResumableJsonl(mine) as done:
+            check(done, mine)
+            todo = [t for t in shard.part(tasks, me) if t["task_id"] not in done and t["task_id"] not in seen]
+            if todo:
+                _answer(todo, key, done, model_ref, cfg, gen, len(todo), f"{benchmark} {shard_spec}")
+        return None
+    n = shard.count(cfg.shards)
+    if n > 1:
+        for f in shard.progress_files(out):  # a stale file is one clear error here, not a failed child
+            with ResumableJsonl(f) as d:
+                check(d, f)
+        shard.spawn("evaluate", ["--model", model_ref, "--benchmark", benchmark, "--out", str(out),
+                                 "--params", json.dumps(cfg.__dict__)], n)
+    progress = out.parent / f".{out.name}.progress.jsonl"
+    with ResumableJsonl(progress) as done:
+        for f in shard.progress_files(out):
+            if f != progress:
+                with ResumableJsonl(f) as other:
+                    done.done.update(other.done)
+        check(done, progress)
+        todo = [t for t in tasks if t["task_id"] not in done]
+        if todo:
+            _answer(todo, key, done, model_ref, cfg, gen, len(tasks), benchmark)
+        return [done.done[t["task_id"]]["raw"] for t in tasks]
+
+
+def run(model_ref: str, benchmark: str, out: Path, cfg: EvalConfig, shard_spec: str | None = None) -> dict | None:
     from privcode import ledger
 
     if benchmark.startswith("bigcodebench"):
         from privcode.evaluate.bigcodebench_eval import run as bcb_run
 
-        return bcb_run(model_ref, benchmark, out, cfg)
+        return bcb_run(model_ref, benchmark, out, cfg, shard_spec)
     if benchmark not in EVALPLUS:
         raise PrivcodeError(f"unknown benchmark '{benchmark}'")
-    from tqdm import tqdm
-
     from privcode.evaluate.evalplus_eval import score
-    from privcode.synth.base import SamplingParams, get_backend
 
     tasks = load_tasks(benchmark, cfg.override)[: cfg.limit or None]
     t0 = time.time()
-    backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
-    prompts = [task_prompt(t["prompt"], cfg.prompt_format, getattr(backend, "tokenizer", None)) for t in tasks]
-    bar = tqdm(total=len(prompts), desc=f"evaluate {benchmark}", unit="task")
-    outs = backend.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens), progress=bar.update)
-    bar.close()
+    outs = completions(model_ref, benchmark, tasks, "prompt", out, cfg, shard_spec)
+    if outs is None:
+        return None
     gen_s = time.time() - t0
     with atomic_dir(out) as tmp:
-        write_jsonl(tmp / "raw.jsonl", ({"task_id": t["task_id"], "raw": o[0]} for t, o in zip(tasks, outs)))
+        write_jsonl(tmp / "raw.jsonl", ({"task_id": t["task_id"], "raw": o} for t, o in zip(tasks, outs)))
         write_jsonl(tmp / "samples.jsonl",
-                    ({"task_id": t["task_id"], "solution": to_solution(o[0], t)} for t, o in zip(tasks, outs)))
+                    ({"task_id": t["task_id"], "solution": to_solution(o, t)} for t, o in zip(tasks, outs)))
         scores = score(tmp / "samples.jsonl", benchmark, cfg.override, tmp / "evaluator", parallel=cfg.parallel)
         result = {"benchmark": benchmark, "model": model_ref, **scores, "generation_seconds": gen_s,
-                  "seconds": time.time() - t0, "config": cfg.__dict__}
+                  "seconds": time.time() - t0, "processes": shard.count(cfg.shards), "config": cfg.__dict__}
         write_json(tmp / "scores.json", result)
         ledger.derive(tmp, stage="evaluate", parents=ledger.model_parents(model_ref), benchmark=benchmark)
+    for f in shard.progress_files(out):
+        f.unlink(missing_ok=True)
     return result
 
 
@@ -107,6 +178,9 @@ def main(argv=None) -> None:
     ap.add_argument("--benchmark", required=True)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--params", default="{}", help="JSON object of EvalConfig fields")
+    ap.add_argument("--shard", help="i/n: complete tasks i, i+n, ... into a progress file (what `shards` starts)")
     a = ap.parse_args(argv)
-    r = run(a.model, a.benchmark, a.out, EvalConfig.from_dict(json.loads(a.params)))
+    r = run(a.model, a.benchmark, a.out, EvalConfig.from_json(a.params), a.shard)
+    if r is None:
+        return
     print(json.dumps({k: v for k, v in r.items() if k.endswith("pass@1")}))

@@ -231,6 +231,19 @@ def _read_input(in_path, limit):
     return samples
 
 
+def _gen_settings(model_ref, cfg):
+    return {"model": model_ref, **{k: getattr(cfg, k) for k in _GEN_KEYS}}
+
+
+def _check_progress(done, samples, gen, path):
+    for r in samples:  # descriptions of another program or made with other settings: not reused
+        old = done.done.get(r["id"])
+        if old is not None and (old.get("code") != r["code"] or old.get("gen") != gen):
+            what = "a different program" if old.get("code") != r["code"] else \
+                f"descriptions made with other settings ({old.get('gen')})"
+            raise PrivcodeError(f"progress file holds {what} for id '{r['id']}': delete it to start over", path=path)
+
+
 def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge=()):
     """Descriptions for every sample, resumable: returns ({id: [texts]}, n generated now, seconds).
     `index`: each sample's position in the whole input (the sampling seed of its chunk), default its
@@ -240,19 +253,13 @@ def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge
     from privcode.synth.base import SamplingParams, get_backend
 
     t0 = time.time()
-    gen = {"model": model_ref, **{k: getattr(cfg, k) for k in _GEN_KEYS}}
+    gen = _gen_settings(model_ref, cfg)
     index = list(range(len(samples))) if index is None else index
     with ResumableJsonl(progress_path, key="id") as done:
         for f in merge:
             with ResumableJsonl(f, key="id") as other:
                 done.done.update(other.done)
-        for r in samples:  # descriptions of another program or made with other settings: not reused
-            old = done.done.get(r["id"])
-            if old is not None and (old.get("code") != r["code"] or old.get("gen") != gen):
-                what = "a different program" if old.get("code") != r["code"] else \
-                    f"descriptions made with other settings ({old.get('gen')})"
-                raise PrivcodeError(f"progress file holds {what} for id '{r['id']}': delete it to start over",
-                                    path=progress_path)
+        _check_progress(done, samples, gen, progress_path)
         todo = [(index[i], r) for i, r in enumerate(samples) if r["id"] not in done.done]
         generated = 0
         if todo:
@@ -362,6 +369,9 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
     g0 = time.time()
     before = set().union(*(shard.ids_in(f) for f in shard.progress_files(out)))
     if n > 1:
+        for f in shard.progress_files(out):  # a stale file is one clear error here, not a failed child
+            with ResumableJsonl(f, key="id") as d:
+                _check_progress(d, samples, _gen_settings(model_ref, cfg), f)
         shard.spawn("roundtrip-filter", ["--model", model_ref, "--input", str(in_path), "--out", str(out),
                                          "--params", json.dumps(asdict(cfg))], n)
     descs, generated, gen_seconds = _generate(samples, progress_path, model_ref, cfg, backend,
