@@ -1,8 +1,9 @@
 """Model shapes and synthetic data for the GPU benchmarks (random weights, no hub access).
 
-Published configs of Qwen2.5-Coder (hidden, intermediate, layers, heads, kv heads, vocab, tied),
-with the sequence length and micro-batch the benchmarks use; `small` is a CPU-sized stand-in
-that runs every code path in the tests.
+Published configs of Qwen2.5-Coder and of Llama-3.1-8B, the paper's round-trip describer (hidden,
+intermediate, layers, heads, kv heads, vocab, tied), with the sequence length and micro-batch the
+benchmarks use; every shape is built as Qwen2 layers (Llama's matmuls plus q/k/v biases); `small` is
+a CPU-sized stand-in that runs every code path in the tests.
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ class Shape:
 SHAPES = {
     "qwen2.5-coder-1.5b": Shape("qwen2.5-coder-1.5b", 1536, 8960, 28, 12, 2, 151936, True, 1024, 8),
     "qwen2.5-coder-7b": Shape("qwen2.5-coder-7b", 3584, 18944, 28, 28, 4, 152064, False, 1024, 4),
+    "llama-3.1-8b": Shape("llama-3.1-8b", 4096, 14336, 32, 32, 8, 128256, False, 1024, 4),
     "small": Shape("small", 64, 128, 2, 4, 2, 512, True, 32, 2),
 }
-ALIASES = {"1.5b": "qwen2.5-coder-1.5b", "7b": "qwen2.5-coder-7b"}
+ALIASES = {"1.5b": "qwen2.5-coder-1.5b", "7b": "qwen2.5-coder-7b", "8b": "llama-3.1-8b"}
 
 
 def get_shape(name: str) -> Shape:
