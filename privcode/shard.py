@@ -73,6 +73,23 @@ def progress_files(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.progress*.jsonl"))
 
 
+def child_progress(out: Path, me: tuple[int, int]) -> tuple[Path, set]:
+    """Shard `me`'s own progress file for output `out`, and the ids already done in the others that
+    it must not redo: those of another shard count or of one process (read only: siblings of this
+    count are appending to theirs right now)."""
+    seen = set()
+    for f in progress_files(out):
+        if not f.name.endswith(f"of{me[1]}.jsonl"):
+            seen |= ids_in(f)
+    return out.parent / f".{out.name}.progress.{me[0]}of{me[1]}.jsonl", seen
+
+
+def remove_progress(out: Path) -> None:
+    """Delete every progress file of `out` (once `out` itself is written)."""
+    for f in progress_files(out):
+        f.unlink(missing_ok=True)
+
+
 def ids_in(path: Path) -> set:
     """The ids of a progress file, read without touching it: a sibling shard may be appending to it
     (a torn last line is skipped)."""

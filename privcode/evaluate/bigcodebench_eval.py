@@ -231,8 +231,7 @@ def run(model_ref: str, benchmark: str, out: Path, cfg, shard_spec: str | None =
                   "seconds": time.time() - t0, "processes": shard.count(cfg.shards), "config": cfg.__dict__}
         write_json(tmp / "scores.json", result)
         ledger.derive(tmp, stage="evaluate", parents=ledger.model_parents(model_ref), benchmark=benchmark)
-    for f in shard.progress_files(out):
-        f.unlink(missing_ok=True)
+    shard.remove_progress(out)
     return result
 
 

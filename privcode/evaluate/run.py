@@ -109,11 +109,7 @@ def completions(model_ref: str, benchmark: str, tasks: list[dict], key: str, out
 
     me = shard.parse(shard_spec)
     if me is not None:
-        mine = out.parent / f".{out.name}.progress.{me[0]}of{me[1]}.jsonl"
-        seen = set()  # done under another shard count or by one process: read only (siblings append)
-        for f in shard.progress_files(out):
-            if not f.name.endswith(f"of{me[1]}.jsonl"):
-                seen |= shard.ids_in(f)
+        mine, seen = shard.child_progress(out, me)
         with ResumableJsonl(mine) as done:
             check(done, mine)
             todo = [t for t in shard.part(tasks, me) if t["task_id"] not in done and t["task_id"] not in seen]
@@ -166,8 +162,7 @@ def run(model_ref: str, benchmark: str, out: Path, cfg: EvalConfig, shard_spec: 
                   "seconds": time.time() - t0, "processes": shard.count(cfg.shards), "config": cfg.__dict__}
         write_json(tmp / "scores.json", result)
         ledger.derive(tmp, stage="evaluate", parents=ledger.model_parents(model_ref), benchmark=benchmark)
-    for f in shard.progress_files(out):
-        f.unlink(missing_ok=True)
+    shard.remove_progress(out)
     return result
 
 

@@ -351,11 +351,7 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
     progress_path = out.parent / f".{out.name}.progress.jsonl"
     me = shard.parse(shard_spec)
     if me is not None:  # a child: describe this slice into its own progress file
-        mine = out.parent / f".{out.name}.progress.{me[0]}of{me[1]}.jsonl"
-        seen = set()  # described under another shard count or by one process: read only (siblings
-        for f in shard.progress_files(out):  # of this count are being appended to right now)
-            if not f.name.endswith(f"of{me[1]}.jsonl"):
-                seen |= shard.ids_in(f)
+        mine, seen = shard.child_progress(out, me)
         idx = [i for i in range(len(samples))[me[0]::me[1]] if samples[i]["id"] not in seen]
         _, generated, _ = _generate([samples[i] for i in idx], mine, model_ref, cfg, backend, idx)
         return {"samples": len(idx), "descriptions_generated": generated, "shard": shard_spec}
@@ -406,8 +402,7 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
         write_jsonl(tmp / "scores.jsonl", scores)
         write_json(tmp / "stats.json", stats)
         ledger.derive(tmp, stage=STAGE, parents=parents, **details)
-    for f in shard.progress_files(out):
-        f.unlink(missing_ok=True)
+    shard.remove_progress(out)
     shutil.rmtree(failed_dir, ignore_errors=True)
     return stats
 

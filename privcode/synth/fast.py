@@ -14,7 +14,8 @@ EOS per sequence), but decoding does not go through `model.generate`:
   replayed: one launch per token instead of ~1000 kernel launches from Python;
 - attention of the single new query reads the whole cache with a validity mask; grouped-query
   heads are folded into the query axis so no K/V is repeated;
-- with `n` samples per prompt each prompt is prefilled once and its K/V copied to its n rows;
+- with `n` samples per prompt each prompt is prefilled once and its K/V kept once, in a prompt
+  cache that its n rows' queries read together; each row's own cache holds its generated slots;
 - top-p sampling does not sort the vocabulary (`top_p_sample`: an exponential race, exact but
   for an event of probability <= 1e-12 per token, where it takes the most probable token).
 

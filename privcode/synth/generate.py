@@ -68,11 +68,7 @@ def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig, shard
     t0 = time.time()
     me = shard.parse(shard_spec)
     if me is not None:  # a child: answer this slice into its own progress file, write no output
-        mine = out.parent / f".{out.name}.progress.{me[0]}of{me[1]}.jsonl"
-        seen = set()  # answered under another shard count, or before sharding (read only: no rewrite)
-        for f in shard.progress_files(out):
-            if not f.name.endswith(f"of{me[1]}.jsonl"):
-                seen |= shard.ids_in(f)
+        mine, seen = shard.child_progress(out, me)
         with ResumableJsonl(mine, key="id") as done:
             todo = [r for r in shard.part(prompts, me) if r["id"] not in done and r["id"] not in seen]
             if todo:
@@ -101,8 +97,7 @@ def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig, shard
         write_jsonl(tmp / "samples.jsonl", samples)
         write_json(tmp / "stats.json", stats)
         ledger.derive(tmp, stage="generate", parents=ledger.model_parents(model_ref) + [str(Path(prompts_path).parent)])
-    for f in shard.progress_files(out):
-        f.unlink(missing_ok=True)
+    shard.remove_progress(out)
     return stats
 
 
