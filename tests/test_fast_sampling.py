@@ -58,3 +58,25 @@ def test_one_prefill_per_prompt_and_the_sort_free_sampler_keep_the_backends_toke
     fast = FastHFBackend(model=model, tokenizer=tok, batch_size=4).generate(prompts, p)
     assert fast == reference
     assert len({x for per in fast for x in per}) > 5  # really sampled: the n samples differ
+
+
+def test_stop_strings_end_a_completion_where_the_full_text_first_holds_one(tiny_model):
+    """hf stops early (transformers' stop criteria), fast cuts afterwards: both return their text up to the
+    first stop string, which evaluation relies on (it keeps only what precedes the closing fence)."""
+    from privcode.models import load_model, load_tokenizer
+    from privcode.synth.base import SamplingParams, cut_at_stop
+    from privcode.synth.hf import HFBackend
+
+    prompts = ["def add(a", "Question: Write a function.", "x", "return a"]
+    fast = FastHFBackend(model=load_model(str(tiny_model)),
+                         tokenizer=load_tokenizer(str(tiny_model), padding_side="left"), batch_size=4)
+    for backend in (HFBackend(str(tiny_model), batch_size=4), fast):
+        sampled = SamplingParams(max_new_tokens=24, temperature=1.0, seed=3)
+        full = [o[0] for o in backend.generate(prompts, sampled)]
+        stops = tuple({t[k:k + 2] for t in full for k in (len(t) // 2,) if t[k:k + 2].strip() and t.find(t[k:k + 2]) > 0})
+        want = [cut_at_stop(t, stops) for t in full]
+        assert sum(bool(w != t and w) for w, t in zip(want, full)) >= 2  # stops cut real, non-empty text
+        got = [o[0] for o in backend.generate(prompts, SamplingParams(**{**sampled.__dict__, "stop": stops}))]
+        assert got == want
+        assert not any(s in g for g in got for s in stops)
+

@@ -28,6 +28,7 @@ from privcode.params import Params
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+STOP = ("```",)  # the response prefix opens the code block; to_solution keeps only what precedes its close
 RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:"
 EVALPLUS = ("humaneval", "mbpp")
 
@@ -88,7 +89,7 @@ def _answer(tasks, key, done, model_ref, cfg, gen, total, what):
     for s in range(0, len(tasks), chunk):
         part = tasks[s:s + chunk]
         outs = backend.generate([task_prompt(t[key], cfg.prompt_format, tok) for t in part],
-                                SamplingParams(max_new_tokens=cfg.max_new_tokens), progress=bar.update)
+                                SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=STOP), progress=bar.update)
         for t, o in zip(part, outs):
             done.add({"id": t["task_id"], "gen": gen, "raw": o[0]})
     bar.close()
@@ -98,7 +99,8 @@ def completions(model_ref: str, benchmark: str, tasks: list[dict], key: str, out
                 shard_spec: str | None = None) -> list[str] | None:
     """The greedy completion of each task's `key` prompt, in task order, resumable. A child
     (`shard_spec` 'i/n') answers tasks i, i+n, ... into its own progress file and returns None."""
-    gen = {"model": model_ref, "max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format}
+    gen = {"model": model_ref, "max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format,
+           "stop": list(STOP)}
 
     def check(done, path):  # completions of another model or with other settings are not reused
         for t in tasks:

@@ -16,6 +16,14 @@ class SamplingParams:
     top_p: float = 1.0
     n: int = 1                 # samples per prompt (round trip: paper n=20)
     seed: int = 0
+    stop: tuple[str, ...] = ()  # a completion ends before the first of these strings (EvalPlus: "```")
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """`text` up to (without) the earliest occurrence of any stop string: what every backend returns, so
+    stopping early (hf, vllm) and cutting afterwards (fast) give the same completion."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(ends)] if ends else text
 
 
 class Backend:

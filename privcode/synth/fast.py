@@ -33,7 +33,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from privcode.synth.base import Backend, SamplingParams
+from privcode.synth.base import Backend, SamplingParams, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -431,4 +431,6 @@ class FastHFBackend(Backend):
     def generate(self, prompts: list[str], params: SamplingParams, progress=None) -> list[list[str]]:
         ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         gens = self.generate_ids(ids, params, progress=progress)
-        return [[self.tok.decode(g, skip_special_tokens=True) for g in per] for per in gens]
+        # stop strings are cut afterwards (same text as hf/vllm, which stop early; rows decode to the end)
+        return [[cut_at_stop(self.tok.decode(g, skip_special_tokens=True), params.stop) for g in per]
+                for per in gens]

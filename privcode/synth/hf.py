@@ -1,9 +1,10 @@
-"""transformers backend: batched `generate`, prompts sorted by length, stop on EOS per row."""
+"""transformers backend: batched `generate`, prompts sorted by length, stop on EOS (and on
+`SamplingParams.stop` strings) per row; a batch ends when all its rows have stopped."""
 from __future__ import annotations
 
 import torch
 
-from privcode.synth.base import Backend, SamplingParams
+from privcode.synth.base import Backend, SamplingParams, cut_at_stop
 
 
 class HFBackend(Backend):
@@ -33,6 +34,8 @@ class HFBackend(Backend):
                            add_special_tokens=False).to(self.device)
             kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tok.pad_token_id,
                       eos_token_id=self.tok.eos_token_id)
+            if params.stop:  # transformers' StopStringCriteria: a row stops once its text holds a stop string
+                kw.update(stop_strings=list(params.stop), tokenizer=self.tok)
             if params.temperature > 0:
                 torch.manual_seed(params.seed + s)
                 kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
@@ -40,7 +43,7 @@ class HFBackend(Backend):
             else:
                 kw.update(do_sample=False, num_return_sequences=1, temperature=None, top_p=None, top_k=None)
             gen = self.model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
-            texts = self.tok.batch_decode(gen, skip_special_tokens=True)
+            texts = [cut_at_stop(t, params.stop) for t in self.tok.batch_decode(gen, skip_special_tokens=True)]
             k = params.n if params.temperature > 0 else 1
             for j, i in enumerate(idx):
                 out[i] = texts[j * k:(j + 1) * k]

@@ -1,7 +1,7 @@
 """vLLM backend, selectable where vLLM is installed (GPU machines). Not installed by default."""
 from __future__ import annotations
 
-from privcode.synth.base import Backend, SamplingParams
+from privcode.synth.base import Backend, SamplingParams, cut_at_stop
 
 
 class VLLMBackend(Backend):
@@ -21,8 +21,8 @@ class VLLMBackend(Backend):
         from vllm import SamplingParams as VSP
 
         sp = VSP(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                 max_tokens=params.max_new_tokens, seed=params.seed)
+                 max_tokens=params.max_new_tokens, seed=params.seed, stop=list(params.stop) or None)
         outs = self.llm.generate(prompts, sp)
         if progress is not None:
             progress(len(prompts))
-        return [[o.text for o in r.outputs] for r in outs]
+        return [[cut_at_stop(o.text, params.stop) for o in r.outputs] for r in outs]
