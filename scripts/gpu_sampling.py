@@ -21,7 +21,7 @@ def timed(fn, reps=10):
 
 
 def samplers(rows, vocab):
-    from privcode.synth.fast import sort_top_p_sample, top_p_sample
+    from privcode.synth.sampling import sort_top_p_sample, top_p_sample
 
     out = []
     for scale in (1.0, 4.0):  # random-weight-like near-uniform logits; peaked ones like a trained model
@@ -43,17 +43,17 @@ def step_profile(shape_name, B, P, new, temperature, top_p, reps=1):
     from torch.profiler import ProfilerActivity, profile
 
     from privcode.bench.shapes import build_model, get_shape
-    from privcode.synth.fast import _Decoder, _Runner
+    from privcode.synth.decoder import Decoder, Runner
 
     shape = get_shape(shape_name)
     model = build_model(shape, "cuda", torch.bfloat16).eval()
-    dec = _Decoder(model)
+    dec = Decoder(model)
     up = lambda x: -(-x // 64) * 64  # noqa: E731 - the backend's slot buckets
-    r = _Runner(dec, B, up(new) if reps > 1 else up(P + new), temperature=temperature, top_p=top_p, eos=None,
+    r = Runner(dec, B, up(new) if reps > 1 else up(P + new), temperature=temperature, top_p=top_p, eos=None,
                 pad=0, ignore_eos=True, use_graph=True, reps=reps, prefix=up(P) if reps > 1 else 0)
     ids = torch.randint(1, shape.vocab - 2, (B // reps, P))
     r.run(ids, torch.full((B // reps,), P), new // 2)  # profile the step halfway through
-    replay_ms = timed(r.graph.replay, 20)
+    replay_ms = timed(r.graphs[r.S].replay, 20)  # the full-length step (every cache slot read)
     with torch.inference_mode():
         eager_ms = timed(r.step, 5)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -3,7 +3,8 @@ tokens for the same random stream, and the draws follow the nucleus distribution
 import pytest
 import torch
 
-from privcode.synth.fast import FastHFBackend, sort_top_p_sample, top_p_sample
+from privcode.synth.fast import FastHFBackend
+from privcode.synth.sampling import sort_top_p_sample, top_p_sample
 
 
 def _logits(rows, vocab, scale, seed):
@@ -80,3 +81,69 @@ def test_stop_strings_end_a_completion_where_the_full_text_first_holds_one(tiny_
         assert got == want
         assert not any(s in g for g in got for s in stops)
 
+
+def test_compiled_decode_layers_give_the_eager_tokens_with_one_graph_for_all_layers(tiny_model):
+    """compile_layers: torch.compile of one decode layer, reused by every layer (regional compilation):
+    the tokens are the eager decoder's, greedy and sampled (shared prompt cache), and the layers share
+    compiled graphs (fewer graphs than layers x shapes)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from privcode.models import load_model, load_tokenizer
+    from privcode.synth.base import SamplingParams
+
+    tok = load_tokenizer(str(tiny_model), padding_side="left")
+    model = load_model(str(tiny_model))
+    prompts = ["def add(a", "Question: Write a function.", "x", "return a"]
+    torch._dynamo.reset()
+    counters.clear()
+    assert len(model.get_decoder().layers) == 2
+    for shapes, p in enumerate((SamplingParams(max_new_tokens=8),  # one batch of 4 rows
+                                SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, n=2, seed=4)), 1):
+        eager = FastHFBackend(model=model, tokenizer=tok, batch_size=4).generate(prompts, p)
+        compiled = FastHFBackend(model=model, tokenizer=tok, batch_size=4, compile_layers=True).generate(prompts, p)
+        assert compiled == eager
+        # one graph per decode shape (greedy; then 2 batches of 2 prompts x 2 rows with a shared prompt
+        # cache), not one per layer
+        assert counters["stats"]["unique_graphs"] == shapes
+
+
+def test_rows_for_memory_fill_the_free_memory_and_keep_a_prompts_samples_together():
+    from privcode.synth.fast import MEM_FRACTION, rows_for_memory
+
+    shape = dict(layers=32, kv=8, head_dim=128, dtype_bytes=2, vocab=128256, hidden=4096)  # Llama-3.1-8B
+    per_prompt_rows = rows_for_memory(60 << 30, prompt_len=400, new_tokens=200, reps=1, **shape)
+    shared = rows_for_memory(60 << 30, prompt_len=400, new_tokens=200, reps=20, **shape)
+    assert shared > per_prompt_rows          # a shared prompt cache leaves room for more rows
+    assert shared % 20 == 0 and per_prompt_rows & (per_prompt_rows - 1) == 0
+    kv_row = 2 * 32 * 8 * 128 * 2
+    assert per_prompt_rows * kv_row * 640 <= MEM_FRACTION * (60 << 30)  # its K/V fit
+    assert 2 * per_prompt_rows * kv_row * 640 > MEM_FRACTION * (60 << 30)  # and twice as many would not
+    assert rows_for_memory(120 << 30, prompt_len=400, new_tokens=200, **shape) == 2 * per_prompt_rows
+    assert rows_for_memory(1 << 20, prompt_len=400, new_tokens=200, reps=20, **shape) == 20  # at least one prompt
+
+
+def test_reading_only_the_written_cache_slots_gives_the_full_length_tokens(tiny_model, monkeypatch):
+    """Each decode step attends to the slots written so far (rounded up to SLOT_BUCKET), not the whole
+    cache: the same tokens as attending to every slot, over a run that crosses bucket boundaries."""
+    from privcode.models import load_model, load_tokenizer
+    from privcode.synth import decoder
+    from privcode.synth.base import SamplingParams
+
+    tok = load_tokenizer(str(tiny_model), padding_side="left")
+    model = load_model(str(tiny_model))
+    prompts = ["def add(a", "Question: Write a function.", "x"]
+    lens = []
+    real = decoder.Runner.att_len
+    monkeypatch.setattr(decoder.Runner, "att_len", lambda self, slot: lens.append(real(self, slot)) or lens[-1])
+    for p in (SamplingParams(max_new_tokens=150, temperature=0.9, seed=1),  # own cache: prompt + 150 slots
+              SamplingParams(max_new_tokens=150, temperature=0.9, n=2, seed=1)):  # shared prompt cache
+        short = FastHFBackend(model=model, tokenizer=tok, batch_size=4).generate_ids(
+            [tok(x)["input_ids"] for x in prompts], p, ignore_eos=True)
+        assert {64, 128, 192} <= set(lens)  # three attention lengths were used
+        lens.clear()
+        monkeypatch.setattr(decoder.Runner, "att_len", lambda self, slot: self.S)  # the reference: every slot
+        full = FastHFBackend(model=model, tokenizer=tok, batch_size=4).generate_ids(
+            [tok(x)["input_ids"] for x in prompts], p, ignore_eos=True)
+        assert short == full
+        monkeypatch.setattr(decoder.Runner, "att_len", lambda self, slot: lens.append(real(self, slot)) or lens[-1])
