@@ -50,8 +50,8 @@ class TrainConfig(Params):
     epochs: float = 1.0               # non-DP only: passes over the data when steps is None
     batch_size: int = 8               # DP: expected batch size q*N (Poisson); non-DP: records per step
     micro_batch_size: int = 4         # rows per forward/backward; memory knob, no effect on the result
-    micro_batch_tokens: int = 0       # > 0: also cap rows × longest row per micro-batch (not under
-                                      # DeepSpeed): short rows fill the GPU, long ones still fit in memory
+    micro_batch_tokens: int = 0       # > 0: also cap rows × longest row per micro-batch (not in the non-DP
+                                      # DeepSpeed fine-tune): short rows fill the GPU, long ones still fit
     max_length: int = 256             # tokens per record; longer records are truncated (one record = one row)
     lr: float = 5e-4                  # LoRA tolerates a high LR; DP noise favours few, large steps
     weight_decay: float = 0.0
@@ -87,6 +87,11 @@ class TrainConfig(Params):
     privsa_compile: bool = False      # with fast on CUDA: torch.compile the frozen teacher + KL math;
                                       # off: ~90 s of compile per process for ~7% of a step pays only
                                       # after ~600 steps, and it leaves a bf16 KL floor (docs/scaling.md)
+    engine: str = "ddp"               # DP only: ddp | deepspeed (ZeRO-3 shards the frozen base for models
+                                      # larger than a GPU; same mechanism: privcode.dp.zero)
+    zero_offload: str = "none"        # engine deepspeed: none | cpu (the base's partitions in CPU memory)
+    deepspeed: dict = field(default_factory=dict)  # engine deepspeed: extra zero_optimization settings
+                                      # (placement/prefetch only; privcode.dp.zero.check_config)
 
 
 
@@ -94,7 +99,9 @@ class TrainConfig(Params):
         for name, ok in (("epsilon", self.epsilon is None or (not isinstance(self.epsilon, bool) and self.epsilon > 0)),
                          ("delta", self.delta is None or 0 < self.delta < 1),
                          ("max_grad_norm", self.max_grad_norm > 0), ("batch_size", self.batch_size >= 1),
-                         ("steps", self.steps is None or self.steps >= 1), ("lr", self.lr > 0)):
+                         ("steps", self.steps is None or self.steps >= 1), ("lr", self.lr > 0),
+                         ("engine", self.engine in ("ddp", "deepspeed")),
+                         ("zero_offload", self.zero_offload in ("none", "cpu"))):
             if not ok:
                 raise PrivcodeError(f"invalid value {getattr(self, name)!r}", path="--params", field=name)
 
@@ -170,12 +177,13 @@ def set_attention_backends(cfg: TrainConfig, device) -> None:
 # model
 
 
-def build_lora_model(model_ref: str, cfg: TrainConfig, device):
+def build_lora_model(model_ref: str, cfg: TrainConfig, device, base=None):
+    """LoRA (PEFT) on the base `model_ref`, or on `base` when given (privcode.dp.zero: a sharded base)."""
     from peft import LoraConfig, get_peft_model
 
     from privcode.models import load_model
 
-    model = load_model(model_ref, dtype=cfg.dtype, device=device)
+    model = base if base is not None else load_model(model_ref, dtype=cfg.dtype, device=device)
     model.config.use_cache = False
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_targets, bias="none", task_type="CAUSAL_LM")
@@ -218,6 +226,11 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig, private_dir
 
     out = Path(out)
     priv = Path(private_dir) if private_dir else zone.run_dir(out)
+    zero = None
+    if cfg.engine == "deepspeed":  # ZeRO-3 shards the frozen base; the mechanism stays engine.DPSGD's
+        from privcode.dp import zero
+
+        zero.check_config(cfg)
     rank, world = engine.init_distributed()
     engine.check_not_trained(priv, out)  # training again into the same output spends budget again
     device = default_device()
@@ -239,18 +252,22 @@ def train_dp(model_ref: str, data: str, out: Path, cfg: TrainConfig, private_dir
 
     lengths = [len(r["input_ids"]) for r in rows]
     set_attention_backends(cfg, device)
-    model = build_lora_model(model_ref, cfg, device)
+    if zero:
+        model = zero.build_lora_model(model_ref, cfg, device)
+        Engine = functools.partial(zero.ZeroDPSGD, pad_token=tok.pad_token_id, syntax=privsa)
+    else:
+        model, Engine = build_lora_model(model_ref, cfg, device), engine.DPSGD
     model.train()
-    dp = engine.DPSGD(model, n_records=N, sample_rate=q, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
-                      expected_batch_size=p.expected_batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                      steps=cfg.steps, streams=streams, device=device, rank=rank, world=world,
-                      optimizer=cfg.optimizer, lengths=lengths)
+    dp = Engine(model, n_records=N, sample_rate=q, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+                expected_batch_size=p.expected_batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                steps=cfg.steps, streams=streams, device=device, rank=rank, world=world,
+                optimizer=cfg.optimizer, lengths=lengths)
     if cfg.fast:
         from privcode.dp import fastloss
 
         fastloss.accelerate_dpsgd(dp)
         compile_privsa = privsa and cfg.privsa_compile and str(device).startswith("cuda")
-        loss_impl = functools.partial(fastloss.per_record_loss, compile_privsa=compile_privsa)
+        loss_impl = functools.partial(fastloss.per_record_loss, compile_privsa=compile_privsa, lockstep=bool(zero))
     else:
         loss_impl = per_record_loss
     before = lora_state(model)
@@ -464,14 +481,14 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig, private_
     trainable = [p for p in model.parameters() if p.requires_grad]
     fused = fused_kwargs(trainable) if world == 1 else {}  # under DeepSpeed, ZeRO drives the optimizer
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    if cfg.fast and world == 1:
+    if cfg.fast:
         from privcode.dp.fastloss import per_record_loss as loss_impl
-    else:  # the fast loss is not tested under DeepSpeed
+    else:
         loss_impl = per_record_loss
     engine, rank = None, 0
     n_micro = max(1, math.ceil(math.ceil(cfg.batch_size / world) / cfg.micro_batch_size))
     if world > 1:
-        engine, rank = _deepspeed_engine(model, opt, cfg, n_micro)
+        engine, rank = _deepspeed_engine(RecordLoss(model, loss_impl), opt, cfg, n_micro, device)
     order: list[int] = []
     losses, t0 = [], time.time()
     timer = StepTimer(device, world)
@@ -482,7 +499,8 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig, private_
             rng.shuffle(perm)
             order += perm
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        mine = balanced_split(idx, lengths, world)[rank]  # this rank's share, token-balanced
+        # this rank's share, token-balanced; under DeepSpeed at most its n_micro micro-batches
+        mine = balanced_split(idx, lengths, world, n_micro * cfg.micro_batch_size if engine else None)[rank]
         if engine is None:
             micro = micro_batches(mine, lengths, cfg.micro_batch_size, cfg.micro_batch_tokens)
         else:  # DeepSpeed fixes the micro-batch size and count
@@ -497,7 +515,7 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig, private_
                 loss = loss_impl(model, batch).sum() / len(idx)
                 loss.backward()
             else:  # DeepSpeed averages over ranks: each rank's sum is scaled by world / |batch|
-                loss = per_record_loss(engine, batch).sum() * (weight * world / len(idx))
+                loss = engine(batch).sum() * (weight * world / len(idx))
                 engine.backward(loss, scale_wrt_gas=False)
                 engine.step()  # steps the optimizer only at the accumulation boundary
             total += float(loss.detach()) / (world if engine is not None else 1)
@@ -526,12 +544,28 @@ def train_nondp(model_ref: str, data: str, out: Path, cfg: TrainConfig, private_
     return stats
 
 
-def _deepspeed_engine(model, opt, cfg: TrainConfig, n_micro: int):
+class RecordLoss(torch.nn.Module):
+    """The per-record loss as the module DeepSpeed runs. DeepSpeed's contract is `loss = engine(...)`:
+    its forward arms the backward prologue on the output (ZeRO's accumulation-boundary flag and
+    reduction bookkeeping). The fast loss calls the decoder, not the model, so run on the engine's
+    submodules it skipped that forward; inside this module it does not."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _deepspeed_engine(model, opt, cfg: TrainConfig, n_micro: int, device):
     try:
         import deepspeed
     except ImportError as e:
         raise PrivcodeError("multi-GPU fine-tuning needs DeepSpeed: pip install 'privcode[gpu]'") from e
-    deepspeed.init_distributed()
+    from privcode.dp.zero import init_group
+
+    init_group(device)
     ds_cfg = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": n_micro,

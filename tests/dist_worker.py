@@ -5,7 +5,9 @@ argv[4] "signal": real gradients and σ = 0, so the update is the clipped sum al
 not depend on the number of processes. Rank 0 writes the update to argv[2].
 argv[4] "teeth" (tests/test_dp_teeth.py): argv[2] is a directory; argv[5] a comma-separated list
 of mutation names ("" = the honest mechanism); the noise, sensitivity and sampling probes run
-under each, and their measurements are written there."""
+under each, and their measurements are written there.
+argv[4] "zero" (tests/test_zero.py): argv[2] is a directory; the DDP path and DeepSpeed ZeRO-3 side by
+side (test_zero.worker)."""
 import sys
 
 import torch
@@ -14,6 +16,11 @@ if len(sys.argv) > 4 and sys.argv[4] == "teeth":
     import test_dp_teeth
 
     test_dp_teeth.worker(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5].split(",") if len(sys.argv) > 5 else [""])
+    sys.exit(0)
+if len(sys.argv) > 4 and sys.argv[4] == "zero":
+    import test_zero
+
+    test_zero.worker(sys.argv[1], sys.argv[2], sys.argv[3])
     sys.exit(0)
 
 from privcode.dp import engine

@@ -220,6 +220,24 @@ def test_bench_train_small_cpu_writes_every_field(tmp_path):
     assert r["info"]["card"] == "cpu" and r["shape"]["name"] == "small" and r["matrix_tok_s"]
 
 
+def test_bench_zero_small_cpu_runs_zero3_offload_and_the_ddp_path(tmp_path):
+    """`privcode bench zero` on CPU: the --big shape's dp-finetune runs end to end, one under DeepSpeed
+    ZeRO-3 with the base's partitions offloaded to CPU memory, one on the DDP path: the same plan, so
+    the same ε (from privacy.json), and tokens/s of each."""
+    from privcode.bench import zero_bench
+
+    out = tmp_path / "zero.json"
+    zero_bench.main(["--device", "cpu", "--shapes", "none", "--big", "small", "--big-steps", "2", "--records", "16",
+                     "--out", str(out)])
+    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"small-deepspeed-offload", "small-ddp-capped"}
+    for r in runs.values():
+        assert "error" not in r, r["error"]
+        assert r["tokens_per_s"] > 0 and 0 < r["epsilon"] <= 4.0 and len(r["step_s"]) == 2
+    assert runs["small-deepspeed-offload"]["offload"] == "cpu"
+    assert runs["small-deepspeed-offload"]["epsilon"] == runs["small-ddp-capped"]["epsilon"]
+
+
 def test_bench_generate_small_cpu_writes_every_field(tmp_path):
     from privcode.bench import generate_bench
 

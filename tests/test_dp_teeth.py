@@ -1,5 +1,6 @@
 """DP mechanism tests with teeth (#15): bind what the accountant assumes to what the engine does,
-on the reference and the fast path, in one and in two processes — and prove that they bite.
+on the reference, the fast and the DeepSpeed ZeRO-3 path (privcode.dp.zero), in one and in two
+processes — and prove that they bite.
 
 Each *probe* runs the real engine (privcode.dp.engine.DPSGD around a LoRA model, Opacus's
 optimizer, privcode's noise; train_dp end to end for the last one) and measures what happened
@@ -15,7 +16,7 @@ measurement contradicts the claim:
   sensitivity: the pre-noise clipped sum moves by at most C when one record is added or removed;
 - sampling (the engine's next 200 samples; with two processes, each rank's shares) — sampling_*:
   every rank draws the same global sample, each record in it independently with probability q;
-- train (train_dp, 80 steps, killed after its first checkpoint and resumed) — train_steps,
+- train (train_dp, DDP path and ZeRO-3, 80 steps, killed after its first checkpoint and resumed) — train_steps,
   train_wiring, sampling_*: privacy.json's T = the noisy updates applied (resume included); its
   σ, C, q, E[B] = what the engine was given; the realized samples are Binomial(N, q) with its q.
 (docs/privacy-testing.md has the same as a table, and which mutation each check catches.)
@@ -23,19 +24,22 @@ measurement contradicts the claim:
 Statistics. Every statistical check is a two-sided test at level ALPHA = 1e-7 (chi-square for
 variances and dispersions, exact binomial for the sampling rate, √n·r ~ N(0, 1) for
 correlations, Kolmogorov–Smirnov for normality). The whole suite (honest runs, one and two
-processes) makes about 210 such tests, so an honest mechanism fails it with probability
-< 2.5·10⁻⁵ whatever its random seeds; noise and sampling use secret (OS-entropy) streams, as a DP
+processes) makes about 310 such tests, so an honest mechanism fails it with probability
+< 3.1·10⁻⁵ whatever its random seeds; noise and sampling use secret (OS-entropy) streams, as a DP
 run does, and the sensitivity probe a fixed `seed` so that both of its runs draw the same noise.
 
 Mutations (`MUTATIONS`): each breaks the mechanism in one way, by monkeypatching (never by
 editing a source), inside this process or — by name — inside the two-process workers
 (tests/dist_worker.py "teeth"). test_mutation_is_caught runs the probes under each and requires
-at least one check to fail; PRIVCODE_TEETH_FULL=1 runs every probe under every mutation and
-prints which checks fail (the table in docs/privacy-testing.md).
+at least one check to fail; test_mutation_is_caught_on_the_zero3_path requires it of the ZeRO-3
+path's own probes for every mutation of code that path runs (ZERO_MUTATIONS); PRIVCODE_TEETH_FULL=1
+runs every probe under every mutation and prints which checks fail (the table in
+docs/privacy-testing.md).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -57,6 +61,7 @@ LORA = dict(lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"], lora_r=16, ma
 NOISE_STEPS = [(5, 1), (20, 3), (0, 1), (10, 2)]  # (global batch size, micro-batches) of the noise probe
 SAMPLING_DRAWS, SAMPLING_Q = 200, 0.25
 TRAIN = dict(steps=80, batch_size=5, checkpoint_every=30, n=20)
+PATHS = ("ref", "fast", "zero")  # engines: Opacus hooks, hook-free + flat clipping, DeepSpeed ZeRO-3 (privcode.dp.zero)
 FULL = os.environ.get("PRIVCODE_TEETH_FULL") == "1"
 
 
@@ -325,23 +330,31 @@ class Bench:
         self.rows, _ = load_rows(data, self.tok, TrainConfig(**LORA))
         self.lengths = [len(r["input_ids"]) for r in self.rows]
 
-    def engine(self, fast: bool, seed, q: float = 0.25, steps: int = 8):
-        from privcode.dp import engine, fastloss
+    def engine(self, path: str, seed, q: float = 0.25, steps: int = 8):
+        """The engine of `path`: "ref" (Opacus hooks), "fast" (hook-free, flat clipping) or "zero"
+        (DeepSpeed ZeRO-3 over the frozen base, privcode.dp.zero)."""
+        from privcode.dp import engine, fastloss, zero
         from privcode.train import TrainConfig, build_lora_model
 
+        cfg = TrainConfig(**LORA, fast=path != "ref")
         torch.manual_seed(0)  # the same starting weights for every run (the sensitivity probe compares two)
-        model = build_lora_model(self.model_dir, TrainConfig(**LORA, fast=fast), self.device)
+        if path == "zero":
+            model = zero.build_lora_model(self.model_dir, cfg, self.device)
+            Engine = functools.partial(zero.ZeroDPSGD, pad_token=self.tok.pad_token_id)
+        else:
+            model, Engine = build_lora_model(self.model_dir, cfg, self.device), engine.DPSGD
+        torch.manual_seed(0)
         for p in model.parameters():
             if p.requires_grad:  # every LoRA factor gets a gradient (B = 0 would zero A's)
                 p.data.normal_(0, 0.2)
-        dp = engine.DPSGD(model, n_records=len(self.rows), sample_rate=q, noise_multiplier=SIGMA, max_grad_norm=C,
-                          expected_batch_size=E, lr=1.0, weight_decay=0.0, steps=steps, seed=seed,
-                          device=self.device, rank=self.rank, world=self.world, optimizer="sgd", lengths=self.lengths)
-        if fast:
+        dp = Engine(model, n_records=len(self.rows), sample_rate=q, noise_multiplier=SIGMA, max_grad_norm=C,
+                    expected_batch_size=E, lr=1.0, weight_decay=0.0, steps=steps, seed=seed,
+                    device=self.device, rank=self.rank, world=self.world, optimizer="sgd", lengths=self.lengths)
+        if path != "ref":
             fastloss.accelerate_dpsgd(dp)
         return dp, model
 
-    def update(self, dp, model, fast: bool, global_idx, weights=None, n_micro: int = 1, scale: float = 1.0):
+    def update(self, dp, model, path: str, global_idx, weights=None, n_micro: int = 1, scale: float = 1.0):
         """One DP-SGD step on this rank's share of `global_idx` (loss_i × weights[i] × scale), cut into
         n_micro micro-batches; returns the update of all LoRA parameters as one flat vector."""
         from privcode.dp import engine, fastloss
@@ -355,9 +368,10 @@ class Bench:
                 b = collate([self.rows[int(i)] for i in chunk], self.tok.pad_token_id, self.device)
                 b["w"] = torch.tensor([(weights or {}).get(int(i), 1.0) * scale for i in chunk], device=self.device)
                 batches.append(b)
-        loss = fastloss.per_record_loss if fast else engine.per_record_loss
+        loss = {"ref": engine.per_record_loss, "fast": fastloss.per_record_loss,
+                "zero": functools.partial(fastloss.per_record_loss, lockstep=True)}[path]
         before = _flat(dp)
-        dp.step(batches, lambda m, b: loss(m, b, peft_model=model) * b["w"])
+        dp.step(batches, lambda m, b: loss(m, b, peft_model=model) * b.get("w", 1.0))  # no "w": ZeRO-3 padding
         return _flat(dp) - before
 
 
@@ -369,18 +383,18 @@ def _flat(dp):
 # probes (measure) — usable in this process and in the two-process workers
 
 
-def probe_noise(bench: Bench, fast: bool) -> dict:
+def probe_noise(bench: Bench, path: str) -> dict:
     """Zero gradients (loss × 0): each update is −noise/E[B]. Two runs with secret streams, each
     over NOISE_STEPS: batches of E/2 and 2E rows (3 micro-batches), an empty sample, E rows."""
     runs = []
     for _ in range(2):
-        dp, model = bench.engine(fast, seed=None)
-        runs.append([(-bench.update(dp, model, fast, range(b), None, nm, scale=0.0) * E).numpy()
+        dp, model = bench.engine(path, seed=None)
+        runs.append([(-bench.update(dp, model, path, range(b), None, nm, scale=0.0) * E).numpy()
                      for b, nm in NOISE_STEPS])
     return {"kind": "noise", "z": np.array(runs), "std": SIGMA * C}
 
 
-def probe_sensitivity(bench: Bench, fast: bool) -> dict:
+def probe_sensitivity(bench: Bench, path: str) -> dict:
     """Two runs with the same noise stream: batch D (10 records) and D + the adversarial record
     (loss ×1e4). The difference of the updates × E[B] is the change of the pre-noise clipped sum."""
     base = list(range(10))
@@ -388,15 +402,15 @@ def probe_sensitivity(bench: Bench, fast: bool) -> dict:
     for n_micro in (1, 3):
         ups = []
         for batch in (base, base + [ADV]):
-            dp, model = bench.engine(fast, seed=1234)
-            ups.append(bench.update(dp, model, fast, batch, {ADV: 1e4}, n_micro))
+            dp, model = bench.engine(path, seed=1234)
+            ups.append(bench.update(dp, model, path, batch, {ADV: 1e4}, n_micro))
         out[n_micro] = float(torch.linalg.vector_norm((ups[1] - ups[0]) * E))
     return {"kind": "sensitivity", "delta_norm": out, "C": C}
 
 
 def probe_sampling(bench: Bench) -> dict:
     """This rank's shares of SAMPLING_DRAWS consecutive samples of one engine (secret streams)."""
-    dp, _ = bench.engine(False, seed=None, q=SAMPLING_Q, steps=SAMPLING_DRAWS)
+    dp, _ = bench.engine("ref", seed=None, q=SAMPLING_Q, steps=SAMPLING_DRAWS)
     shares = [dp.next_indices() for _ in range(SAMPLING_DRAWS)]
     return {"kind": "sampling", "shares": shares, "samples": shares, "rank_shares": [shares],
             "n": len(bench.rows), "q": SAMPLING_Q}
@@ -406,7 +420,7 @@ class _Crash(Exception):
     pass
 
 
-def probe_train(model_dir, root: Path, fast: bool = True) -> dict:
+def probe_train(model_dir, root: Path, fast: bool = True, engine_name: str = "ddp") -> dict:
     """train_dp end to end (secret streams): 80 steps, killed right after its first checkpoint
     (step 30) and resumed. Records what the engine was given, every index it sampled, every noise
     draw and every optimizer update, and reads privacy.json."""
@@ -418,7 +432,8 @@ def probe_train(model_dir, root: Path, fast: bool = True) -> dict:
     mark_private(write_records(d / "records.jsonl", TRAIN["n"]).parent)
     cfg = TrainConfig(epsilon=100.0, delta=1e-3, noise_multiplier=1.0, max_grad_norm=C, dataset_size="public",
                       steps=TRAIN["steps"], batch_size=TRAIN["batch_size"], checkpoint_every=TRAIN["checkpoint_every"],
-                      lr=1e-2, max_length=32, lora_targets=["q_proj"], lora_r=4, prompt_format="qa", fast=fast)
+                      lr=1e-2, max_length=32, lora_targets=["q_proj"], lora_r=4, prompt_format="qa", fast=fast,
+                      engine=engine_name)
     rec = {"init": [], "samples": [], "noise_std": [], "updates": 0}
     init0, gaussian0, save0 = engine.DPSGD.__init__, noise.gaussian, engine.save_ckpt
 
@@ -637,11 +652,11 @@ def worker(model_dir, out_dir, data, names: list[str]) -> None:
             print(f"teeth worker: {key} {kinds} at {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
         res = {}
         with mutated(name or None):
-            for path in ("ref", "fast"):
+            for path in PATHS:
                 if "noise" in kinds:
-                    res[f"noise_{path}"] = probe_noise(bench, path == "fast")
+                    res[f"noise_{path}"] = probe_noise(bench, path)
                 if "sensitivity" in kinds:
-                    res[f"sensitivity_{path}"] = probe_sensitivity(bench, path == "fast")
+                    res[f"sensitivity_{path}"] = probe_sensitivity(bench, path)
             shares = probe_sampling(bench)["shares"] if "sampling" in kinds else None
         if rank == 0:
             torch.save(res, out_dir / f"{key}.pt")
@@ -679,6 +694,7 @@ def run_two_processes(model_dir, tmp: Path, names: list[str]) -> dict:
 # the mutations that only a run of several processes can show (the others are caught in-process,
 # and PRIVCODE_TEETH_FULL=1 runs them all in the two-process worker as well)
 TWO_PROCESS_MUTATIONS = ["noise_every_rank@noise", "unshared_sampling_seed@sampling"]
+TWO_PROCESS_ONLY = {m.partition("@")[0] for m in TWO_PROCESS_MUTATIONS}
 
 
 # ============================================================================================
@@ -709,17 +725,17 @@ def two_processes(tiny_model, tmp_path_factory):
 # the mechanism tests (honest mechanism: every check passes)
 
 
-@pytest.mark.parametrize("path", ["ref", "fast"])
+@pytest.mark.parametrize("path", PATHS)
 def test_noise_std_independent_gaussian_added_once(bench, path):
-    res = probe_noise(bench, path == "fast")
+    res = probe_noise(bench, path)
     noise_std(res)
     noise_independent(res)
     noise_gaussian(res)
 
 
-@pytest.mark.parametrize("path", ["ref", "fast"])
+@pytest.mark.parametrize("path", PATHS)
 def test_one_record_moves_the_clipped_sum_by_at_most_C(bench, path):
-    res = probe_sensitivity(bench, path == "fast")
+    res = probe_sensitivity(bench, path)
     sensitivity(res)
     sensitivity_has_power(res)
 
@@ -728,10 +744,11 @@ def test_sampling_is_poisson_at_rate_q(bench):
     assert failures(probe_sampling(bench)) == []
 
 
-def test_train_run_matches_its_privacy_json(tiny_model, tmp_path):
+@pytest.mark.parametrize("engine_name", ["ddp", "deepspeed"])
+def test_train_run_matches_its_privacy_json(tiny_model, tmp_path, engine_name):
     """T, σ, C, q, E[B] in privacy.json against what the run did, over a kill and a resume, and
-    the realized Poisson sampling against privacy.json's q."""
-    res = probe_train(tiny_model, tmp_path)
+    the realized Poisson sampling against privacy.json's q — on the DDP path and under ZeRO-3."""
+    res = probe_train(tiny_model, tmp_path, engine_name=engine_name)
     assert 0 < res["resumed_at"] < res["steps"]
     assert failures(res) == []
 
@@ -740,10 +757,10 @@ def test_two_processes(two_processes):
     """The same checks with two processes (gloo): noise once, sensitivity C, one shared global
     Poisson sample split into disjoint shares."""
     honest = two_processes["honest"]
-    assert set(honest) == {"noise_ref", "noise_fast", "sensitivity_ref", "sensitivity_fast", "sampling"}
+    assert set(honest) == {f"{k}_{p}" for k in ("noise", "sensitivity") for p in PATHS} | {"sampling"}
     for key, res in honest.items():
         assert failures(res) == [], key
-    for key in ("sensitivity_ref", "sensitivity_fast"):
+    for key in (f"sensitivity_{p}" for p in PATHS):
         sensitivity_has_power(honest[key])
 
 
@@ -755,9 +772,9 @@ def _in_process_failures(name, bench, model_dir, tmp: Path) -> dict:
     """Probe results' failures under a mutation, cheapest probes first; stop at the first probe that
     fails unless PRIVCODE_TEETH_FULL=1."""
     found = {}
-    plan = [("noise_ref", lambda: probe_noise(bench, False)), ("noise_fast", lambda: probe_noise(bench, True)),
-            ("sensitivity_ref", lambda: probe_sensitivity(bench, False)),
-            ("sensitivity_fast", lambda: probe_sensitivity(bench, True)),
+    plan = [("noise_ref", lambda: probe_noise(bench, "ref")), ("noise_fast", lambda: probe_noise(bench, "fast")),
+            ("sensitivity_ref", lambda: probe_sensitivity(bench, "ref")),
+            ("sensitivity_fast", lambda: probe_sensitivity(bench, "fast")),
             ("sampling", lambda: probe_sampling(bench)),
             ("train", lambda: probe_train(model_dir, tmp))]
     for key, probe in plan:
@@ -785,3 +802,20 @@ def test_mutation_is_caught(name, bench, two_processes, tiny_model, tmp_path):
     if FULL:
         print(f"\nMUTATION {name}: " + json.dumps({k: [x.split(':')[0] for x in v] for k, v in found.items()}))
     assert found, f"mutation '{name}' ({MUTATIONS[name][1]}) passed every mechanism test"
+
+
+# the mutations of what the ZeRO-3 engine runs itself (its clipping and noise are the fast path's
+# code, its sampler engine.DPSGD's): each must fail a check of the ZeRO-3 path's own probes
+ZERO_MUTATIONS = ["clip_x10_sigma_div10", "noise_x2", "realized_divisor", "no_clip_fast", "noise_off",
+                  "noise_per_microbatch", "fixed_secret_seed", "noise_every_rank"]
+
+
+@pytest.mark.parametrize("name", ZERO_MUTATIONS)
+def test_mutation_is_caught_on_the_zero3_path(name, bench, two_processes):
+    found = {f"2proc/{k}": failures(v) for k, v in two_processes.get(name, {}).items() if k.endswith("_zero")}
+    for key, probe in (("noise", probe_noise), ("sensitivity", probe_sensitivity)):
+        if any(found.values()) or name in TWO_PROCESS_ONLY:
+            break
+        with mutated(name):
+            found[key] = failures(probe(bench, "zero"))
+    assert any(found.values()), f"mutation '{name}' ({MUTATIONS[name][1]}) passed every ZeRO-3 check: {found}"

@@ -93,6 +93,21 @@ def test_inclusion_is_poisson_with_rate_q():
     assert float(hits.min()) > 0 and float(hits.max()) < 60  # every record has its chance, none is favoured
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_split_with_a_row_cap_keeps_every_band_within_it(seed):
+    """DeepSpeed's non-DP fine-tune runs n_micro micro-batches on every rank: a token-balanced band
+    of short rows must not get more rows than that (it hung the other ranks' reduction)."""
+    rng = random.Random(seed)
+    lengths = [rng.choice([40, 60, 400, 1000]) for _ in range(64)]
+    idx = rng.sample(range(64), 16)
+    free = balanced_split(idx, lengths, 2)
+    capped = balanced_split(idx, lengths, 2, max_rows=8)
+    assert sorted(i for s in capped for i in s) == sorted(idx) and max(map(len, capped)) <= 8
+    assert max(map(len, free)) > 8  # token balance alone gives the short rows' band more
+    with pytest.raises(ValueError):
+        balanced_split(idx, lengths, 2, max_rows=7)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError):
         SharedPoissonSampler(n_records=3, sample_rate=0.5, steps=1, generator=torch.Generator(), lengths=[1, 2])

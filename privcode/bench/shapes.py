@@ -40,9 +40,10 @@ SHAPES = {
     "qwen2.5-coder-1.5b": Shape("qwen2.5-coder-1.5b", 1536, 8960, 28, 12, 2, 151936, True, 1024, 8),
     "qwen2.5-coder-7b": Shape("qwen2.5-coder-7b", 3584, 18944, 28, 28, 4, 152064, False, 1024, 4),
     "llama-3.1-8b": Shape("llama-3.1-8b", 4096, 14336, 32, 32, 8, 128256, False, 1024, 4),
+    "qwen2.5-coder-32b": Shape("qwen2.5-coder-32b", 5120, 27648, 64, 40, 8, 152064, False, 1024, 1),
     "small": Shape("small", 64, 128, 2, 4, 2, 512, True, 32, 2),
 }
-ALIASES = {"1.5b": "qwen2.5-coder-1.5b", "7b": "qwen2.5-coder-7b", "8b": "llama-3.1-8b"}
+ALIASES = {"1.5b": "qwen2.5-coder-1.5b", "7b": "qwen2.5-coder-7b", "8b": "llama-3.1-8b", "32b": "qwen2.5-coder-32b"}
 
 
 def get_shape(name: str) -> Shape:
@@ -53,9 +54,11 @@ def get_shape(name: str) -> Shape:
 
 
 def build_model(shape: Shape, device, dtype, seed: int = 0):
-    """Random-init Qwen2ForCausalLM of `shape`, built directly on `device` in `dtype`."""
+    """Random-init Qwen2ForCausalLM of `shape`, built directly on `device` in `dtype` — or, while a
+    DeepSpeed ZeRO-3 config is active (privcode.dp.zero), straight into its partitions."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     cfg = Qwen2Config(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
@@ -64,6 +67,10 @@ def build_model(shape: Shape, device, dtype, seed: int = 0):
                       eos_token_id=shape.vocab - 1, pad_token_id=0, bos_token_id=shape.vocab - 1,
                       attn_implementation="sdpa")
     torch.manual_seed(seed)
+    if is_deepspeed_zero3_enabled():  # zero.Init places every weight; the model never exists whole
+        model = Qwen2ForCausalLM._from_config(cfg, dtype=dtype)
+        model.config.use_cache = False
+        return model
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

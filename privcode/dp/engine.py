@@ -18,6 +18,10 @@ noisy LoRA updates (and so for anything computed from them). Mechanism per step:
 - ε is computed by the accountant from the history (σ, q, steps) actually run.
 The KL teacher is the same network with its LoRA adapters disabled: public weights, so the KL
 term is a function of the record and public data only, and is clipped with the rest.
+Engines: `ddp` (default; the base replicated on every process) and `deepspeed` (privcode.dp.zero:
+ZeRO-3 shards the frozen base, optionally in CPU memory; the LoRA factors, their per-record
+gradients, clipping, noise and all-reduce are this mechanism's, unchanged — DeepSpeed never sees
+them; ranks run in lock step, padding micro-batches contribute no gradient).
 """
 from __future__ import annotations
 
@@ -183,10 +187,12 @@ class DPSGD:
             if batch is not None:
                 loss = loss_fn(self.gsm, batch)
                 loss.sum().backward()
+            if batch is not None and not batch.get("pad"):
                 s = loss.detach().sum()  # summed on the device: no host sync per micro-batch
                 total = s if total is None else total + s
                 count += int(loss.shape[0])
-            else:  # an empty Poisson sample still takes a (pure-noise) step
+            else:  # an empty Poisson sample still takes a (pure-noise) step; a lock-step padding
+                # micro-batch (privcode.dp.zero) is computed, and its gradients dropped before clipping
                 for p in self.params:
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             self.opt.signal_skip_step(do_skip=j < len(batches) - 1)

@@ -102,9 +102,14 @@ def adapters_disabled(peft_model):
             m.__dict__["_disable_adapters"] = was
 
 
+HEAD_WEIGHT = "_privcode_head_weight"  # a full copy of a sharded head's frozen weight (privcode.dp.zero)
+
+
 def decoder_and_head(model):
     """(decoder returning last_hidden_state, lm_head weight [V, H]) or None when the model's head
-    is not a plain bias-free linear layer on the decoder's output (then use the reference loss)."""
+    is not a plain bias-free linear layer on the decoder's output (then use the reference loss).
+    A head whose weight ZeRO-3 shards carries a full copy of it (HEAD_WEIGHT, set by
+    privcode.dp.zero: frozen, so gathered once); that copy is the weight returned."""
     m = unwrap(model)
     try:
         head = m.get_output_embeddings()
@@ -117,7 +122,7 @@ def decoder_and_head(model):
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             return None
-    return dec, head.weight
+    return dec, head.__dict__.get(HEAD_WEIGHT, head.weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,10 +299,13 @@ def model_attention_mask(batch):
 
 
 def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft_model=None,
-                    chunk_rows: int | None = None, compile_privsa: bool = False) -> torch.Tensor:
+                    chunk_rows: int | None = None, compile_privsa: bool = False,
+                    lockstep: bool = False) -> torch.Tensor:
     """Loss of each record, shape [B]: ce_weight·CE_i + lam·KL_i — same as
     `engine.per_record_loss`, without full-vocabulary logits (see the module docstring).
-    compile_privsa: run the PrivSA teacher forward and the KL math under torch.compile."""
+    compile_privsa: run the PrivSA teacher forward and the KL math under torch.compile.
+    lockstep (privcode.dp.zero): with PrivSA on, run the teacher even on a micro-batch without
+    syntax positions, so that every rank runs the same modules (ZeRO-3 gathers are collectives)."""
     from privcode.dp import engine
 
     dh = decoder_and_head(model)
@@ -319,7 +327,8 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
 
     hb_sel = None
     if use_kl:
-        if nkl:  # KL positions first, so the teacher's head runs on them only
+        if nkl or lockstep:  # KL positions first, so the teacher's head runs on them only
+            tmax = max(tmax, 1)
             tdec, _ = decoder_and_head(peft_model)
             with torch.no_grad(), adapters_disabled(peft_model):
                 targs = {"input_ids": ids[:, :tmax], "attention_mask": None if am is None else am[:, :tmax],
@@ -327,10 +336,9 @@ def per_record_loss(model, batch, lam: float = 0.0, ce_weight: float = 1.0, peft
                 out = (_call_compiled("teacher", tdec, holder=tdec, **targs) if compile_privsa
                        else tdec(**targs))
                 hb = out.last_hidden_state
-            hb_sel = hb[rows[:nkl], cols[:nkl]]
+            hb_sel = hb[rows[:nkl], cols[:nkl]] if nkl else None
             del hb
-        else:
-            use_kl = False
+        use_kl = bool(nkl)
 
     h = dec(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state  # [B, T, H]
     if N == 0:  # nothing to learn from: a zero loss that still reaches every record's graph

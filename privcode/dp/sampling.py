@@ -21,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def balanced_split(indices: Sequence[int], lengths: Sequence[int] | None, world: int) -> list[list[int]]:
+def balanced_split(indices: Sequence[int], lengths: Sequence[int] | None, world: int,
+                   max_rows: int | None = None) -> list[list[int]]:
     """Cut `indices`, sorted by decreasing length, into `world` contiguous bands of about equal
-    padded work.
+    padded work, each of at most `max_rows` rows when given (DeepSpeed's non-DP fine-tune runs a
+    fixed number of micro-batches per rank and step).
 
     A band's work is its padded tokens, rows × its longest row (what its micro-batches cost the
     GPU). The cut minimizes the largest band's work exactly (binary search over the bound, greedy
@@ -34,6 +36,9 @@ def balanced_split(indices: Sequence[int], lengths: Sequence[int] | None, world:
     every process computes the same split. Without lengths every row counts 1 (equal counts)."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
+    cap = len(indices) if max_rows is None else max_rows
+    if cap * world < len(indices):
+        raise ValueError(f"{len(indices)} rows do not fit {world} bands of at most {max_rows} rows")
     if lengths is None:
         ordered, size = sorted(indices), [1] * len(indices)
     else:
@@ -46,7 +51,7 @@ def balanced_split(indices: Sequence[int], lengths: Sequence[int] | None, world:
         """Band starts of the greedy fill under `bound` padded tokens, or None if > world bands."""
         starts, first = [0], 0
         for k in range(1, len(ordered)):
-            if (k - first + 1) * size[first] > bound:  # rows are sorted: the band's first is its longest
+            if (k - first + 1) * size[first] > bound or k - first >= cap:  # sorted: the first row is the longest
                 starts.append(k)
                 first = k
                 if len(starts) > world:
