@@ -254,3 +254,175 @@ def test_describers_over_two_devices_equal_one_process_and_resume(tiny_model, tm
                                  "descriptions": []}) + "\n")
     with pytest.raises(PrivcodeError, match="other settings"):
         rt.run(str(tiny_model), kept_input, tmp_path / "two", cfg(**c), scorer=scorer)
+
+
+# --- early stop (privcode.filters.early_stop) ---------------------------------------------------
+ADD = PROGRAMS["add"][2][2]
+REV = PROGRAMS["rev"][2][0]
+STREAMS = {  # id -> its n=4 descriptions in draw order: the i-th one is the same in every run
+    "add": ["Sure! This code adds numbers.", CAKE, ADD, TRIP],    # passes τ with the 3rd
+    "rev": [REV, "no idea", CAKE, TRIP],                          # with the 1st
+    "none": ["I don't know.", "def square(x): pass", "no", "?"],  # never valid
+    "vow": [CAKE, TRIP, CAKE, TRIP],                              # valid, never passes
+}
+
+
+class IndexedBackend(FixedBackend):
+    """Description i of a program is STREAMS[id][i], whichever call or round draws it (a backend whose
+    draws are deterministic given their index): counts what each program has had so far."""
+
+    def __init__(self, fail_after=None):
+        super().__init__(fail_after)
+        self.drawn: dict[str, int] = {}
+        self.seeds: list[int] = []
+
+    def generate(self, prompts, params, progress=None):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls.append(list(prompts))
+        self.seeds.append(params.seed)
+        out = []
+        for p in prompts:
+            (pid,) = [k for k, (_, code, _) in PROGRAMS.items() if code.strip() in p]
+            i = self.drawn.get(pid, 0)
+            out.append(STREAMS[pid][i:i + params.n])
+            self.drawn[pid] = i + params.n
+        return out
+
+
+def test_early_stop_keeps_the_same_programs_with_fewer_descriptions(tmp_path, kept_input, scorer):
+    c = dict(n=4, batch_size=2)
+    full_be, es_be = IndexedBackend(), IndexedBackend()
+    full = rt.run("test/fixed-describer", kept_input, tmp_path / "full", cfg(**c), backend=full_be, scorer=scorer)
+    es = rt.run("test/fixed-describer", kept_input, tmp_path / "es", cfg(**c, early_stop_round=1), backend=es_be,
+                scorer=scorer)
+    ids = lambda p: {r["id"] for r in read_jsonl(p)}  # noqa: E731
+    assert ids(tmp_path / "es" / "kept.jsonl") == ids(tmp_path / "full" / "kept.jsonl") == {"add", "rev"}
+    a = {r["id"]: r for r in read_jsonl(tmp_path / "full" / "scores.jsonl")}
+    b = {r["id"]: r for r in read_jsonl(tmp_path / "es" / "scores.jsonl")}
+    assert {k: r["stopped_after"] for k, r in b.items()} == {"add": 3, "rev": 1, "none": None, "vow": None}
+    assert all(r["early_stop_threshold"] == TAU for r in b.values()) and "stopped_after" not in a["add"]
+    for k in STREAMS:  # the early run's descriptions are the full run's first ones
+        assert b[k]["descriptions"] == a[k]["descriptions"][:len(b[k]["descriptions"])]
+    assert b["add"]["best"]["index"] == a["add"]["best"]["index"] == 2
+    assert b["add"]["best"]["f1"] == pytest.approx(a["add"]["best"]["f1"], abs=1e-5)
+    assert es_be.drawn == {"add": 3, "rev": 1, "none": 4, "vow": 4} and full_be.drawn == dict.fromkeys(STREAMS, 4)
+    assert es["descriptions_generated"] == es["descriptions"] == 12 and full["descriptions_generated"] == 16
+    assert es["early_stop"] == {"round": 1, "threshold": TAU, "stopped": 2, "descriptions_saved": 4}
+    assert len(set(es_be.seeds)) == len(es_be.seeds) == 4  # every round draws from a fresh stream
+    assert full["early_stop"] is None
+    # rounds of 2: 'add' passes in its last round (all 4 made, not an early stop), 'rev' after 2
+    two = rt.run("test/fixed-describer", kept_input, tmp_path / "two", cfg(**c, early_stop_round=2),
+                 backend=IndexedBackend(), scorer=scorer)
+    assert {r["id"]: r["stopped_after"] for r in read_jsonl(tmp_path / "two" / "scores.jsonl")} == \
+        {"add": None, "rev": 2, "none": None, "vow": None}
+    assert two["kept"] == 2 and two["descriptions"] == 14
+
+
+def test_early_stop_threshold_sweep_exact_below_refused_above(tmp_path, kept_input, scorer):
+    from privcode.report.table5 import rethreshold
+
+    c = dict(n=4, batch_size=2)
+    rt.run("test/fixed-describer", kept_input, tmp_path / "full", cfg(**c), backend=IndexedBackend(), scorer=scorer)
+    # what the workflow runs: keep everything (τ=0) and stop at τ_s; the sweep then re-applies τ
+    rt.run("test/fixed-describer", kept_input, tmp_path / "es", cfg(**c, threshold=0.0, early_stop_round=1,
+                                                                     early_stop_threshold=TAU),
+           backend=IndexedBackend(), scorer=scorer)
+    full, es = tmp_path / "full" / "scores.jsonl", tmp_path / "es" / "scores.jsonl"
+    ids = lambda kd: {r["id"] for r in kd[0]}  # noqa: E731
+    for tau in (-1.0, 0.0, 0.2, 0.4, TAU):  # τ ≤ τ_s: the decisions of the full run
+        assert ids(rt.apply_threshold(es, tau)) == ids(rt.apply_threshold(full, tau)), tau
+    # τ above τ_s but below the best of every stopped program: still decided exactly
+    lowest = min(r["best"]["f1"] for r in read_jsonl(es) if r["stopped_after"] is not None)
+    assert lowest > TAU and ids(rt.apply_threshold(es, lowest)) == ids(rt.apply_threshold(full, lowest))
+    # above that, a stopped program might have passed with a description it never got: refused
+    with pytest.raises(PrivcodeError, match=r"early-stop τ_s=0.6: 1 program") as ei:
+        rt.apply_threshold(es, lowest + 1e-3)
+    assert str(es) in str(ei.value)
+    with pytest.raises(PrivcodeError, match="early_stop_threshold"):
+        rethreshold(tmp_path / "es", 0.99, tmp_path / "es-0.99")
+    assert not (tmp_path / "es-0.99").exists()
+    # and a rethreshold output keeps the marks, so it refuses as well
+    rethreshold(tmp_path / "es", 0.4, tmp_path / "es-0.4")
+    with pytest.raises(PrivcodeError, match="early_stop_threshold"):
+        rt.apply_threshold(tmp_path / "es-0.4" / "scores.jsonl", 0.99)
+
+
+def test_early_stop_resumes_and_shards_merge(tmp_path, kept_input, scorer):
+    # batch_size 1 and 2 rounds: chunks of 2 programs; the first chunk (add, rev) takes two calls
+    c = dict(n=4, batch_size=1, early_stop_round=2)
+    out = tmp_path / "rt"
+    with pytest.raises(KeyboardInterrupt):
+        rt.run("test/fixed-describer", kept_input, out, cfg(**c), backend=IndexedBackend(fail_after=2), scorer=scorer)
+    progress = tmp_path / ".rt.progress.jsonl"
+    assert [r["id"] for r in read_jsonl(progress)] == ["rev", "add"]  # rev stopped in round 1
+    with pytest.raises(PrivcodeError, match="other settings"):  # another τ_s: other stored decisions
+        rt.run("test/fixed-describer", kept_input, out, cfg(**c, early_stop_threshold=0.7), backend=IndexedBackend(),
+               scorer=scorer)
+    be = IndexedBackend()
+    stats = rt.run("test/fixed-describer", kept_input, out, cfg(**c), backend=be, scorer=scorer)
+    assert be.drawn == {"none": 4, "vow": 4} and stats["descriptions_generated"] == 8
+    fresh = tmp_path / "fresh"
+    rt.run("test/fixed-describer", kept_input, fresh, cfg(**c), backend=IndexedBackend(), scorer=scorer)
+    assert read_jsonl(out / "scores.jsonl") == read_jsonl(fresh / "scores.jsonl")
+    assert not progress.exists()
+    # shard children (run here, in turn) score their own rounds; the parent reuses their F1s
+    two = tmp_path / "two"
+    for i in range(2):
+        rt.run("test/fixed-describer", kept_input, two, cfg(**c), backend=IndexedBackend(), scorer=scorer,
+               shard_spec=f"{i}/2")
+    assert len(list(tmp_path.glob(".two.progress.*of2.jsonl"))) == 2
+
+    class NoScore:
+        def f1(self, *a, **k):
+            raise AssertionError("early-stop F1s are stored with the descriptions")
+
+        def describe(self):
+            return scorer.describe()
+
+    rt.run("test/fixed-describer", kept_input, two, cfg(**c, shards=1), backend=IndexedBackend(fail_after=0),
+           scorer=NoScore())
+    a, b = read_jsonl(two / "scores.jsonl"), read_jsonl(fresh / "scores.jsonl")
+    same = ("id", "descriptions", "stopped_after", "kept")
+    assert [{k: r[k] for k in same} for r in a] == [{k: r[k] for k in same} for r in b]
+    assert [v["f1"] for r in a for v in r["valid"]] == pytest.approx(  # other BERTScore batches: float noise
+        [v["f1"] for r in b for v in r["valid"]], abs=1e-5)
+
+
+def test_early_stop_config_errors():
+    with pytest.raises(PrivcodeError, match="'early_stop_round'.*1..n-1"):
+        cfg(n=4, early_stop_round=4)
+    with pytest.raises(PrivcodeError, match="early_stop_threshold"):
+        cfg(n=4, early_stop_round=1, early_stop_threshold=TAU - 0.1)
+    assert cfg(n=4).stop_threshold is None and cfg(n=4, early_stop_round=1).stop_threshold == TAU
+    assert rt.early_stop.round_sizes(20, 6) == [6, 6, 6, 2] and rt.early_stop.round_sizes(20, 0) == [20]
+
+
+def test_early_stop_savings_model_and_replay(tmp_path, kept_input, scorer):
+    """descriptions_needed replays an early stop on a full run's scores: the counts the real early-stop
+    run made; expected_descriptions is the closed form's average, checked by simulation."""
+    import random
+
+    rt.run("test/fixed-describer", kept_input, tmp_path / "full", cfg(n=4), backend=IndexedBackend(), scorer=scorer)
+    for k in (1, 2, 3):
+        es = tmp_path / f"es{k}"
+        rt.run("test/fixed-describer", kept_input, es, cfg(n=4, early_stop_round=k), backend=IndexedBackend(),
+               scorer=scorer)
+        made = {r["id"]: len(r["descriptions"]) for r in read_jsonl(es / "scores.jsonl")}
+        assert {r["id"]: rt.early_stop.descriptions_needed(r, TAU, 4, k)
+                for r in read_jsonl(tmp_path / "full" / "scores.jsonl")} == made
+    rng = random.Random(0)
+    n, k, keep, p, trials = 20, 5, 0.6, 0.25, 40_000
+    total = 0
+    for _ in range(trials):
+        if rng.random() >= keep:
+            total += n
+            continue
+        while True:  # a kept program: its first passing draw, given that one of the n passes
+            g = next((i for i in range(1, n + 1) if rng.random() < p), None)
+            if g is not None:
+                break
+        total += min(n, -(-g // k) * k)
+    want = rt.early_stop.expected_descriptions(n, k, keep, p)
+    assert abs(total / trials - want) < 0.1 and want < n
+    assert rt.early_stop.expected_descriptions(n, k, 0.0, p) == n

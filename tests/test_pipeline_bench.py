@@ -1,0 +1,113 @@
+"""#17 item 3: `privcode bench pipeline` runs every unit on CPU (small shapes, tiny sizes) and its
+projection is the arithmetic of paper.yaml's counts, the stated assumptions and the measured units."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import REPO
+
+PAPER = str(REPO / "config" / "paper.yaml")
+STAGES = ["stage1", "generate", "exec", "roundtrip", "roundtrip_round", "stage6", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    from privcode.bench import pipeline_bench
+
+    out = tmp_path_factory.mktemp("pipe") / "p.json"
+    pipeline_bench.main(["--shape", "small", "--device", "cpu", "--config", PAPER, "--out", str(out),
+                         "--assume", "roundtrip_keep=0.4"])
+    return json.loads(out.read_text()), out
+
+
+def test_every_unit_measured_and_the_plan_read_from_the_config(result):
+    import yaml
+
+    res, _ = result
+    cfg = yaml.safe_load(open(PAPER))
+    assert list(res["units"]) == STAGES
+    for stage, u in res["units"].items():
+        assert "error" not in u, (stage, u)
+    for stage in ("stage1", "stage6"):
+        assert res["units"][stage]["s_per_token"] > 0 and res["units"][stage]["t_opt_s"] >= 0
+    for stage in ("generate", "roundtrip", "roundtrip_round", "evaluate"):
+        assert res["units"][stage]["tok_s"] > 0 and res["units"][stage]["backend"].startswith("fast")
+    assert res["units"]["exec"]["ok"] == 4 and res["units"]["roundtrip"]["score_s_per_sentence"] > 0
+    p = res["plan"]
+    assert (p["dp_steps"], p["dp_batch"], p["n"], p["ft_epochs"]) == (
+        cfg["dp_finetune"]["steps"], cfg["dp_finetune"]["batch_size"], cfg["roundtrip"]["n"], cfg["finetune"]["epochs"])
+    assert p["benchmarks"] == cfg["evaluate"]["benchmarks"] and p["exec_workers"] == cfg["exec_filter"]["workers"]
+    assert p["prompts"] == round(p["dataset_records"] * (1 - cfg["data"]["private_fraction"]))
+    assert p["programs"] == round(p["prompts"] * p["exec_pass"]) and p["roundtrip_keep"] == 0.4
+    assert p["sources"]["roundtrip_keep"].startswith("--assume") and set(p["sources"]) <= set(p)
+    assert p["descriptions_per_program_early_stop"] < p["n"]
+    assert res["targets"]["gpu_hours"]["met"] is None  # no verdict from a CPU run
+
+
+def test_projection_is_the_arithmetic_of_counts_and_units(result):
+    res, _ = result
+    p, u, pr = res["plan"], res["units"], res["projection"]
+    close = lambda a, b: math.isclose(a, b, rel_tol=1e-9)  # noqa: E731
+    s1 = p["dp_steps"] * (p["dp_batch"] * p["record_tokens"] * u["stage1"]["s_per_token"] + u["stage1"]["t_opt_s"])
+    assert close(pr["stage1"]["seconds"], s1)
+    assert close(pr["generate"]["seconds"], p["prompts"] * p["answer_tokens"] / u["generate"]["tok_s"])
+    sc = u["roundtrip"]["score_s_per_sentence"]
+    d = p["programs"] * p["n"]
+    assert close(pr["roundtrip"]["seconds"],
+                 d * p["description_tokens"] / u["roundtrip"]["tok_s"] + d * (1 + 1 / p["n"]) * sc)
+    e, k = p["descriptions_per_program_early_stop"], p["early_stop_round"]
+    assert pr["roundtrip"]["early_stop_source"] == "model"
+    assert close(pr["roundtrip"]["descriptions_per_program_early_stop"], e)
+    assert close(pr["roundtrip"]["seconds_early_stop"],
+                 p["programs"] * e * (p["description_tokens"] / u["roundtrip_round"]["tok_s"] + (1 + 1 / k) * sc))
+    recs = p["ft_epochs"] * p["kept"]
+    assert close(pr["stage6"]["seconds"], recs * p["record_tokens"] * u["stage6"]["s_per_token"]
+                 + recs / p["ft_batch"] * u["stage6"]["t_opt_s"])
+    assert close(pr["evaluate"]["seconds"], p["eval_tasks"] * p["eval_answer_tokens"] / u["evaluate"]["tok_s"])
+    assert pr["exec"]["gpu_hours"] == 0
+    assert close(pr["exec"]["cpu_core_hours"], p["prompts"] / u["exec"]["per_core"] / 3600)
+    stages = [s for s in pr if s != "total"]
+    assert all(close(pr[s]["gpu_hours"], pr[s]["seconds"] / 3600) for s in stages)
+    t = pr["total"]
+    assert close(t["gpu_hours"], sum(pr[s]["gpu_hours"] for s in stages))
+    assert close(t["gpu_hours_early_stop"],
+                 t["gpu_hours"] - pr["roundtrip"]["gpu_hours"] + pr["roundtrip"]["gpu_hours_early_stop"])
+
+
+def test_assumptions_and_measured_saving_move_the_projection(result):
+    from privcode.bench.pipeline_plan import Plan, project
+
+    res, _ = result
+    a, b = Plan.from_config(PAPER, {"roundtrip_keep": "0.4"}), Plan.from_config(PAPER, {"roundtrip_keep": "0.2"})
+    pa, pb = project(a, res["units"]), project(b, res["units"])
+    assert math.isclose(pa["stage6"]["seconds"], res["projection"]["stage6"]["seconds"], rel_tol=1e-9)
+    assert math.isclose(pb["stage6"]["seconds"] / pa["stage6"]["seconds"], b.kept / a.kept, rel_tol=1e-9)
+    assert pb["roundtrip"]["seconds"] == pa["roundtrip"]["seconds"]  # every program is described n times
+    assert pb["roundtrip"]["seconds_early_stop"] > pa["roundtrip"]["seconds_early_stop"]  # fewer stop early
+    m = project(a, res["units"], early_stop_descriptions=a.n)  # a replay where nothing stopped
+    assert m["roundtrip"]["early_stop_source"] == "measured"
+    assert m["roundtrip"]["seconds_early_stop"] > pa["roundtrip"]["seconds_early_stop"]
+    with pytest.raises(SystemExit, match="unknown"):
+        Plan.from_config(PAPER, {"record_len": "3"})
+    broken = {**res["units"], "generate": {"error": "OOM"}}
+    q = project(a, broken)
+    assert q["generate"]["gpu_hours"] is None and q["total"]["gpu_hours"] is None
+
+
+def test_markdown_table_and_from_json(result, capsys):
+    from privcode.bench import pipeline_bench
+    from privcode.bench.pipeline_plan import table
+
+    res, out = result
+    md = table(res)
+    for stage in [s for s in res["projection"] if s != "total"]:
+        assert f"| {stage} | " in md
+    t = res["projection"]["total"]
+    assert f"**{t['gpu_hours']:.3f}**" in md and f"**{t['gpu_hours_early_stop']:.3f}**" in md
+    assert "roundtrip_keep | 0.4 | --assume" in md
+    capsys.readouterr()
+    pipeline_bench.main(["--from", str(out)])
+    assert capsys.readouterr().out.strip() == md.strip()
