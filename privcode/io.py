@@ -6,6 +6,7 @@ leaves a half-written file or directory that Snakemake would take as done.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -92,27 +93,39 @@ def read_json(path) -> dict:
 def iter_jsonl(path, required: Iterable[str] = ()) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, record) for each non-blank line; bad lines raise PrivcodeError.
 
-    `required` names fields that must be present, non-null strings."""
+    `required` names fields that must be present, non-null strings. A `.gz` file is read through
+    gzip (benchmark files such as HumanEval.jsonl.gz ship compressed)."""
     path = Path(path)
     if not path.exists():
         raise PrivcodeError("file does not exist", path=path)
+    if path.is_dir():
+        raise PrivcodeError("is a directory, not a JSONL file", path=path)
     required = tuple(required)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise PrivcodeError(f"malformed JSON ({e.msg}, column {e.colno})", path=path, line=lineno) from None
-            if not isinstance(rec, dict):
-                raise PrivcodeError(f"expected a JSON object, got {type(rec).__name__}", path=path, line=lineno)
-            for f in required:
-                if f not in rec or rec[f] is None:
-                    raise PrivcodeError("missing required field", path=path, line=lineno, field=f)
-                if not isinstance(rec[f], str):
-                    raise PrivcodeError(f"expected a string, got {type(rec[f]).__name__}", path=path, line=lineno, field=f)
-            yield lineno, rec
+    opener = gzip.open if path.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if raw.strip():
+                    yield lineno, _record(raw, path, lineno, required)
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        hint = "" if path.suffix == ".gz" else " (a gzip file? its name must end in .gz)"
+        raise PrivcodeError(f"not UTF-8 JSON lines{hint}: {e}", path=path, line=lineno + 1) from None
+
+
+def _record(raw: str, path: Path, lineno: int, required: tuple) -> dict:
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise PrivcodeError(f"malformed JSON ({e.msg}, column {e.colno})", path=path, line=lineno) from None
+    if not isinstance(rec, dict):
+        raise PrivcodeError(f"expected a JSON object, got {type(rec).__name__}", path=path, line=lineno)
+    for f in required:
+        if f not in rec or rec[f] is None:
+            raise PrivcodeError("missing required field", path=path, line=lineno, field=f)
+        if not isinstance(rec[f], str):
+            raise PrivcodeError(f"expected a string, got {type(rec[f]).__name__}", path=path, line=lineno, field=f)
+    return rec
 
 
 def read_jsonl(path, required: Iterable[str] = ()) -> list[dict]:

@@ -35,10 +35,11 @@ def _what(d: Path) -> str:
     if rec["stage"] == "dp_finetune":
         rel = [r for r in rec["releases"] if r.get("kind") == "dp"]
         return f"DP-SGD, {rel[-1]['steps']} steps, σ={rel[-1]['noise_multiplier']:.3g}" if rel else ""
-    if d.name == "exec":
+    if d.name in ("exec", "noexec"):  # noexec: ablation, nothing executed (privcode.filters.passthrough)
         s = js("stats.json")
-        return f"kept {s.get('n_kept')}/{s.get('n_input')} (backend {s.get('backend')})"
-    if d.name.startswith("roundtrip"):
+        how = f"backend {s.get('backend')}" if d.name == "exec" else "not executed"
+        return f"kept {s.get('n_kept')}/{s.get('n_input')} ({how})"
+    if "roundtrip" in d.name:
         s = js("stats.json")
         return f"kept {s.get('kept')}/{s.get('samples')} at τ={s.get('threshold')}"
     s = js("scores.json")
@@ -65,7 +66,7 @@ def lines(results: Path) -> list[str]:
         dirs = sorted(p.parent for p in (results / key).rglob(ledger.FILENAME)) if (results / key).exists() else []
         out.append(f"{title}: {len(dirs) or 'missing'}")
         out += [f"  {line(d, results)}" for d in dirs]
-    tables = [t for t in ("table3.csv", "table4.csv", "table5.csv", "vuln.csv") if (results / t).exists()]
+    tables = [t for t in ("table3.csv", "compare.csv", "table4.csv", "table5.csv", "vuln.csv") if (results / t).exists()]
     out.append(f"tables: {', '.join(tables) or 'none yet'}")
     return out
 

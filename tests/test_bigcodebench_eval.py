@@ -210,7 +210,7 @@ def test_evaluate_over_two_devices_equals_one_process_and_resumes(tiny_model, da
     assert one["processes"] == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "fake0,fake1")
     # shard 1 of 2 (tasks 1, 3) was killed after task 1: its completion is reused, not redone
-    gen = {"model": str(tiny_model), "max_new_tokens": 6, "prompt_format": "qa"}
+    gen = {"model": str(tiny_model), "max_new_tokens": 6, "prompt_format": "qa", "stop": ["```"]}
     reused = "    return 'reused'\n```"
     progress = tmp_path / ".two.progress.1of2.jsonl"
     progress.write_text(json.dumps({"id": "BigCodeBench/1", "gen": gen, "raw": reused}) + "\n")

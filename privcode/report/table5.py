@@ -10,7 +10,9 @@ table5: each ROW is `<swept parameter>=<value>:<evaluation directory>`, the dire
 (`.../<model>/<method>/<tag>/<benchmark>/` with scores.json and privacy.json). Rows with the same
 parameter, value, model, method and tag are merged (one column per benchmark). Columns: sweep, value,
 model, method, tag, epsilon, delta (from privacy.json, never from the sweep value), then the scores
-as in table3 (pass@1, %).
+as in table3 (pass@1, %, each with its 95% interval `<column>_lo`, `<column>_hi`). The sweep
+`ablation` has the values of `sweeps.ablations` (none = PrivCode as configured; no_privsa,
+constant_lambda, no_exec_filter, no_roundtrip, no_filters: workflow/rules/common.smk ABLATIONS).
 
 rethreshold: τ is applied after generation and scoring, so another τ needs no new descriptions:
 `rethreshold` re-applies it to the run's scores.jsonl with
@@ -52,7 +54,7 @@ def build(specs: list[str]):
     import pandas as pd
 
     from privcode import ledger
-    from privcode.report.table3 import columns_for
+    from privcode.report.table3 import score_columns
 
     if not specs:
         raise PrivcodeError("no rows given")
@@ -69,7 +71,7 @@ def build(specs: list[str]):
                                     "epsilon": priv["epsilon"], "delta": priv["delta"], "note": note_of(priv)})
         if row["epsilon"] != priv["epsilon"] and not (math.isinf(row["epsilon"]) and math.isinf(priv["epsilon"])):
             raise PrivcodeError(f"one row, two ε ({row['epsilon']} vs {priv['epsilon']})", path=d)
-        row.update(columns_for(bench, scores))
+        row.update(score_columns(d, bench, scores))
     df = pd.DataFrame(list(rows.values()))
     df["_num"] = [v if isinstance(v, (int, float)) else math.nan for v in df["value"]]
     df["_str"] = [str(v) for v in df["value"]]

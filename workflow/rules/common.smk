@@ -22,7 +22,21 @@ def zone_log(name):
     """A log or benchmark path inside the private zone (rules that read private data)."""
     return f"{ZONE}/{name}"
 BUILT_SOURCES = ("gguf", "tiny", "snapshot")
-TAG_RE = re.compile(r"eps(?P<eps>[0-9.]+)(-lm(?P<lm>[0-9.]+))?(-tau(?P<tau>[0-9.]+))?")
+# Table 5's ablations (sweeps.ablations): each is a PrivCode run with one change, as
+# (DP variant of stage 1, synthesis directory it fine-tunes on). no_privsa: λ = 0, plain DP-SGD
+# (the junior's dpsgd run); constant_lambda: λ(t) = λmax for every step; no_exec_filter: the round
+# trip on every generated program (noexec: nothing executed); no_roundtrip: the exec filter's kept
+# programs; no_filters: every generated program with code.
+ABLATIONS = {
+    "no_privsa": ("dpsgd", "roundtrip"),
+    "constant_lambda": ("privsa-const", "roundtrip"),
+    "no_exec_filter": ("privsa", "noexec-roundtrip"),
+    "no_roundtrip": ("privsa", "exec"),
+    "no_filters": ("privsa", "noexec"),
+}
+_ABL = "|".join(ABLATIONS)
+TAG_RE = re.compile(rf"eps(?P<eps>[0-9.]+)(?:(-lm(?P<lm>[0-9.]+))?(-tau(?P<tau>[0-9.]+))?|-(?P<abl>{_ABL}))")
+TAG_WILDCARD = rf"base|inf|eps[0-9.]+(?:(-lm[0-9.]+)?(-tau[0-9.]+)?|-({_ABL}))"  # TAG_RE, unnamed
 
 
 def model_cfg(name):
@@ -40,7 +54,11 @@ def model_input(name):
 
 
 def fmt(name):
-    return model_cfg(name)["prompt_format"]
+    """A model's prompt format for training, generation and describing: a base model
+    (prompt_format: base) uses privcode's qa format there; evaluation prompts it as EvalPlus's
+    --force-base-prompt does (eval_params passes `base`)."""
+    f = model_cfg(name)["prompt_format"]
+    return "qa" if f == "base" else f
 
 
 def stage_params(section, model=None, **extra):
@@ -131,14 +149,18 @@ def privsa_params(variant):
     return {
         "privsa_lambda_max": lam_max,
         "privsa_lambda_min": c["lambda_min"],
-        "privsa_alpha": c["alpha"],
+        # privsa-const (ablation constant_lambda): no decay, λ(t) = λmax at every step
+        "privsa_alpha": 0.0 if variant == "privsa-const" else c["alpha"],
         "privsa_interval": c["interval"],
     }
 
 
 def privcode_parts(tag):
-    """PrivCode tag eps<ε>[-lm<λmax>][-tau<τ>] -> (eps, DP variant, roundtrip dir name)."""
+    """PrivCode tag eps<ε>[-lm<λmax>][-tau<τ>] or eps<ε>-<ablation> -> (eps, DP variant, synthesis
+    dir name: the filter stage whose kept.jsonl the premium model is fine-tuned on)."""
     m = TAG_RE.fullmatch(tag)
+    if m["abl"]:
+        return (m["eps"], *ABLATIONS[m["abl"]])
     variant = f"privsa-lm{m['lm']}" if m["lm"] else "privsa"
     return m["eps"], variant, f"roundtrip-tau{m['tau']}" if m["tau"] else "roundtrip"
 
@@ -176,9 +198,10 @@ def eval_model_input(w):
 
 def eval_params(w):
     e = config["evaluate"]
-    p = {k: v for k, v in e.items() if k not in ("benchmarks", "overrides")}
+    p = {k: v for k, v in e.items() if k not in ("benchmarks", "overrides", "limits")}
     p["override"] = e.get("overrides", {}).get(w.bench)
-    p["prompt_format"] = fmt(w.model)
+    p["limit"] = e.get("limits", {}).get(w.bench, e.get("limit"))
+    p["prompt_format"] = model_cfg(w.model)["prompt_format"]  # base: EvalPlus's --force-base-prompt
     return json.dumps(p, sort_keys=True)
 
 
@@ -195,17 +218,40 @@ def table3_rows():
     return rows
 
 
+def compare_dirs():
+    """What `privcode compare` pairs: PrivCode's evaluations and those of its baselines (DPFT at the
+    same tag, PreCode); none unless PrivCode and a baseline are among the methods."""
+    m = config["methods"]
+    if "PrivCode" not in m or not {"DPFT", "PreCode"} & set(m):
+        return []
+    return [
+        f"results/eval/{p}/{method}/{tag}/{b}"
+        for p, method, tag in table3_rows()
+        if method in ("PrivCode", "DPFT", "PreCode")
+        for b in config["evaluate"]["benchmarks"]
+    ]
+
+
 def sweep_space():
-    """Table 5's grid as a Paramspace: one row per (sweep, value), the main setting included."""
+    """Table 5's grid as a Paramspace: one row per (sweep, value), the main setting included
+    (ablations: `none`, PrivCode as configured)."""
     s = config.get("sweeps", {})
     main = {"tau": config["roundtrip"]["threshold"], "epsilon": main_eps(),
-            "lambda_max": config["privsa"]["lambda_max"]}
-    rows = [(k, v) for k in ("tau", "epsilon", "lambda_max") if s.get(k) for v in [main[k], *s[k]]]
+            "lambda_max": config["privsa"]["lambda_max"], "ablations": "none"}
+    name = {"ablations": "ablation"}  # the table's sweep column names one ablation per row
+    rows = [(name.get(k, k), v) for k in ("tau", "epsilon", "lambda_max", "ablations") if s.get(k)
+            for v in [main[k], *s[k]]]
     return Paramspace(pd.DataFrame(rows, columns=["sweep", "value"]), filename_params="*")
+
+
+def sweep_value(value):
+    return f"{value:g}" if isinstance(value, (int, float)) else value
 
 
 def sweep_tag(sweep, value):
     e = f"eps{main_eps():g}"
+    if sweep == "ablation":
+        return e if value == "none" else f"{e}-{value}"
     if sweep == "epsilon":
         return f"eps{float(value):g}"
     if float(value) == float({"tau": config["roundtrip"]["threshold"],
@@ -218,7 +264,7 @@ def table5_rows():
     """PARAM=VALUE:EVAL_DIR arguments of `privcode table5`, for each premium model and benchmark."""
     space = sweep_space()
     return [
-        f"{r.sweep}={r.value:g}:results/eval/{m}/PrivCode/{sweep_tag(r.sweep, r.value)}/{b}"
+        f"{r.sweep}={sweep_value(r.value)}:results/eval/{m}/PrivCode/{sweep_tag(r.sweep, r.value)}/{b}"
         for r in space.dataframe.itertuples()
         for m in config["premium"]
         for b in config["evaluate"]["benchmarks"]

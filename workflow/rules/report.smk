@@ -21,6 +21,21 @@ rule table3:
         "privcode table3 --out {output} {input} > {log} 2>&1"
 
 
+rule compare:
+    input:
+        compare_dirs(),
+    output:
+        report("results/compare.csv", category="Tables", caption="../report/compare.rst"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/compare.log",
+    benchmark:
+        "benchmarks/compare.tsv"
+    shell:
+        "privcode compare --out {output} {input} > {log} 2>&1"
+
+
 rule table4:
     input:
         [f"results/leakage/{m}/{method}/{tag}" for m, method, tag in table3_rows()],
@@ -89,6 +104,7 @@ rule figures:
 rule results:
     input:
         "results/table3.csv",
+        *(["results/compare.csv"] if compare_dirs() else []),
         *(["results/table4.csv"] if canaries_on() else []),
         *(["results/vuln.csv"] if vuln_on() else []),
         *(["results/table5.csv"] if table5_rows() else []),

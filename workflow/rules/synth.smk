@@ -2,6 +2,8 @@
 # them in a sandbox and by a round-trip check. All post-processing: no private data is read.
 # The round trip describes and scores every program once (roundtrip-scores); τ is applied to the
 # stored scores (roundtrip: the config's τ; roundtrip-tau<τ>: Table 5), so a new τ describes nothing.
+# Ablations (sweeps.ablations): noexec keeps every generated program with code, unrun, and
+# noexec-roundtrip{,-scores} is the round trip on those (no_exec_filter).
 
 
 rule generate:
@@ -50,6 +52,22 @@ rule exec_filter:
         " && privcode status --artifact {output}"
 
 
+rule skip_exec_filter:
+    input:
+        "results/synth/{model}/{variant}/eps{eps}/generated",
+    output:
+        directory("results/synth/{model}/{variant}/eps{eps}/noexec"),
+    conda:
+        "../../envs/privcode.yaml"
+    log:
+        "logs/skip_exec_filter/{model}_{variant}_eps{eps}.log",
+    benchmark:
+        "benchmarks/skip_exec_filter/{model}_{variant}_eps{eps}.tsv"
+    shell:
+        "privcode skip-exec-filter --input {input}/samples.jsonl --out {output} > {log} 2>&1"
+        " && privcode status --artifact {output}"
+
+
 rule roundtrip_filter:
     input:
         kept="results/synth/{model}/{variant}/eps{eps}/exec",
@@ -69,6 +87,10 @@ rule roundtrip_filter:
                 **{k: v for k, v in config["roundtrip"].items() if k not in ("model", "threshold")},
                 "prompt_format": fmt(config["roundtrip"]["model"]),
                 "threshold": 0.0,  # describe and score every program; τ is applied below
+                # early stop: exact for every τ up to τ_s, so τ_s covers the Table 5 sweep
+                **({"early_stop_threshold": max([config["roundtrip"]["threshold"],
+                                                 *config.get("sweeps", {}).get("tau", [])])}
+                   if config["roundtrip"].get("early_stop_round") else {}),
             },
             sort_keys=True,
         ),
@@ -111,3 +133,26 @@ rule rethreshold:
         "benchmarks/rethreshold/{model}_{variant}_eps{eps}_tau{tau}.tsv"
     shell:
         "privcode rethreshold --roundtrip {input} --tau {wildcards.tau} --out {output} > {log} 2>&1"
+
+
+use rule roundtrip_filter as roundtrip_filter_noexec with:
+    input:
+        kept="results/synth/{model}/{variant}/eps{eps}/noexec",
+        describer=lambda w: model_input(config["roundtrip"]["model"]),
+    output:
+        directory("results/synth/{model}/{variant}/eps{eps}/noexec-roundtrip-scores"),
+    log:
+        "logs/roundtrip_filter_noexec/{model}_{variant}_eps{eps}.log",
+    benchmark:
+        "benchmarks/roundtrip_filter_noexec/{model}_{variant}_eps{eps}.tsv"
+
+
+use rule roundtrip_threshold as roundtrip_threshold_noexec with:
+    input:
+        "results/synth/{model}/{variant}/eps{eps}/noexec-roundtrip-scores",
+    output:
+        directory("results/synth/{model}/{variant}/eps{eps}/noexec-roundtrip"),
+    log:
+        "logs/roundtrip_threshold_noexec/{model}_{variant}_eps{eps}.log",
+    benchmark:
+        "benchmarks/roundtrip_threshold_noexec/{model}_{variant}_eps{eps}.tsv"
