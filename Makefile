@@ -1,6 +1,7 @@
 # privcode — two commands on a fresh machine:
 #   make demo    # install into .venv, run the whole DAG on config/config.yaml -> results/table{3,4,5}.csv, report.html
 #   make test    # install into .venv, then run the test suite
+#   make lint    # snakemake --lint and snakefmt --check (CI runs both after the tests)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
@@ -52,6 +53,7 @@ dryrun: $(STAMP)
 
 lint: $(STAMP)
 	snakemake --lint
+	snakefmt --check workflow
 
 clean:
 	rm -rf results logs benchmarks .snakemake private release   # the budget registry (~/.privcode/budget) stays

@@ -14,7 +14,7 @@ from privcode.errors import PrivcodeError
 
 # subcommand -> (module, function, keyword arguments, one-line help)
 COMMANDS = {
-    "build-model": ("privcode.models", "main", {}, "convert/build a base model into a local HF directory"),
+    "build-model": ("privcode.build_model", "main", {}, "convert/build a base model into a local HF directory"),
     "make-data": ("privcode.data.taskgen", "main", {}, "generate the demo's templated tasks and benchmark"),
     "prepare-data": ("privcode.data.records", "main", {}, "load, validate and split private/public data"),
     "dp-finetune": ("privcode.train", "main", {"dp": True}, "stage 1: LoRA DP-SGD fine-tuning (Opacus)"),
@@ -27,15 +27,15 @@ COMMANDS = {
     "evaluate": ("privcode.evaluate.run", "main", {}, "stage 7: EvalPlus / OpenAI HumanEval / BigCodeBench pass@1"),
     "table3": ("privcode.report.table3", "main", {}, "stage 8: results/table3.csv (ε from privacy.json)"),
     "compare": ("privcode.report.compare", "main", {}, "results/compare.csv: PrivCode vs DPFT and PreCode, paired per problem"),
-    "audit": ("privcode.dp.audit", "main", {}, "empirical privacy audit: canaries, exposure, one-run ε lower bound"),
+    "audit": ("privcode.audit.run", "main", {}, "empirical privacy audit: canaries, exposure, one-run ε lower bound"),
     "mask-pii": ("privcode.data.mask", "main", {}, "JFT: replace detected PII in the private records by placeholders"),
-    "inject-canaries": ("privcode.evaluate.leakage", "inject_main", {}, "put PII canaries (k copies each) into the private data"),
+    "inject-canaries": ("privcode.data.canaries", "main", {}, "put PII canaries (k copies each) into the private data"),
     "leakage": ("privcode.evaluate.leakage", "main", {}, "table 4: canary leakage, exposure and PII in a model's outputs"),
     "vuln": ("privcode.evaluate.vuln", "main", {}, "vulnerability rate of generated code (Bandit; CodeQL if installed)"),
     "table4": ("privcode.report.table4", "main", {}, "results/table4.csv: leakage per model/method (ε from privacy.json)"),
     "vulntable": ("privcode.report.table4", "vuln_main", {}, "results/vuln.csv: safe rate per model/method"),
     "table5": ("privcode.report.table5", "main", {}, "results/table5.csv: sensitivity sweeps (PARAM=VALUE:EVAL_DIR)"),
-    "rethreshold": ("privcode.report.table5", "rethreshold_main", {}, "re-apply round-trip τ without regenerating"),
+    "rethreshold": ("privcode.filters.threshold", "main", {}, "re-apply round-trip τ without regenerating"),
     "figures": ("privcode.report.figures", "main", {}, "privacy–utility and synthesis-funnel PNGs"),
     "gpu-run": ("privcode.gpus", "main", {}, "run a command on GPUs no other running job holds (CUDA_VISIBLE_DEVICES)"),
     "release": ("privcode.release", "main", {}, "copy DP artifacts out with a certificate of the total ε"),

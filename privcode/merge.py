@@ -1,7 +1,7 @@
 """Stage 2: merge a LoRA adapter into its base weights (post-processing: keeps the adapter's ε).
 
-    privcode merge --base results/models/smollm2/base --adapter results/dp/smollm2/eps4/adapter \
-        --out results/dp/smollm2/eps4/model
+    privcode merge --base results/models/smollm2/base --adapter results/dp/smollm2/privsa/eps4/adapter \
+        --out results/dp/smollm2/privsa/eps4/model
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
     python scripts/gpu_audit.py --model TINY --out /tmp/smoke --canaries 40 --guesses-in 10 --background 20 \
         --steps 3 --batch-size 8 --exposure 1 --allow-weak                                  # smoke
 
-Up to four runs (default noise_off, dp, control) of `privcode audit` (privcode.dp.audit.run_audit) on the same training set — `background`
+Up to four runs (default noise_off, dp, control) of `privcode audit` (privcode.audit.run.run_audit) on the same training set — `background`
 public-task records (privcode.data.taskgen, standing in for the private data) plus the canaries
 whose coin came up heads — with the same design (m canaries, k+ "in" and k− "out" guesses):
 
@@ -67,9 +67,9 @@ def main(argv=None) -> int:
 
     from privcode import ledger, zone
     from privcode.data import taskgen
-    from privcode.dp import audit
+    from privcode.audit import run as audit
     from privcode.io import write_json, write_jsonl
-    from privcode import models
+    from privcode import build_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     model = a.model or out / "model"
     if not (model / "privacy.json").exists():  # what `privcode build-model --source gguf` does
-        models.main(["--source", "gguf", "--gguf", str(a.gguf), "--out", str(model)])
+        build_model.main(["--source", "gguf", "--gguf", str(a.gguf), "--out", str(model)])
     print(f"model built in {time.time() - t0:.1f}s", flush=True)
 
     data_dir = zone.mkdir(zone.root() / "data")

@@ -10,9 +10,12 @@ import pytest
 from scipy.stats import binom
 
 from conftest import write_records
-from privcode.dp import audit
-from privcode.dp.audit import (AuditConfig, audit_counts, audit_power, eps_lower_bound, group_privacy,
-                               guesses_from_scores, inject, make_canaries, max_eps_lb, p_value, secret_of)
+from privcode.audit import run as audit
+from privcode.audit import scoring, stats
+from privcode.audit.run import AuditConfig
+from privcode.audit.stats import (audit_counts, audit_power, eps_lower_bound, group_privacy, guesses_from_scores,
+                                  max_eps_lb, p_value)
+from privcode.data.canaries import inject, make_canaries, secret_of
 from privcode.errors import PrivcodeError
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +52,7 @@ def test_bound_large_for_perfect_guesses_and_never_nan():
     for m, r, v, d in [(1, 1, 1, 0.0), (1, 1, 1, 1.0), (10 ** 5, 10 ** 4, 10 ** 4, 1e-6), (10, 10, 10, 0.5),
                        (1000, 1000, 999, 1e-5), (3, 3, 0, 0.0)]:
         lb = eps_lower_bound(m, r, v, d)
-        assert not math.isnan(lb) and 0.0 <= lb <= audit.EPS_MAX
+        assert not math.isnan(lb) and 0.0 <= lb <= stats.EPS_MAX
     with pytest.raises(ValueError):
         eps_lower_bound(10, 5, 6, 0.0)
 
@@ -271,7 +274,7 @@ def test_weak_design_runs_with_a_loud_warning(audit_model, tmp_path, caplog):
     params = {**PARAMS, "epsilon": 4, "delta": 1e-3, "canaries": 4, "k_pos": 1, "k_neg": 1, "steps": 2,
               "batch_size": 2, "micro_batch_size": 2,
               "exposure_canaries": 1, "n_candidates": 10, "samples": 1, "allow_weak": True}
-    with caplog.at_level("WARNING", logger="privcode.dp.audit"):
+    with caplog.at_level("WARNING", logger="privcode.audit.run"):
         r = audit.run_audit(str(audit_model), str(data), tmp_path / "o", AuditConfig.from_dict(params))
     assert not r["power"]["can_refute"] and r["warnings"] and "cannot refute" in r["warnings"][0]
     assert "AUDIT WITHOUT POWER" in caplog.text
@@ -303,6 +306,6 @@ def test_verbatim_leakage_counts_secrets_in_completions(audit_model):
             new = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
             return torch.cat([input_ids, new], 1).repeat(num_return_sequences, 1)
 
-    r = audit.verbatim_leakage(Parrot(), tok, c, samples=3, temperature=1.0)
+    r = scoring.verbatim_leakage(Parrot(), tok, c, samples=3, temperature=1.0)
     assert r["rate"] == pytest.approx(1 / 3) and r["per_canary"][0]["hits"] == 3
-    assert audit.verbatim_leakage(Parrot(), tok, c[1:], temperature=0)["rate"] == 0.0
+    assert scoring.verbatim_leakage(Parrot(), tok, c[1:], temperature=0)["rate"] == 0.0

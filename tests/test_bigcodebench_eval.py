@@ -122,7 +122,7 @@ CASES = {
 
 @pytest.mark.parametrize("benchmark", list(CASES))
 def test_evaluate_stage(benchmark, data, tmp_path, monkeypatch):
-    import privcode.synth.base
+    import privcode.synth
 
     split, subset = bcb.parse_name(benchmark)
     limit, correct, expected = CASES[benchmark]
@@ -135,7 +135,7 @@ def test_evaluate_stage(benchmark, data, tmp_path, monkeypatch):
         else:                                 # a function body: privcode prepends the complete prompt
             answer = body
         answers[json.loads(rows[num]["doc_struct"])["description"][0]] = answer  # in both prompts
-    monkeypatch.setattr(privcode.synth.base, "get_backend", lambda *a, **k: ScriptedBackend(answers))
+    monkeypatch.setattr(privcode.synth, "get_backend", lambda *a, **k: ScriptedBackend(answers))
     out = tmp_path / "eval"
     cfg = EvalConfig(override=str(data[subset]), limit=limit, parallel=2)
     r = evaluate_run("org/public-model", benchmark, out, cfg)

@@ -5,6 +5,8 @@ processes — and prove that they bite.
 Each *probe* runs the real engine (privcode.dp.engine.DPSGD around a LoRA model, Opacus's
 optimizer, privcode's noise; train_dp end to end for the last one) and measures what happened
 from the outside: parameter updates of a plain SGD step (lr = 1, no weight decay, so the update
+
+pytestmark = pytest.mark.slow  # over ~20 s on 2 cores: `pytest -m 'not slow'` skips it
 *is* −(clipped sum + noise) / E[B]), the indices the engine sampled, the noise draws and the
 optimizer steps it took. Each *check* is a function that raises AssertionError when the
 measurement contradicts the claim:
@@ -112,13 +114,13 @@ def _patched(*triples):
 
 
 def _m_clip_x10():
-    from privcode.dp import audit
+    from privcode.audit import run as audit
 
     return audit.broken_mechanism("clip_x10")       # clip 10C, σ/10: same noise std, 10× sensitivity
 
 
 def _m_noise_off():
-    from privcode.dp import audit
+    from privcode.audit import run as audit
 
     return audit.broken_mechanism("noise_off")
 

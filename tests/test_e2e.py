@@ -13,6 +13,8 @@ from privcode import ledger
 from privcode.train import RELEASE_FILES
 from test_workflow import jobs, snakemake
 
+pytestmark = pytest.mark.slow  # over ~20 s on 2 cores: `pytest -m 'not slow'` skips it
+
 SNAKEFILE = str(REPO / "workflow" / "Snakefile")
 
 

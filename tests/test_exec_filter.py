@@ -12,7 +12,7 @@ from privcode import ledger
 from privcode.errors import PrivcodeError
 from privcode.filters import exec_filter
 from privcode.io import read_json, read_jsonl, write_jsonl
-from privcode.sandbox.base import Limits, get_backend
+from privcode.sandbox import Limits, get_backend
 
 LIM = Limits(wall_s=4, cpu_s=1)
 
@@ -164,26 +164,27 @@ def test_duplicate_ids_and_missing_ledger(tmp_path):
 
 def test_cli(gen_dir, tmp_path, capsys):
     out = tmp_path / "cli_out"
-    opt_in = ["--accept-unisolated"] if "accept_unisolated" in inspect.signature(exec_filter.run).parameters else []
-    rc = exec_filter.main(["--input", str(gen_dir / "samples.jsonl"), "--out", str(out), "--backend", "rlimit",
-                           "--workers", "2", "--wall-s", "4", "--cpu-s", "1", "--no-progress"] + opt_in)
+    opt_in = {"accept_unisolated": True} if "accept_unisolated" in inspect.signature(exec_filter.run).parameters else {}
+    rc = exec_filter.main(["--input", str(gen_dir / "samples.jsonl"), "--out", str(out), "--workers", "2",
+                           "--params", json.dumps({"backend": "rlimit", "wall_s": 4, "cpu_s": 1, **opt_in}),
+                           "--no-progress"])
     assert rc == 0
     st = read_json(out / "stats.json")
     assert (st["backend"], st["isolation"], st["n_kept"], st["fork_server"]) == ("rlimit", "rlimit", 3, True)
     out2 = tmp_path / "cli_out2"
-    rc = exec_filter.main(["--input", str(gen_dir / "samples.jsonl"), "--out", str(out2), "--no-fork-server",
-                           "--compile-s", "20", "--wall-s", "4", "--cpu-s", "1", "--no-progress"])
+    rc = exec_filter.main(["--input", str(gen_dir / "samples.jsonl"), "--out", str(out2), "--params",
+                           '{"fork_server": false, "compile_s": 20, "wall_s": 4, "cpu_s": 1}', "--no-progress"])
     assert rc == 0
     st = read_json(out2 / "stats.json")
     assert (st["fork_server"], st["limits"]["compile_s"], st["n_kept"]) == (False, 20, 3)
     rc = exec_filter.main(["--input", str(gen_dir / "samples.jsonl"), "--out", str(tmp_path / "x"),
-                           "--backend", "rlimit", "--require-isolation", "--no-progress"])
+                           "--params", '{"backend": "rlimit", "require_isolation": true}', "--no-progress"])
     assert rc == 2 and "isolation" in capsys.readouterr().err
     assert not Path(tmp_path / "x").exists()
     from privcode import cli  # the `privcode` command passes the stage's status on to Snakemake
 
     rc = cli.main(["exec-filter", "--input", str(gen_dir / "samples.jsonl"), "--out", str(tmp_path / "x"),
-                   "--backend", "rlimit", "--require-isolation", "--no-progress"])
+                   "--params", '{"backend": "rlimit", "require_isolation": true}', "--no-progress"])
     assert rc == 2 and not Path(tmp_path / "x").exists()
 
 

@@ -10,7 +10,7 @@ from privcode.errors import PrivcodeError
 from privcode.filters import exec_filter
 from privcode.io import write_jsonl
 from privcode.report import note_of
-from privcode.sandbox import base as sb
+import privcode.sandbox as sb
 
 
 def _generated(tmp_path):

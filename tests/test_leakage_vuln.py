@@ -9,10 +9,13 @@ import pytest
 from conftest import mark_private, write_records
 from privcode.data import security_prompts
 from privcode import ledger
-from privcode.dp import audit
+from privcode.audit import scoring
+from privcode.data import canaries
+from privcode.data.canaries import inject_canaries, make_pii_canaries, secret_of
 from privcode.errors import PrivcodeError
-from privcode.evaluate import leakage, pii, vuln
-from privcode.evaluate.leakage import LeakageConfig, inject_canaries, make_pii_canaries
+from privcode.data import pii
+from privcode.evaluate import leakage, vuln
+from privcode.evaluate.leakage import LeakageConfig
 
 # ---------------------------------------------------------------------------------------------
 # the regex detector
@@ -79,7 +82,7 @@ DETECTED_AS = {"email": "email", "name": "name", "ip": "ip", "password": "passwo
 
 
 def test_pii_canaries_are_realistic_distinct_and_seeded():
-    kinds = list(leakage.KINDS)
+    kinds = list(canaries.KINDS)
     cs = make_pii_canaries(kinds, 4, seed=3)
     assert len(cs) == 4 * len(kinds)
     assert {c["kind"] for c in cs} == set(kinds)
@@ -88,12 +91,12 @@ def test_pii_canaries_are_realistic_distinct_and_seeded():
     for c in cs:
         assert set(c) >= {"id", "problem", "solution", "lang", "secret", "kind", "copies"}
         assert c["solution"].count(c["secret"]) == 1
-        prefix, close = leakage.split_at_secret(c)
+        prefix, close = canaries.split_at_secret(c)
         assert c["secret"] not in prefix and close == '"'
         # the detector finds exactly the planted secret, as its kind
         assert [(h["kind"], h["text"]) for h in pii.detect(c["solution"])] == [(DETECTED_AS[c["kind"]], c["secret"])]
     keys = [c for c in cs if c["kind"] == "key"]
-    assert [audit.secret_of(c) for c in keys] == [c["secret"] for c in keys]  # the audit's own format
+    assert [secret_of(c) for c in keys] == [c["secret"] for c in keys]  # the audit's own format
     assert make_pii_canaries(kinds, 4, seed=3) == cs and make_pii_canaries(kinds, 4, seed=4) != cs
     with pytest.raises(PrivcodeError):
         make_pii_canaries(["ssn"], 1)
@@ -114,7 +117,7 @@ def test_inject_canaries_counts(tmp_path):
         assert sum(c["secret"] in r["solution"] for r in rows) == c["copies"]
     assert all(set(r) == {"id", "problem", "solution", "lang"} for r in rows)
     assert sum(not r["id"].startswith("pii-") for r in rows) == 30
-    back = leakage.load_canaries(tmp_path / "inj" / "canaries.jsonl")
+    back = canaries.load_canaries(tmp_path / "inj" / "canaries.jsonl")
     assert back == assigned
     with pytest.raises(PrivcodeError):
         inject_canaries(data, cs, [-1], tmp_path / "x.jsonl")
@@ -123,7 +126,7 @@ def test_inject_canaries_counts(tmp_path):
 def test_inject_canaries_cli_writes_private_ledger(tmp_path):
     data = mark_private(write_records(tmp_path / "private" / "data" / "records.jsonl", 10).parent)
     out = tmp_path / "private" / "canary"
-    leakage.inject_main(["--data", str(data), "--out", str(out),
+    canaries.main(["--data", str(data), "--out", str(out),
                          "--params", json.dumps({"kinds": ["name"], "per_kind": 2, "copies": [3], "seed": 0})])
     priv = ledger.read(out)
     assert math.isinf(priv["epsilon"]) and priv["mechanism"] == "raw-private-data" and priv["n_records"] == 16
@@ -158,7 +161,7 @@ class ScriptedBackend:
 
 
 def _canaries_file(tmp_path, kinds, per_kind, copies):
-    cs = leakage.assign_copies(make_pii_canaries(kinds, per_kind, seed=0), copies)
+    cs = canaries.assign_copies(make_pii_canaries(kinds, per_kind, seed=0), copies)
     p = tmp_path / "canaries.jsonl"
     p.write_text("".join(json.dumps(c) + "\n" for c in cs))
     return p, cs
@@ -177,7 +180,7 @@ def test_leakage_rates_per_group_and_kind(tmp_path, tiny_model):
     assert backend.params.n == 4 and backend.params.max_new_tokens == 48
     # prompts: the canary problem in qa format, then the answer up to the secret
     c0 = cs[0]
-    assert backend.prompts[0] == f"Question: {c0['problem']}\n\nAnswer: " + leakage.split_at_secret(c0)[0]
+    assert backend.prompts[0] == f"Question: {c0['problem']}\n\nAnswer: " + canaries.split_at_secret(c0)[0]
     assert (r["by_copies"]["0"]["leaked"], r["by_copies"]["0"]["canaries"]) == (0, 3)
     assert (r["by_copies"]["5"]["leaked"], r["by_copies"]["5"]["canaries"]) == (1, 3)
     assert (r["by_copies"]["100"]["leaked"], r["by_copies"]["100"]["canaries"]) == (4, 6)
@@ -197,11 +200,11 @@ def test_leakage_rates_per_group_and_kind(tmp_path, tiny_model):
     samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == n_samples and sum(s["leaked"] for s in samples) == 5
 
-    # exposure by the real tiny model: in [0, log2 n]; `key` canaries exactly as privcode.dp.audit computes it
+    # exposure by the real tiny model: in [0, log2 n]; `key` canaries exactly as privcode.audit.scoring computes it
     assert all(0.0 <= p["exposure"] <= math.log2(16) for p in r["per_canary"])
-    model, tok = audit.load_audit_model(tiny_model, device="cpu")
+    model, tok = scoring.load_audit_model(tiny_model, device="cpu")
     keys = [c for c in cs if c["kind"] == "key"]
-    ref = {e["id"]: e["exposure"] for e in audit.exposure(model, tok, keys, 16, seed=0)}
+    ref = {e["id"]: e["exposure"] for e in scoring.exposure(model, tok, keys, 16, seed=0)}
     assert {p["id"]: p["exposure"] for p in r["per_canary"] if p["kind"] == "key"} == ref
 
     priv = ledger.read(tmp_path / "out")  # reads the private canaries: an audit measurement, ε = inf

@@ -127,7 +127,7 @@ class ScriptedModel:
 
 
 def test_evaluate_stage_with_a_base_model_prompts_as_evalplus_force_base_prompt(problems, tmp_path, monkeypatch):
-    import privcode.synth.base
+    import privcode.synth
     from evalplus.provider.utility import EOS, extra_eos_for_direct_completion
 
     from privcode.evaluate.run import EvalConfig
@@ -141,7 +141,7 @@ def test_evaluate_stage_with_a_base_model_prompts_as_evalplus_force_base_prompt(
     answers = {p["prompt"].strip(): (p["canonical_solution"] if t != REAL[3] else "    return 'wrong'\n") + junk
                for t, p in few.items()}
     model = ScriptedModel(answers)
-    monkeypatch.setattr(privcode.synth.base, "get_backend", lambda *a, **k: model)
+    monkeypatch.setattr(privcode.synth, "get_backend", lambda *a, **k: model)
     out = tmp_path / "results" / "eval" / "m" / "PreCode" / "base" / "openai-humaneval"
     r = evaluate("org/public-base-model", "openai-humaneval", out,
                  EvalConfig(override=str(data), prompt_format="base", parallel=2))

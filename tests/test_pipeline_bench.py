@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # over ~20 s on 2 cores: `pytest -m 'not slow'` skips it
+
 PAPER = str(REPO / "config" / "paper.yaml")
 STAGES = ["stage1", "generate", "exec", "roundtrip", "roundtrip_round", "stage6", "evaluate"]
 

@@ -1,7 +1,9 @@
 """Data loading/splitting and the command line's error reporting."""
+import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +101,59 @@ def test_cli_malformed_jsonl_names_line(tmp_path, tiny_model):
     bad.write_text('{"problem": "a", "solution": "b"}\n{"problem": "a"}\n')
     p = run_cli("finetune", "--model", str(tiny_model), "--data", str(bad), "--out", str(tmp_path / "o"))
     assert p.returncode == 2 and "line 2" in p.stderr and "'solution'" in p.stderr
+
+
+# ---- one --params path: every stage that takes options reads them the same way ----------------
+
+PARAMS_ERROR = re.compile(r"privcode (?P<cmd>[\w-]+): error: --params(?:, field '(?P<field>[^']+)')?: (?P<problem>.+)")
+
+
+def stages_with_params() -> list[str]:
+    """Every `privcode` command whose module declares a --params option."""
+    from privcode import cli
+
+    return [cmd for cmd, (mod, *_) in cli.COMMANDS.items()
+            if 'add_argument("--params"' in Path(importlib.util.find_spec(mod).origin).read_text()]
+
+
+def params_error(cmd: str, params: str, tmp_path, capsys) -> re.Match:
+    """The one line `privcode <cmd> ... --params <params>` prints; its required paths are made up."""
+    from privcode import cli
+
+    args = [cmd, "--params", params]
+    for _ in range(2):
+        try:
+            rc = cli.main(args)
+            break
+        except SystemExit as e:  # argparse: "the following arguments are required: --model, --out"
+            missing = capsys.readouterr().err.rsplit("required: ", 1)[-1].split()
+            assert e.code == 2 and missing, (cmd, missing)
+            args += [x for f in missing for x in (f.rstrip(","), str(tmp_path / "nothing"))]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, (cmd, err)
+    m = PARAMS_ERROR.fullmatch(err[0])
+    assert m and m["cmd"] == cmd, err[0]
+    return m
+
+
+def test_every_stage_reports_bad_params_in_one_line_of_the_same_format(tmp_path, capsys):
+    stages = stages_with_params()
+    assert {"prepare-data", "dp-finetune", "finetune", "generate", "exec-filter", "roundtrip-filter", "evaluate",
+            "audit", "inject-canaries", "leakage", "vuln"} <= set(stages)
+    for cmd in stages:
+        m = params_error(cmd, '{"steps": 4,}', tmp_path, capsys)
+        assert m["field"] is None and re.fullmatch(r"not valid JSON: .+ \(line 1 column 13\)", m["problem"])
+        m = params_error(cmd, "[4]", tmp_path, capsys)
+        assert m["field"] is None and m["problem"] == "expected a JSON object of options, got list"
+        m = params_error(cmd, '{"bogus_option": 1}', tmp_path, capsys)
+        assert m["field"] == "bogus_option" and re.match(r"unknown [\w-]+ option; known: ", m["problem"]), m[0]
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_wrong_type_is_named_with_its_field(tmp_path, capsys):
+    m = params_error("dp-finetune", '{"steps": "4"}', tmp_path, capsys)
+    assert (m["field"], m["problem"]) == ("steps", "expected an integer or null, got str '4'")
+    m = params_error("exec-filter", '{"fork_server": "no"}', tmp_path, capsys)
+    assert (m["field"], m["problem"]) == ("fork_server", "expected true/false, got str 'no'")
+    m = params_error("prepare-data", '{"private_fraction": true}', tmp_path, capsys)
+    assert (m["field"], m["problem"]) == ("private_fraction", "expected a number, got bool True")

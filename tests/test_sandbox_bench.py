@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from privcode.bench import exec_bench
-from privcode.sandbox import base as sb
+import privcode.sandbox as sb
 
 
 def test_bench_exec_small(tmp_path, capsys):

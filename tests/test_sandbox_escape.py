@@ -34,15 +34,17 @@ import pytest
 from privcode import ledger
 from privcode.filters import exec_filter
 from privcode.io import read_json, read_jsonl, write_jsonl
+import privcode.sandbox as sandbox
 from privcode.sandbox import base as sb
 from privcode.sandbox import cgroup
 from privcode.sandbox.base import Limits
 from privcode.sandbox.toolchains import world_reachable
 
+pytestmark = pytest.mark.slow  # over ~20 s on 2 cores: `pytest -m 'not slow'` skips it
+
 SHM_KEY = 0x50524956  # a System V segment of the host; no sandbox may see it
 NR_ADD_KEY = {"x86_64": 248, "aarch64": 217}.get(platform.machine())
-FLAGS = ["--workers", "1", "--wall-s", "3", "--cpu-s", "2", "--mem-mb", "256", "--fsize-mb", "4", "--nproc", "32",
-         "--output-bytes", "20000", "--compile-s", "30", "--no-progress"]
+LIMITS = {"wall_s": 3, "cpu_s": 2, "mem_mb": 256, "fsize_mb": 4, "nproc": 32, "output_bytes": 20000, "compile_s": 30}
 TOP = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "proc", "dev", "tmp", "opt"}
 
 
@@ -171,7 +173,7 @@ def host():
 
 
 def _backend(name):
-    b = sb._registry()[name]()
+    b = sandbox._registry()[name]()
     if not b.available():
         pytest.skip(f"backend {name} not available here: {b.why_unavailable()}")
     return b
@@ -295,7 +297,7 @@ def _probe(backend, host: Host, fork_server: bool, exec_too: bool = True) -> dic
     return dict(zip(("in-process python", "exec'd program"), (json.loads(r.stdout) for r in rs)))
 
 
-@pytest.mark.parametrize("name", sb.BACKENDS)
+@pytest.mark.parametrize("name", sandbox.BACKENDS)
 def test_isolating_is_exactly_the_backends_that_meet_the_contract(host, name):
     b = _backend(name)
     for fork_server in (True, False):
@@ -536,7 +538,8 @@ def _exec_filter(h: Host, name: str, fork_server: bool, samples) -> tuple[Path, 
     ledger.derive(gen, stage="generate")
     out = h.results / f"filtered-{tag}"
     cmd = [sys.executable, "-m", "privcode.cli", "exec-filter", "--input", str(gen / "samples.jsonl"), "--out", str(out),
-           "--backend", name] + FLAGS + ([] if fork_server else ["--no-fork-server"])
+           "--workers", "1", "--no-progress",
+           "--params", json.dumps({"backend": name, "fork_server": fork_server, **LIMITS})]
     env = {**os.environ, "PRIVCODE_HOSTILE_SECRET": h.secret}
     env.pop("PRIVCODE_ZONE", None)  # the zone is ./private beside results/, as in a pipeline run
     proc = subprocess.Popen(cmd, cwd=h.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -546,7 +549,7 @@ def _exec_filter(h: Host, name: str, fork_server: bool, samples) -> tuple[Path, 
 
 # the fork server (the pipeline's default) on every backend; one sandbox per snippet on bwrap
 # (the same code path on every backend, one more start per snippet)
-@pytest.mark.parametrize("name, fork_server", [(n, True) for n in sb.BACKENDS] + [("bwrap", False)],
+@pytest.mark.parametrize("name, fork_server", [(n, True) for n in sandbox.BACKENDS] + [("bwrap", False)],
                          ids=lambda v: {True: "fork-server", False: "per-snippet"}.get(v, v))
 def test_attacks_through_the_exec_filter(host, name, fork_server):
     b = _backend(name)

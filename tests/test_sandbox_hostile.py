@@ -19,33 +19,16 @@ from pathlib import Path
 
 import pytest
 
+import privcode.sandbox as sandbox
 from privcode.sandbox import base as sb
 from privcode.sandbox.base import Limits
-from test_sandbox import Runner, _backend, confirm_isolation  # noqa: E402  (tests/ is on sys.path)
+# the runners and their fixtures (one sandbox per snippet, fork-server workers) of test_sandbox.py
+from test_sandbox import FAST, _backend, _runner, backend, confirm_isolation, ns_backend  # noqa: E402, F401, F811
 
-FAST = Limits(wall_s=5, cpu_s=2)
-NAMESPACED = ("bwrap", "unshare")
-MODES = ("ps", "fs")
-
-
-def _runner(request):
-    name, mode = request.param
-    r = Runner(_backend(name), mode == "fs")
-    request.addfinalizer(r.close)
-    return r
+pytestmark = pytest.mark.slow  # over ~20 s on 2 cores: `pytest -m 'not slow'` skips it
 
 
-@pytest.fixture(params=[(b, m) for b in sb.BACKENDS for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
-def backend(request):
-    return _runner(request)
-
-
-@pytest.fixture(params=[(b, m) for b in NAMESPACED for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
-def ns_backend(request):
-    return _runner(request)
-
-
-@pytest.fixture(params=[(b, "fs") for b in sb.BACKENDS], ids=lambda p: f"{p[0]}-fs")
+@pytest.fixture(params=[(b, "fs") for b in sandbox.BACKENDS], ids=lambda p: f"{p[0]}-fs")
 def fs_backend(request):
     return _runner(request)
 

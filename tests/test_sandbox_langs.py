@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from privcode.sandbox import base as sb
+import privcode.sandbox as sandbox
 from privcode.sandbox.base import Limits, is_syntax_error
 from privcode.sandbox.toolchains import LANGUAGES, java_names
 from test_sandbox import Runner, _backend  # noqa: E402  (tests/ is on sys.path)
@@ -50,7 +50,7 @@ CRASH = {  # compiles, fails at run time
 def fs_runner():
     b = None
     for name in ("bwrap", "unshare", "rlimit"):
-        cand = sb._registry()[name]()
+        cand = sandbox._registry()[name]()
         if cand.available():
             b = cand
             break

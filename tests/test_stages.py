@@ -105,7 +105,7 @@ def test_merge_rejects_non_adapter(tiny_model, tmp_path):
 
 
 def test_evaluate_prompt_and_solution():
-    from privcode.evaluate.run import task_prompt, to_solution
+    from privcode.evaluate.generation import task_prompt, to_solution
 
     p = task_prompt('def f(x):\n    """Double x."""\n', "qa", None)
     assert p.startswith("Question: Please provide") and p.endswith("```python\n")

@@ -8,8 +8,9 @@ import re
 import pytest
 
 from privcode.dp import syntax
-from privcode.dp.syntax import (answer_code_regions, is_supported, merge_spans, normalize_lang,
-                                syntax_char_spans_in_answer, syntax_spans, token_mask)
+from privcode.dp.syntax import (answer_code_regions, is_supported, merge_spans, syntax_char_spans_in_answer,
+                                syntax_spans, token_mask)
+from privcode.langs import canonical_lang
 
 
 def texts(code: str, lang: str) -> list[str]:
@@ -345,12 +346,13 @@ def test_missing_grammar_package_is_unsupported(monkeypatch):
     assert not is_supported("nolang_xyz")
 
 
-def test_normalize_lang():
-    assert normalize_lang("C++") == "cpp"
-    assert normalize_lang(" Shell ") == "bash"
-    assert normalize_lang("c#") == "csharp"
-    assert normalize_lang("typescript") == "typescript"
-    assert normalize_lang(None) == ""
+def test_canonical_lang():  # the one language table (privcode.langs) of syntax, sandbox and prompts
+    assert canonical_lang("C++") == "cpp"
+    assert canonical_lang(" Shell ") == canonical_lang("bash") == canonical_lang("sh") == "shell"
+    assert canonical_lang("c#") == "csharp"
+    assert canonical_lang("typescript") == "typescript"
+    assert canonical_lang(None) == ""
+    assert syntax.get_parser("shell") is syntax.get_parser("bash")  # parsed with the bash grammar
 
 
 def test_parser_cached():

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from privcode.data.prompts import extract_code
 from privcode.errors import PrivcodeError
-from privcode.sandbox import base as sb
+import privcode.sandbox as sb
 from privcode.sandbox.base import Limits
 
 HELLO = {

@@ -101,7 +101,7 @@ def gen_unit(shape_name, device, rows, prompt_len, new, n=1, temperature=0.0, to
 
 def exec_unit(n_snippets, workers) -> dict:
     from privcode.bench import exec_bench
-    from privcode.sandbox import base as sb
+    import privcode.sandbox as sb
 
     name = sb.get_backend("auto").name
     res = exec_bench.bench([name], workers, 0, n_snippets, False, log=lambda *a: None, modes=("fork-server",),

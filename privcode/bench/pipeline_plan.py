@@ -74,18 +74,19 @@ class Plan:
     def from_config(cls, path, assume: dict | None = None) -> "Plan":
         import yaml
 
+        from privcode.train import TrainConfig  # what a config leaves out: TrainConfig's defaults
+
         c = yaml.safe_load(open(path, encoding="utf-8"))
-        rt, dp = c["roundtrip"], c["dp_finetune"]
-        mine = c["models"].get(c["junior"], {}).get("dp_finetune", {})
-        plan = cls(dp_steps=c["dp_finetune"]["steps"], dp_batch=c["dp_finetune"]["batch_size"],
-                   ft_epochs=c["finetune"].get("epochs", 1.0), ft_batch=c["finetune"]["batch_size"],
+        rt = c["roundtrip"]
+        dp = TrainConfig(**{**c["dp_finetune"], **c["models"].get(c["junior"], {}).get("dp_finetune", {})})
+        ft = TrainConfig(**c["finetune"])
+        plan = cls(dp_steps=dp.steps, dp_batch=dp.batch_size, ft_epochs=ft.epochs, ft_batch=ft.batch_size,
                    n=rt.get("n", 20), early_stop_round=rt.get("early_stop_round") or 5,
                    benchmarks=list(c["evaluate"]["benchmarks"]), exec_workers=c["exec_filter"].get("workers", 1),
                    private_fraction=c["data"].get("private_fraction", 0.26),
                    answer_cap=c["generate"].get("max_new_tokens", 1024),
-                   dp_micro_batch=mine.get("micro_batch_size", dp.get("micro_batch_size", 4)),
-                   dp_micro_tokens=mine.get("micro_batch_tokens", dp.get("micro_batch_tokens", 0)),
-                   ft_micro_batch=c["finetune"].get("micro_batch_size", 4),
+                   dp_micro_batch=dp.micro_batch_size, dp_micro_tokens=dp.micro_batch_tokens,
+                   ft_micro_batch=ft.micro_batch_size,
                    gen_batch=c["generate"].get("batch_size", 16), eval_batch=c["evaluate"].get("batch_size", 16),
                    temperature=rt.get("temperature", 0.8), top_p=rt.get("top_p", 1.0),
                    scorer_batch=rt.get("scorer_batch_size", 64),

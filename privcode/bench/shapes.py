@@ -84,7 +84,7 @@ def build_model(shape: Shape, device, dtype, seed: int = 0):
 
 
 def train_batch(shape: Shape, device, seed: int = 0, rows: int | None = None) -> dict:
-    """One collated micro-batch as privcode.train.collate makes it: full-length rows, the first
+    """One collated micro-batch as privcode.rows.collate makes it: full-length rows, the first
     prompt_frac of each row masked out of the loss, syntax_frac of the answer tokens marked."""
     import torch
 

@@ -34,7 +34,6 @@ import gc
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 PEERS = ["hf-peft", "opacus-hooks", "opacus-ghost"]
@@ -76,19 +75,6 @@ def _mem(device, what="alloc"):
     return round(f(device) / 2**30, 3)
 
 
-@contextmanager
-def _patched_load_model(base):
-    """privcode.train.build_lora_model loads its base by reference; hand it the in-memory model."""
-    from privcode import models
-
-    orig = models.load_model
-    models.load_model = lambda ref, dtype="float32", device=None: base
-    try:
-        yield
-    finally:
-        models.load_model = orig
-
-
 class Bench:
     def __init__(self, shape, device, dtype, lam: float = 0.5):
         import torch
@@ -128,8 +114,7 @@ class Bench:
         cfg = TrainConfig(lora_r=self.lora["r"], lora_alpha=self.lora["alpha"], lora_targets=self.lora["targets"],
                           dtype={"bfloat16": "bfloat16", "float32": "float32"}[str(self.dtype).split(".")[-1]],
                           max_length=self.shape.seq_len, micro_batch_size=self.shape.micro_batch)
-        with _patched_load_model(self.base):
-            model = build_lora_model("<in-memory>", cfg, self.device)
+        model = build_lora_model(self.base, cfg, self.device)
         if lean:
             fastloss.lean_lora(model)
         model.train()

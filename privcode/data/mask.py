@@ -32,7 +32,7 @@ def mask_text(text: str, detector) -> tuple[str, int]:
 
 def main(argv=None) -> None:
     from privcode import ledger
-    from privcode.evaluate.pii import get_detector
+    from privcode.data.pii import get_detector
 
     ap = argparse.ArgumentParser(prog="privcode mask-pii", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

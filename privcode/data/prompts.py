@@ -7,23 +7,11 @@ from __future__ import annotations
 
 import re
 
+from privcode.langs import names_of
+
 FORMATS = ("qa", "chat")
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+#.-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
-
-# languages as they appear in records (Magicoder `lang`) -> fence tags that mean the same
-LANG_ALIASES = {
-    "python": {"python", "py", "python3"},
-    "shell": {"bash", "sh", "shell", "zsh"},
-    "cpp": {"cpp", "c++", "cc", "cxx"},
-    "java": {"java"},
-    "rust": {"rust", "rs"},
-    "typescript": {"typescript", "ts"},
-    "javascript": {"javascript", "js"},
-    "php": {"php"},
-    "csharp": {"csharp", "cs", "c#"},
-    "swift": {"swift"},
-}
 
 
 def render_prompt(problem: str, fmt: str = "qa", tokenizer=None) -> str:
@@ -52,7 +40,7 @@ def extract_code(text: str, lang: str = "python") -> str | None:
     if text is None:
         return None
     blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(text)]
-    want = LANG_ALIASES.get(lang, {lang})
+    want = names_of(lang)
     for tag, body in blocks:
         if tag in want and body.strip():
             return body.rstrip() + "\n"

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import random
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.io import atomic_dir, iter_jsonl, write_jsonl
+from privcode.params import parse_params
 
 DEFAULT_COLUMNS = {"problem": "problem", "solution": "solution", "lang": "lang"}
 
@@ -157,13 +157,6 @@ def main(argv=None) -> None:
                     "public_source, max_private, max_public, source_is_public, delta and dataset_size (checked: "
                     "δ < 1/N)")
     a = ap.parse_args(argv)
-    try:
-        params = json.loads(a.params)
-    except json.JSONDecodeError as e:
-        raise PrivcodeError(f"--params is not valid JSON: {e.msg}") from None
-    known = set(inspect.signature(prepare).parameters) - {"source", "private_dir", "public_dir"}
-    bad = sorted(set(params) - known) if isinstance(params, dict) else ["(not an object)"]
-    if bad:
-        raise PrivcodeError(f"unknown prepare-data option(s) {bad}; known: {sorted(known)}", path="--params")
+    params = parse_params(a.params, prepare, skip=3, what="prepare-data")
     counts = prepare(a.source, a.private, a.public, **params)
     print(json.dumps(counts))

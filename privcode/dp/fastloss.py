@@ -196,9 +196,8 @@ def kl_rows(logp, teacher_logits):
 # (no autograd, no side effects), so compiling them fuses their elementwise work (RMSNorm,
 # rotary, SiLU·mul, softmax/KL) without touching the trained path. Shapes vary with the batch:
 # dynamic=True compiles once. Any compile failure falls back to eager with a warning.
-# Not the default (`privsa_compile: false`): ~90 s of compile per process, and its fused bf16
-# kernels differ from the student's, so KL is 3.4e-4/token (not 0) before the first update
-# (scripts/privsa_kl_floor.py, docs/scaling.md).
+# Not the default (`privsa_compile: false`): compile time per process, and its fused bf16 kernels
+# differ from the student's, so KL is not 0 before the first update (docs/scaling.md).
 
 _COMPILED: dict = {}  # name -> compiled function (None: failed, eager from then on)
 
@@ -256,7 +255,7 @@ def _kl_rows_compiled(logp, teacher_logits):
 def loss_positions(batch, use_kl: bool):
     """(rows, cols) of the positions that enter the loss — answer tokens, and syntax tokens when
     use_kl, KL positions first — with the number of KL positions and the teacher's length
-    (last KL position + 1). Computed from the CPU copies that privcode.train.collate keeps
+    (last KL position + 1). Computed from the CPU copies that privcode.rows.collate keeps
     ("labels_cpu", "syntax_cpu") when present: then no device sync stalls the GPU queue between
     micro-batches, and the indices travel pinned and non-blocking. Else from the device tensors
     (one sync)."""
@@ -286,7 +285,7 @@ def loss_positions(batch, use_kl: bool):
 
 def model_attention_mask(batch):
     """The attention mask to hand the decoder: None when the host copy of the mask
-    ("attention_mask_cpu", kept by privcode.train.collate) shows every row right-padded (ones,
+    ("attention_mask_cpu", kept by privcode.rows.collate) shows every row right-padded (ones,
     then zeros), else the batch's mask. Safe because attention is causal: a real token only sees
     earlier positions, all real under right padding, so its hidden state — and every loss term
     and per-record gradient, which are taken at real positions only — is the same with or

@@ -3,6 +3,7 @@
     from privcode.dp.plan import plan
     p = plan(epsilon=4, delta=1e-5, steps=100, batch_size=256, dataset_size=19_500, n_records=19_437)
     p.sample_rate, p.noise_multiplier, p.size["assumption"]
+    full = remaining(history, sigma=p.noise_multiplier, q=p.sample_rate, steps=100, start=30, delta=1e-5, epsilon=4)
 
 The data set's size N. Under add/remove adjacency N differs between neighbouring data sets, so a
 release that reveals N (or q = B/N, or σ calibrated at that q) is not covered by ε. The data owner
@@ -80,3 +81,25 @@ def plan(*, epsilon, delta, steps, batch_size, dataset_size, n_records: int, noi
         raise PrivcodeError(f"σ={sigma} gives ε={eps:.4f} > target {epsilon} after {steps} steps")
     return Plan(sample_rate=q, noise_multiplier=float(sigma), expected_batch_size=float(batch_size),
                 planned_epsilon=eps, size=size)
+
+
+def remaining(history, *, sigma: float, q: float, steps: int, start: int, delta: float, epsilon: float,
+              accountant: str = "prv") -> list:
+    """The accountant history of the whole run (`history`: the steps taken before `start`, e.g. by
+    a resumed run; then σ and q up to `steps`); refused when its ε would pass the target. ε is
+    monotone in the steps taken, so checking the whole remaining plan once (also after a resume,
+    whose history may come from another σ or q) guards every step of the run."""
+    from privcode.dp import accountant as acct
+
+    full = history + [(sigma, q, steps - start)] if steps > start else history
+    eps_full = acct.epsilon_from_history(full, delta, accountant)
+    if eps_full > epsilon * (1 + 1e-6):
+        raise PrivcodeError(f"finishing this run would spend ε={eps_full:.4f} > target {epsilon}; not starting")
+    return full
+
+
+def add_step(history: list, sigma: float, q: float) -> list:
+    """`history` as (σ, q, steps) runs, after one more step at σ and q."""
+    if history and history[-1][0] == sigma and history[-1][1] == q:
+        return history[:-1] + [(sigma, q, history[-1][2] + 1)]
+    return history + [(sigma, q, 1)]

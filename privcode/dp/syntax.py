@@ -44,7 +44,7 @@ Token positions are then found through a fast tokenizer's offset mapping::
 the answer's ``=`` is row character 30, inside the token ``(30, 32)``.)
 
 Grammars come from the per-language PyPI packages (``tree-sitter-python``,
-``tree-sitter-javascript``, ...; see :data:`GRAMMARS`); they are imported lazily, one
+``tree-sitter-javascript``, ...; the per-language tables: privcode.dp.grammars); they are imported lazily, one
 ``Parser`` per language is cached, and a language whose package is missing is unsupported.
 """
 from __future__ import annotations
@@ -55,158 +55,20 @@ from bisect import bisect_left, bisect_right
 from functools import lru_cache
 from itertools import accumulate
 
+from privcode.dp.grammars import (DELIMITER_TOKENS, GRAMMARS, HEADER_NODES, NAMED_KEYWORD_LEAVES,
+                                  NON_OPERATOR_PARENTS)
+from privcode.langs import canonical_lang
+
 __all__ = [
-    "GRAMMARS", "LANG_ALIASES", "HEADER_NODES", "NAMED_KEYWORD_LEAVES", "DELIMITER_TOKENS",
-    "NON_OPERATOR_PARENTS",
-    "normalize_lang", "is_supported", "get_parser", "syntax_spans", "answer_code_regions",
+    "GRAMMARS", "HEADER_NODES", "NAMED_KEYWORD_LEAVES", "DELIMITER_TOKENS", "NON_OPERATOR_PARENTS",
+    "is_supported", "get_parser", "syntax_spans", "answer_code_regions",
     "syntax_char_spans_in_answer", "token_mask", "merge_spans",
 ]
 
 Span = tuple[int, int]
 
-#: canonical language -> (module, function returning the grammar's language pointer).
-#: ``php`` is special-cased: code without ``<?php`` is parsed with ``language_php_only``.
-GRAMMARS: dict[str, tuple[str, str]] = {
-    "python": ("tree_sitter_python", "language"),
-    "javascript": ("tree_sitter_javascript", "language"),   # JSX included
-    "typescript": ("tree_sitter_typescript", "language_typescript"),
-    "tsx": ("tree_sitter_typescript", "language_tsx"),
-    "cpp": ("tree_sitter_cpp", "language"),
-    "c": ("tree_sitter_c", "language"),
-    "java": ("tree_sitter_java", "language"),
-    "rust": ("tree_sitter_rust", "language"),
-    "bash": ("tree_sitter_bash", "language"),
-    "go": ("tree_sitter_go", "language"),
-    "csharp": ("tree_sitter_c_sharp", "language"),
-    "php": ("tree_sitter_php", "language_php"),
-}
-
-#: lower-cased Magicoder ``lang`` values / markdown fence tags -> canonical language.
-LANG_ALIASES: dict[str, str] = {
-    "py": "python", "python3": "python", "py3": "python", "python2": "python",
-    "js": "javascript", "node": "javascript", "nodejs": "javascript", "jsx": "javascript",
-    "mjs": "javascript", "cjs": "javascript", "ecmascript": "javascript",
-    "ts": "typescript", "c++": "cpp", "cc": "cpp", "cxx": "cpp", "hpp": "cpp", "h++": "cpp",
-    "cplusplus": "cpp", "rs": "rust", "sh": "bash", "shell": "bash", "zsh": "bash",
-    "shellscript": "bash", "golang": "go", "c#": "csharp", "cs": "csharp", "c-sharp": "csharp",
-    "php3": "php", "php4": "php", "php5": "php", "php7": "php", "php8": "php",
-}
-
-# Header spec per node type: which child is the body, the header being everything before it
-# (up to the end of the last non-comment child that precedes the body).
-#   "body"            header ends before the child in field `body`
-#   "consequence"     ditto, field `consequence`
-#   "body?"           ditto, but a node without that field is a header as a whole
-#                     (abstract / interface methods), minus a trailing ';'
-#   ""                the node is a header as a whole (signatures), minus a trailing ';'
-#   ">then"           header ends *after* the first direct child token `then` (bash if/elif)
-#   "body+"           header ends after the first token of the body (bash `do`)
-# A node whose body field is missing and whose spec has no '?' (e.g. a C `struct S` type
-# reference, a Rust unit struct) gives no header.
-_FUNCS_CLASSES_JS = {
-    "function_declaration": "body", "function_expression": "body", "function": "body",
-    "generator_function_declaration": "body", "generator_function": "body",
-    "method_definition": "body", "arrow_function": "body",
-    "class_declaration": "body", "class": "body",
-}
-_LOOPS_IFS_JS = {
-    "for_statement": "body", "for_in_statement": "body", "while_statement": "body",
-    "if_statement": "consequence",
-}
-#: canonical language -> {tree-sitter node type: header spec} (spec syntax: see above).
-HEADER_NODES: dict[str, dict[str, str]] = {
-    "python": {
-        "function_definition": "body", "class_definition": "body",
-        "for_statement": "body", "while_statement": "body",
-        "if_statement": "consequence", "elif_clause": "consequence",
-    },
-    "javascript": {**_FUNCS_CLASSES_JS, **_LOOPS_IFS_JS},
-    "typescript": {
-        **_FUNCS_CLASSES_JS, **_LOOPS_IFS_JS,
-        "abstract_class_declaration": "body", "interface_declaration": "body",
-        "function_signature": "", "method_signature": "", "abstract_method_signature": "",
-    },
-    "cpp": {
-        "function_definition": "body", "class_specifier": "body", "struct_specifier": "body",
-        "for_statement": "body", "for_range_loop": "body", "while_statement": "body",
-        "if_statement": "consequence",
-    },
-    "c": {
-        "function_definition": "body", "struct_specifier": "body",
-        "for_statement": "body", "while_statement": "body", "if_statement": "consequence",
-    },
-    "java": {
-        "class_declaration": "body", "interface_declaration": "body", "enum_declaration": "body",
-        "record_declaration": "body", "method_declaration": "body?",
-        "constructor_declaration": "body",
-        "for_statement": "body", "enhanced_for_statement": "body", "while_statement": "body",
-        "if_statement": "consequence",
-    },
-    "rust": {
-        "function_item": "body", "function_signature_item": "", "impl_item": "body",
-        "struct_item": "body", "enum_item": "body", "trait_item": "body",
-        "for_expression": "body", "while_expression": "body", "loop_expression": "body",
-        "if_expression": "consequence",
-    },
-    "bash": {
-        "function_definition": "body", "if_statement": ">then", "elif_clause": ">then",
-        "for_statement": "body+", "c_style_for_statement": "body+", "while_statement": "body+",
-    },
-    "go": {
-        "function_declaration": "body", "method_declaration": "body", "func_literal": "body",
-        "for_statement": "body", "if_statement": "consequence",
-    },
-    "csharp": {
-        "class_declaration": "body", "struct_declaration": "body",
-        "interface_declaration": "body", "record_declaration": "body",
-        "method_declaration": "body?", "constructor_declaration": "body",
-        "local_function_statement": "body",
-        "for_statement": "body", "foreach_statement": "body", "while_statement": "body",
-        "if_statement": "consequence",
-    },
-    "php": {
-        "function_definition": "body", "method_declaration": "body?",
-        "class_declaration": "body", "interface_declaration": "body",
-        "for_statement": "body", "foreach_statement": "body", "while_statement": "body",
-        "if_statement": "body", "else_if_clause": "body",
-    },
-}
-HEADER_NODES["tsx"] = HEADER_NODES["typescript"]
-
-_JS_NAMED_KW = frozenset({"this", "super", "true", "false", "null", "undefined"})
-#: named leaf node types that are keywords of the language (most keywords are anonymous
-#: tokens and need no listing). Only leaves whose text is a word are taken.
-NAMED_KEYWORD_LEAVES: dict[str, frozenset[str]] = {
-    "python": frozenset({"true", "false", "none"}),
-    "javascript": _JS_NAMED_KW, "typescript": _JS_NAMED_KW, "tsx": _JS_NAMED_KW,
-    "cpp": frozenset({"primitive_type", "auto", "this", "true", "false", "null"}),
-    "c": frozenset({"primitive_type", "true", "false", "null"}),
-    "java": frozenset({"void_type", "boolean_type", "true", "false", "null_literal", "this", "super"}),
-    "rust": frozenset({"primitive_type", "mutable_specifier", "self", "super", "crate"}),
-    "bash": frozenset(),
-    "go": frozenset({"true", "false", "nil", "iota"}),
-    "csharp": frozenset({"predefined_type", "null_literal", "this", "base"}),
-    "php": frozenset({"boolean", "null"}),
-}
-
-#: anonymous punctuation tokens that are *not* counted as operators: brackets, commas and
-#: semicolons only delimit (they are covered when they sit inside a header). Multi-char
-#: tokens such as bash ``[[``/``((``, ``${`` or ``::`` are operators.
-DELIMITER_TOKENS: frozenset[str] = frozenset({"(", ")", "[", "]", "{", "}", ",", ";"})
-#: canonical language -> parent node types whose anonymous tokens are not operators
-#: (the ``$`` sigil of PHP variables / bash ``$x`` is part of a name, not an operator).
-NON_OPERATOR_PARENTS: dict[str, frozenset[str]] = {
-    "php": frozenset({"variable_name"}),
-    "bash": frozenset({"simple_expansion"}),
-}
 _QUOTE_CHARS = frozenset("\"'`")
 _WORD = re.compile(r"#?[A-Za-z_]\w*")
-
-
-def normalize_lang(lang: str | None) -> str:
-    """Canonical language name (``"C++"`` -> ``"cpp"``, ``"sh"`` -> ``"bash"``)."""
-    key = (lang or "").strip().lower()
-    return LANG_ALIASES.get(key, key)
 
 
 @lru_cache(maxsize=None)
@@ -233,7 +95,7 @@ def _parser(lang: str, variant: str | None = None):
 
 def get_parser(lang: str, code: str | None = None):
     """Cached tree-sitter ``Parser`` for ``lang`` (any alias), or None if unsupported."""
-    lang = normalize_lang(lang)
+    lang = canonical_lang(lang)
     if lang == "php" and code is not None and "<?" not in code:
         return _parser(lang, "language_php_only")  # bare PHP snippet, no <?php tag
     return _parser(lang)
@@ -339,7 +201,7 @@ def _bytes_to_chars(code: str, src: bytes, spans: list[Span]) -> list[Span]:
 def syntax_spans(code: str, lang: str) -> list[Span] | None:
     """Merged char spans (end-exclusive, in ``code`` coordinates) of headers, keywords and
     operators of ``code``; None if ``lang`` is unsupported or ``code`` does not parse."""
-    lang = normalize_lang(lang)
+    lang = canonical_lang(lang)
     parser = get_parser(lang, code)
     if parser is None:
         return None
@@ -358,7 +220,7 @@ _FENCE_CLOSE = re.compile(r"[ ]{0,3}(`{3,}|~{3,})[ \t]*\r?\n?")
 def _fence_lang(info: str, default: str) -> str:
     word = info.split()[0] if info.split() else ""
     word = word.strip("{}.").split(",")[0].strip("{}.")
-    return normalize_lang(word) if word else normalize_lang(default)
+    return canonical_lang(word) if word else canonical_lang(default)
 
 
 def answer_code_regions(text: str, lang: str) -> list[tuple[int, int, str]]:
@@ -396,7 +258,7 @@ def answer_code_regions(text: str, lang: str) -> list[tuple[int, int, str]]:
     if open_fence is not None:
         regions.append((min(start, n), n, block_lang))
     if not saw_fence:
-        return [(0, n, normalize_lang(lang))]
+        return [(0, n, canonical_lang(lang))]
     return regions
 
 

@@ -112,11 +112,11 @@ def init_group(device) -> None:
 
 def build_lora_model(model_ref: str, cfg, device):
     """The base built into ZeRO-3 partitions and wrapped by DeepSpeed, then LoRA injected outside it
-    (privcode.train.build_lora_model with that base); the head's frozen weight gathered once."""
+    (privcode.lora.build_lora_model with that base); the head's frozen weight gathered once."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from privcode import models, train
+    from privcode import lora, models
 
     init_group(device)
     ds = ds_config(cfg)
@@ -127,7 +127,7 @@ def build_lora_model(model_ref: str, cfg, device):
         finally:
             del hf
         ds_engine = deepspeed.initialize(model=base, config=ds)[0]
-    model = train.build_lora_model(model_ref, cfg, device, base=base)
+    model = lora.build_lora_model(base, cfg, device)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(device)
@@ -163,7 +163,7 @@ class ZeroDPSGD(engine.DPSGD):
     `pad_token`: the (public) token of the padding micro-batch; `syntax`: whether rows carry PrivSA masks."""
 
     def __init__(self, peft_model, *, pad_token: int, syntax: bool = False, **kw):
-        from privcode.train import collate
+        from privcode.rows import collate
 
         super().__init__(peft_model, **kw)
         if not fastloss.accelerate_dpsgd(self):

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.evaluate import harness
-from privcode.io import atomic_file, iter_jsonl, write_json
+from privcode.io import atomic_file, write_json
 
 SPLITS = ("complete", "instruct")
 SUBSETS = ("full", "hard")
@@ -109,14 +109,7 @@ def _override(override: str | None) -> Path | None:
 
 def read_tasks(path) -> dict[str, dict]:
     """{task_id: task} of a BigCodeBench-format JSONL file, every required field checked."""
-    tasks = {}
-    for lineno, rec in iter_jsonl(path, required=FIELDS):
-        if rec["task_id"] in tasks:
-            raise PrivcodeError(f"duplicate task '{rec['task_id']}'", path=path, line=lineno, field="task_id")
-        tasks[rec["task_id"]] = rec
-    if not tasks:
-        raise PrivcodeError("BigCodeBench data file has no tasks", path=path)
-    return tasks
+    return harness.read_tasks(path, FIELDS, "BigCodeBench data file")
 
 
 def load_tasks(subset: str, override: str | None) -> dict[str, dict]:
@@ -207,7 +200,7 @@ def to_solution(completion: str, task: dict, split: str, fmt: str | None = None)
     if fmt == "base":  # bigcodebench.generate for a direct completion: sanitize(prompt + completion)
         from bigcodebench.sanitize import sanitize
 
-        from privcode.evaluate.run import base_prompt
+        from privcode.evaluate.generation import base_prompt
 
         return sanitize(base_prompt(task["complete_prompt"]) + completion.replace("\t", "    "), task["entry_point"])
     code = completion.split("```")[0]
@@ -217,7 +210,7 @@ def to_solution(completion: str, task: dict, split: str, fmt: str | None = None)
 
 
 def run(model_ref: str, benchmark: str, out: Path, cfg, shard_spec: str | None = None) -> dict | None:
-    from privcode.evaluate.run import completions, write_results
+    from privcode.evaluate.generation import completions, write_results
 
     split, subset = parse_name(benchmark)
     if cfg.prompt_format == "base" and split == "instruct":  # as bigcodebench.generate refuses it

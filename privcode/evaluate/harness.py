@@ -1,5 +1,5 @@
-"""What the evaluator backends (EvalPlus, BigCodeBench) share: validating a samples JSONL, and
-running the evaluator in a scratch copy of it, with its output kept as a log."""
+"""What the evaluator backends (EvalPlus, BigCodeBench, OpenAI HumanEval) share: reading a task file,
+validating a samples JSONL, and running the evaluator in a scratch copy of it, with its output kept as a log."""
 from __future__ import annotations
 
 import shutil
@@ -10,6 +10,19 @@ from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.io import atomic_file, iter_jsonl
+
+
+def read_tasks(path, fields, what: str = "dataset file") -> dict[str, dict]:
+    """{task_id: task} of a task JSONL file (.jsonl or .jsonl.gz) in file order, every field of `fields`
+    checked and no task id twice (a bad line: one error naming line and field)."""
+    tasks: dict[str, dict] = {}
+    for lineno, rec in iter_jsonl(path, required=fields):
+        if rec["task_id"] in tasks:
+            raise PrivcodeError(f"duplicate task '{rec['task_id']}'", path=path, line=lineno, field="task_id")
+        tasks[rec["task_id"]] = rec
+    if not tasks:
+        raise PrivcodeError(f"{what} has no tasks", path=path)
+    return tasks
 
 
 def check_samples(samples_path, task_ids: set[str] | None = None, tool: str = "the evaluator") -> dict[str, int]:

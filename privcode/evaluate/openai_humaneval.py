@@ -59,15 +59,7 @@ def data_path(override: str | None = None) -> Path:
 
 def load_problems(override: str | None = None) -> dict[str, dict]:
     """{task_id: problem} in file order; every problem has FIELDS (bad lines: one error naming line/field)."""
-    path = data_path(override)
-    problems: dict[str, dict] = {}
-    for lineno, rec in iter_jsonl(path, required=FIELDS):
-        if rec["task_id"] in problems:
-            raise PrivcodeError(f"duplicate task_id '{rec['task_id']}'", path=path, line=lineno, field="task_id")
-        problems[rec["task_id"]] = rec
-    if not problems:
-        raise PrivcodeError("dataset file has no problems", path=path)
-    return problems
+    return harness.read_tasks(data_path(override), FIELDS)
 
 
 def program(problem: dict, sample: dict, done: str) -> str:
@@ -150,8 +142,8 @@ def score(samples_path, problems: dict[str, dict], out_dir, *, box=None, workers
 
 
 def run(model_ref: str, out: Path, cfg, shard_spec: str | None = None) -> dict | None:
-    """`privcode evaluate --benchmark openai-humaneval`: greedy completions (privcode.evaluate.run), scored here."""
-    from privcode.evaluate.run import completions, to_solution, write_results
+    """`privcode evaluate --benchmark openai-humaneval`: greedy completions (privcode.evaluate.generation), scored here."""
+    from privcode.evaluate.generation import completions, to_solution, write_results
 
     problems = load_problems(cfg.override)
     tasks = list(problems.values())[: cfg.limit or None]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from privcode.data.prompts import FORMATS, extract_code, render_prompt
 from privcode.errors import PrivcodeError
-from privcode.params import Params
+from privcode.params import Params, parse_params
 from privcode.io import atomic_dir, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def summarize(rows: list[dict]) -> dict:
 def run(model_ref: str, out: Path, cfg: VulnConfig, backend=None) -> dict:
     from privcode.data import security_prompts
     from privcode import ledger
-    from privcode.synth.base import SamplingParams, get_backend
+    from privcode.synth import SamplingParams, get_backend
 
     t0 = time.time()
     out = Path(out)
@@ -285,9 +285,5 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--params", default="{}", help="JSON object of VulnConfig fields")
     a = ap.parse_args(argv)
-    try:
-        params = json.loads(a.params)
-    except json.JSONDecodeError as e:
-        raise PrivcodeError(f"--params is not valid JSON: {e.msg}") from None
-    r = run(a.model, a.out, VulnConfig.from_dict(params))
+    r = run(a.model, a.out, parse_params(a.params, VulnConfig))
     print(json.dumps({k: r[k] for k in ("safe_rate", "flagged", "analyzed", "no_code", "syntax_error")}))

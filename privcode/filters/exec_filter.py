@@ -39,6 +39,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,8 +48,11 @@ from privcode.data.prompts import extract_code
 from privcode import ledger
 from privcode.errors import PrivcodeError
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
+from privcode.params import Params, parse_params
+from privcode.langs import canonical_lang
+from privcode.sandbox import BACKENDS, get_backend
 from privcode.sandbox import base as sb
-from privcode.sandbox.base import Backend, Limits, RunResult, canonical_lang, get_backend, is_syntax_error
+from privcode.sandbox.base import Backend, Limits, RunResult, is_syntax_error
 
 STAGE = "exec_filter"
 STDERR_TAIL = 1000
@@ -296,31 +300,40 @@ def certify(be: Backend) -> tuple[bool, str]:
     return True, f"backend '{be.name}' (isolation '{be.isolation}'); {why}"
 
 
+@dataclass(frozen=True)
+class ExecFilterConfig(Limits, Params):
+    """Options of `privcode exec-filter --params`: the config's exec_filter section but `workers` (the
+    job's threads: --workers) and `container_image` (the rule's container); the limits are Limits'."""
+    _what = "exec-filter"
+    backend: str = "auto"             # auto | container | bwrap | unshare | rlimit (docs/sandbox.md)
+    require_isolation: bool = False   # refuse the unisolated rlimit fallback
+    accept_unisolated: bool = False   # run on a backend that does not isolate: the output is then ε = inf
+    fork_server: bool = True          # long-lived sandboxes forking one child per sample; false: one sandbox each
+    lang_field: str = "lang"
+    code_field: str | None = None
+
+    def __post_init__(self):
+        if self.backend not in ("auto",) + BACKENDS:
+            raise PrivcodeError(f"must be one of {('auto',) + BACKENDS}", path="--params", field="backend")
+        try:
+            self.limits
+        except PrivcodeError as e:
+            raise PrivcodeError(str(e), path="--params") from None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="privcode-exec-filter",
+    p = argparse.ArgumentParser(prog="privcode exec-filter",
                                 description="Keep generated samples whose code runs cleanly in a sandbox.")
     p.add_argument("--input", required=True, help="generated samples JSONL")
     p.add_argument("--out", required=True, help="output directory (created atomically)")
-    p.add_argument("--backend", default="auto", choices=("auto",) + sb.BACKENDS)
-    p.add_argument("--require-isolation", action="store_true",
-                   help="refuse the unisolated rlimit fallback")
-    p.add_argument("--accept-unisolated", action="store_true",
-                   help="run on a backend that does not isolate (refused otherwise): the output is then "
-                        "recorded as ε = inf")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--wall-s", type=float, default=sb.WALL_S)
-    p.add_argument("--cpu-s", type=float, default=sb.CPU_S)
-    p.add_argument("--mem-mb", type=int, default=sb.MEM_MB)
-    p.add_argument("--fsize-mb", type=int, default=sb.FSIZE_MB)
-    p.add_argument("--nproc", type=int, default=sb.NPROC)
-    p.add_argument("--output-bytes", type=int, default=sb.OUTPUT_BYTES)
-    p.add_argument("--compile-s", type=float, default=sb.COMPILE_S,
-                   help="wall/CPU seconds of a compile step (C++, Java, Rust, TypeScript, C#, Swift)")
-    p.add_argument("--fork-server", action=argparse.BooleanOptionalAction, default=True,
-                   help="long-lived sandboxes forking one child per sample (default); "
-                        "--no-fork-server starts one sandbox per sample")
-    p.add_argument("--lang-field", default="lang")
-    p.add_argument("--code-field", default=None)
+    p.add_argument("--params", default="{}", help="JSON object of ExecFilterConfig fields: backend, "
+                   "require_isolation, accept_unisolated, fork_server, lang_field, code_field and the sandbox "
+                   "limits wall_s, cpu_s, mem_mb, fsize_mb, nproc, output_bytes, compile_s")
+    p.add_argument("--workers", type=int, default=2, help="sandboxes running at once (the job's threads)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -328,19 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        limits = Limits(wall_s=a.wall_s, cpu_s=a.cpu_s, mem_mb=a.mem_mb, fsize_mb=a.fsize_mb,
-                        nproc=a.nproc, output_bytes=a.output_bytes, compile_s=a.compile_s)
-        stats = run(a.input, a.out, backend=a.backend, require_isolation=a.require_isolation, limits=limits,
-                    workers=a.workers, lang_field=a.lang_field, code_field=a.code_field,
-                    progress=not a.no_progress, fork_server=a.fork_server, accept_unisolated=a.accept_unisolated)
+        c = parse_params(a.params, ExecFilterConfig)
+        stats = run(a.input, a.out, backend=c.backend, require_isolation=c.require_isolation, limits=c.limits,
+                    workers=a.workers, lang_field=c.lang_field, code_field=c.code_field,
+                    progress=not a.no_progress, fork_server=c.fork_server, accept_unisolated=c.accept_unisolated)
     except PrivcodeError as e:
-        print(f"privcode: error: {e}", file=sys.stderr)
+        print(f"privcode exec-filter: error: {e}", file=sys.stderr)
         return 2
     print(f"exec filter: kept {stats['n_kept']} of {stats['n_input']} "
           f"(backend {stats['backend']}, isolation {stats['isolation']}, "
           f"fork server {'on' if stats['fork_server'] else 'off'}) -> {a.out}", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ from privcode import ledger
 from privcode.errors import PrivcodeError
 from privcode.filters.exec_filter import _code_of, _validated
 from privcode.io import atomic_dir, write_json, write_jsonl
-from privcode.sandbox.base import canonical_lang
+from privcode.langs import canonical_lang
 
 STAGE = "skip_exec_filter"
 

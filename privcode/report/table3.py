@@ -59,7 +59,7 @@ def score_columns(eval_dir, benchmark: str, scores: dict) -> dict:
 
 
 def prompt_of(scores: dict) -> str | None:
-    """The evaluation's prompt format (base | chat | qa; privcode.evaluate.run.PROMPT_STYLES)."""
+    """The evaluation's prompt format (base | chat | qa; privcode.evaluate.generation.PROMPT_STYLES)."""
     return scores.get("prompt_format") or (scores.get("config") or {}).get("prompt_format")
 
 

@@ -1,10 +1,8 @@
-"""Table 5: sensitivity sweeps, and re-thresholding a round-trip run at another τ.
+"""Table 5: sensitivity sweeps.
 
     privcode table5 --out results/table5.csv \
         epsilon=1:results/eval/smollm2/PrivCode/eps1/humaneval epsilon=4:results/eval/smollm2/PrivCode/eps4/humaneval \
         tau=0.8:results/eval/smollm2/PrivCode/eps4-tau0.8/humaneval lambda_max=1000:results/eval/...
-    privcode rethreshold --roundtrip results/synth/smollm2/eps4/roundtrip --tau 0.5 \
-        --out results/synth/smollm2/eps4/roundtrip-tau0.5
 
 table5: each ROW is `<swept parameter>=<value>:<evaluation directory>`, the directory as for table3
 (`.../<model>/<method>/<tag>/<benchmark>/` with scores.json and privacy.json). Rows with the same
@@ -14,21 +12,17 @@ as in table3 (pass@1, %, each with its 95% interval `<column>_lo`, `<column>_hi`
 `ablation` has the values of `sweeps.ablations` (none = PrivCode as configured; no_privsa,
 constant_lambda, no_exec_filter, no_roundtrip, no_filters: workflow/rules/common.smk ABLATIONS).
 
-rethreshold: τ is applied after generation and scoring, so another τ needs no new descriptions:
-`rethreshold` re-applies it to the run's scores.jsonl with
-`privcode.filters.roundtrip.apply_threshold` and writes kept.jsonl, dropped.jsonl, scores.jsonl,
-stats.json and privacy.json (post-processing of the round-trip directory: same ε).
+The τ sweep's round-trip runs come from `privcode rethreshold` (privcode.filters.rethreshold).
 """
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.report import note_of, write_csv
-from privcode.io import atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+from privcode.io import read_json
 
 
 def _value(s: str):
@@ -87,55 +81,3 @@ def main(argv=None) -> None:
     ap.add_argument("rows", nargs="+", metavar="PARAM=VALUE:EVAL_DIR")
     a = ap.parse_args(argv)
     write_csv(build(a.rows), a.out)
-
-
-# ------------------------------------------------------------------------------------------------
-# τ re-use
-
-
-def rethreshold(roundtrip_dir, tau: float, out_dir) -> dict:
-    """Re-apply τ to a round-trip run's scores (no generation, no scoring); returns the stats."""
-    from privcode import ledger
-    from privcode.filters.roundtrip import STAGE, apply_threshold
-
-    src, out = Path(roundtrip_dir), Path(out_dir)
-    if not isinstance(tau, (int, float)) or not math.isfinite(tau):
-        raise PrivcodeError(f"τ must be a finite number, got {tau!r}")
-    ledger.read(src)  # no privacy.json: not a privcode artifact
-    scores_path = src / "scores.jsonl"
-    kept, dropped = apply_threshold(scores_path, float(tau))
-    if not kept:
-        raise PrivcodeError(f"τ={tau} keeps none of the {len(dropped)} programs", path=scores_path)
-    scores = read_jsonl(scores_path)
-    kept_ids = {k["id"] for k in kept}
-    for r in scores:
-        r["kept"] = r["id"] in kept_ids
-    best = [r["best"]["f1"] for r in scores if r.get("best") is not None]
-    old = read_json(src / "stats.json") if (src / "stats.json").exists() else {}
-    stats = {"samples": len(scores), "kept": len(kept), "dropped": len(dropped), "kept_rate": len(kept) / len(scores),
-             "no_valid": sum(d["reason"] == "no_valid_description" for d in dropped),
-             "below_threshold": sum(d["reason"] == "below_threshold" for d in dropped),
-             "threshold": float(tau), "best_score_mean": statistics.fmean(best) if best else None,
-             "best_score_median": statistics.median(best) if best else None,
-             "rethreshold_of": str(src), "source_threshold": old.get("threshold"),
-             "scorer": old.get("scorer"), "model": old.get("model")}
-    with atomic_dir(out) as tmp:
-        write_jsonl(tmp / "kept.jsonl", kept)
-        write_jsonl(tmp / "dropped.jsonl", dropped)
-        write_jsonl(tmp / "scores.jsonl", scores)
-        write_json(tmp / "stats.json", stats)
-        ledger.derive(tmp, stage=f"{STAGE}_rethreshold", parents=[str(src)], threshold=float(tau))
-    return stats
-
-
-def rethreshold_main(argv=None) -> None:
-    import json
-
-    ap = argparse.ArgumentParser(prog="privcode rethreshold", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--roundtrip", required=True, type=Path, help="a round-trip filter output directory")
-    ap.add_argument("--tau", required=True, type=float)
-    ap.add_argument("--out", required=True, type=Path)
-    a = ap.parse_args(argv)
-    s = rethreshold(a.roundtrip, a.tau, a.out)
-    print(json.dumps({k: s[k] for k in ("samples", "kept", "kept_rate", "threshold")}))

@@ -1,4 +1,7 @@
-"""Running untrusted generated code: limits, results, the backend interface and `get_backend`.
+"""The sandbox interface: limits, results, the `Backend` base class and the isolation contract.
+
+    from privcode.sandbox.base import Backend, Limits, RunResult   # what a backend implements
+    from privcode.sandbox import get_backend                        # how a caller gets one
 
 The isolation contract (docs/sandbox.md): a backend whose `isolation` is in ISOLATING runs every
 program -- compile steps included -- in its own mount namespace whose root is an allow-list of
@@ -6,15 +9,6 @@ system paths (toolchains and their libraries, read-only) with private tmpfs /tmp
 no view of the project, results/, the private zone, /work, /srv, home directories or host
 sockets; in its own PID, IPC, UTS and network namespaces (only a loopback, down); as a non-root
 uid, with no inherited descriptor and an environment of PATH, LANG and HOME only.
-
-Backends, strongest first (`get_backend("auto")` picks the first that works here):
-- ``container`` (privcode.sandbox.container, isolation "container"): Docker, Podman or
-  Apptainer running the sandbox image; available only when an engine works and has the image.
-- ``bwrap`` (privcode.sandbox.bwrap, "namespaces+fs"): bubblewrap.
-- ``unshare`` (privcode.sandbox.unshare, "namespaces+fs"): util-linux unshare + a pivot_root into
-  the same allow-list root; needs root.
-- ``rlimit`` (privcode.sandbox.rlimit, "rlimit"): NOT isolating (no namespaces; it reaches the
-  network, the host's files and processes). Refused unless the user opts in.
 
 Every backend runs every snippet through the fork server (privcode.sandbox.server): `run` starts
 a one-shot sandbox per snippet, `pool(workers)` keeps long-lived ones. Limits per step: rlimits
@@ -37,8 +31,8 @@ import shutil
 import threading
 from dataclasses import dataclass
 
-from privcode.data.prompts import LANG_ALIASES
 from privcode.errors import PrivcodeError
+from privcode.langs import canonical_lang
 from privcode.sandbox.classify import STATUSES, classify  # noqa: F401 (STATUSES: re-exported)
 from privcode.sandbox.toolchains import COMPILE_MEM_MB, LANGUAGES, TOOLS, Plan, plan_from, resolve_host_tool
 
@@ -53,10 +47,15 @@ COMPILE_S = 30         # wall and CPU seconds of a compile step (javac, rustc, t
 HOST_MARGIN_S = 5.0    # the host gives a fork-server worker the steps' wall limits + this to answer
 
 ISOLATION_LEVELS = ("rlimit", "namespaces+fs", "container")  # weakest first
+# the isolation levels that meet the contract of this module's docstring (and docs/sandbox.md);
+# tests/test_sandbox_escape.py checks every backend that works here against it
+ISOLATING = ("container", "namespaces+fs")
 
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
 SANDBOX_PATH = "/usr/bin:/bin"
+SANDBOX_DIR = "/tmp/sandbox"  # the program's working directory inside the namespaced backends and containers
+_SYS_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 
 
 @dataclass(frozen=True)
@@ -100,15 +99,6 @@ class RunResult:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def canonical_lang(lang: str | None) -> str:
-    """'py' -> 'python', 'bash' -> 'shell' (the aliases of privcode.data.prompts); else lowercased."""
-    lang = (lang or "").strip().lower()
-    for name, aliases in LANG_ALIASES.items():
-        if lang == name or lang in aliases:
-            return name
-    return lang
 
 
 def is_syntax_error(result: RunResult, lang: str) -> bool:
@@ -226,7 +216,7 @@ class Backend(abc.ABC):
         """`workers` fork-server sandboxes (privcode.sandbox.forkserver.WorkerPool); close it."""
         from privcode.sandbox.forkserver import WorkerPool
         self.server_python()  # fail now if there is no interpreter for the server
-        return WorkerPool(self, workers, limits)
+        return WorkerPool(self, workers, limits or Limits())
 
     def _prepare_request(self, code, lang, limits: Limits):
         """(files, steps) for the fork server, or the RunResult that needs no run."""
@@ -308,7 +298,7 @@ class Backend(abc.ABC):
         return {"name": self.name, "isolation": self.isolation, "cgroup": cgroup.mode()}
 
 
-# ---- probing and selection -------------------------------------------------------------------
+# ---- probing, and helpers of the backends ------------------------------------------------------
 
 _probe_lock = threading.RLock()  # probes may nest (container: engine, tools, run)
 _probe_cache: dict[str, tuple[bool, str]] = {}
@@ -325,55 +315,6 @@ def probe(key: str, fn) -> tuple[bool, str]:
         return _probe_cache[key]
 
 
-def _registry() -> dict:
-    from privcode.sandbox.bwrap import BwrapBackend
-    from privcode.sandbox.container import ContainerBackend
-    from privcode.sandbox.rlimit import RlimitBackend
-    from privcode.sandbox.unshare import UnshareBackend
-    return {"container": ContainerBackend, "bwrap": BwrapBackend, "unshare": UnshareBackend,
-            "rlimit": RlimitBackend}
-
-
-BACKENDS = ("container", "bwrap", "unshare", "rlimit")  # strongest first
-# the isolation levels that meet the contract of this module's docstring (and docs/sandbox.md);
-# tests/test_sandbox_contract.py checks every backend that works here against it
-ISOLATING = ("container", "namespaces+fs")
-
-
-def get_backend(name: str = "auto", *, require_isolation: bool = False) -> Backend:
-    """A ready backend. `auto` = the strongest available (container > bwrap > unshare > rlimit).
-    With `require_isolation`, a backend whose isolation is not in ISOLATING (`rlimit`) is refused."""
-    reg = _registry()
-    if isinstance(name, Backend):
-        b = name
-    elif name == "auto":
-        reasons = []
-        b = None
-        for n in BACKENDS:
-            cand = reg[n]()
-            if cand.available():
-                b = cand
-                break
-            reasons.append(f"{n}: {cand.why_unavailable()}")
-        if b is None:  # pragma: no cover - rlimit is always available on Linux
-            raise PrivcodeError("no sandbox backend works here (" + "; ".join(reasons) + ")")
-        if require_isolation and b.isolation not in ISOLATING:
-            raise PrivcodeError("no isolating sandbox backend works here and isolation is required ("
-                                + "; ".join(reasons) + "); install bubblewrap (apt-get install bubblewrap)"
-                                " or run as root for unshare")
-        return b
-    else:
-        if name not in reg:
-            raise PrivcodeError(f"unknown sandbox backend '{name}' (choose from auto, {', '.join(BACKENDS)})")
-        b = reg[name]()
-    if not b.available():
-        raise PrivcodeError(f"sandbox backend '{b.name}' does not work here: {b.why_unavailable()}")
-    if require_isolation and b.isolation not in ISOLATING:
-        raise PrivcodeError(f"sandbox backend '{b.name}' (isolation '{b.isolation}') does not meet the isolation"
-                            " contract and isolation is required")
-    return b
-
-
 def sandbox_env(home: str) -> dict:
     return {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8", "HOME": home}
 
@@ -382,8 +323,25 @@ def server_prlimit_prefix(limits: Limits) -> list[str]:
     """rlimits of a fork-server wrapper: no core files and the file size limit; CPU, address space
     and process count are set per snippet by the server (a long-lived server must not run out of
     CPU seconds, and must be able to fork while a fork bomb elsewhere holds the uid's quota)."""
-    prl = shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    prl = sys_which("prlimit")
     if prl is None:
         return []
     fsz = max(int(limits.fsize_mb), 64) * 1024 * 1024
     return [prl, "--core=0:0", f"--fsize={fsz}:{fsz}", "--"]
+
+
+def sys_which(name: str) -> str | None:
+    """`name` on the system path only (never a user's PATH)."""
+    return shutil.which(name, path=_SYS_PATH)
+
+
+def setpriv_argv() -> list[str]:
+    """Drop to nobody: no supplementary groups, no capabilities (also none inheritable or in the
+    bounding set), no_new_privs so setuid binaries cannot give root back."""
+    return [sys_which("setpriv") or "/usr/bin/setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}",
+            "--clear-groups", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
+
+
+def tmpfs_bytes(limits: Limits) -> int:
+    """Size of a sandbox's private /tmp and /dev/shm: 4x the file size limit (at least 8 MiB)."""
+    return max(8, 4 * int(limits.fsize_mb)) * 1024 * 1024

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 
-from privcode.sandbox.base import SANDBOX_GID, SANDBOX_UID, Backend, Limits, sandbox_env, server_prlimit_prefix
+from privcode.sandbox.base import (SANDBOX_DIR, SANDBOX_GID, SANDBOX_UID, Backend, Limits, sandbox_env,
+                                   server_prlimit_prefix, setpriv_argv, sys_which, tmpfs_bytes)
 from privcode.sandbox.mounts import root_ops
-from privcode.sandbox.rlimit import SANDBOX_DIR, _which, setpriv_argv, tmpfs_bytes
 
 
 def _parents(path: str, made: set) -> list[str]:
@@ -71,9 +71,9 @@ class BwrapBackend(Backend):
         return os.geteuid() == 0
 
     def _probe(self):
-        if _which("bwrap") is None:
+        if sys_which("bwrap") is None:
             return False, "bubblewrap is not installed (apt-get install bubblewrap)"
-        if self.privileged and _which("setpriv") is None:
+        if self.privileged and sys_which("setpriv") is None:
             return False, "'setpriv' not found"
         r = self.run("id -u\n", "shell", Limits(wall_s=20))
         if r.status != "ok" or r.stdout.strip() != str(SANDBOX_UID):
@@ -93,7 +93,7 @@ class BwrapBackend(Backend):
         from privcode.sandbox.forkserver import ServerSpec, server_command
         binds, etc = self.sandbox_binds(langs)
         cfg = {"workdir": SANDBOX_DIR, "wipe": ["/tmp", "/dev/shm"]}
-        a = [_which("bwrap") or "/usr/bin/bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc",
+        a = [sys_which("bwrap") or "/usr/bin/bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc",
              "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
         a += bwrap_args(root_ops(binds, etc, tmpfs_bytes(limits)))
         # the server is PID 1 of the namespace: snippets cannot signal it (the kernel ignores

@@ -37,13 +37,12 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from privcode.sandbox.base import SANDBOX_GID, SANDBOX_UID, Backend, Limits, probe
+from privcode.sandbox.base import SANDBOX_DIR, SANDBOX_GID, SANDBOX_UID, Backend, Limits, probe
 from privcode.sandbox.toolchains import COMPILE_MEM_MB, TOOLS, Resolved
 
 ENGINES = ("docker", "podman", "apptainer", "singularity")
 IMAGE = "privcode-sandbox"
 PROJECT = Path(__file__).resolve().parents[2]
-SANDBOX_DIR = "/tmp/sandbox"
 _SEARCH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 _TOOL_PROBE = r"""
 for t in python3 bash sh g++ clang++ javac java rustc node nodejs tsc php mcs mono swiftc setpriv; do

@@ -24,7 +24,6 @@ import os
 import queue
 import selectors
 import signal
-import struct
 import subprocess
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
-from privcode.sandbox import cgroup
+from privcode.sandbox import cgroup, server  # server: its framing and tree removal (its main runs only in a sandbox)
 
 SERVER_SOURCE = (Path(__file__).with_name("server.py")).read_text(encoding="utf-8")
 START_TIMEOUT_S = 60.0   # sandbox + interpreter start (first start may page in a lot)
@@ -154,7 +153,10 @@ class Worker:
         return data
 
     def _read_frame(self, deadline: float) -> dict:
-        (n,) = struct.unpack(">I", self._read_exact(4, deadline))
+        try:
+            n = server.frame_length(self._read_exact(4, deadline))
+        except ValueError as e:
+            raise WorkerError(f"sent a bad frame ({e})") from None
         return json.loads(self._read_exact(n, deadline).decode("utf-8"))
 
     def call(self, req: dict, timeout: float, mem_mb: int | None = None) -> dict:
@@ -163,14 +165,13 @@ class Worker:
         if self.dead:
             raise WorkerError("is dead")
         deadline = time.monotonic() + timeout
-        data = json.dumps(req).encode("utf-8")
         try:
             if self.cg is not None:
                 try:
                     self.cg.set_memory(mem_mb or self.cg.mem_mb)
                 except OSError as e:
                     raise WorkerError(f"cannot set its cgroup memory limit ({e})") from None
-            self._write(struct.pack(">I", len(data)) + data, deadline)
+            self._write(server.pack_frame(req), deadline)
             resp = self._read_frame(deadline)
         except WorkerError as e:
             e.oom = self._oom_since_last()
@@ -292,46 +293,20 @@ class Worker:
                 pass
         cleanup, self.spec.cleanup = self.spec.cleanup, []
         for d in cleanup:
-            _rmtree(d)
+            server.remove_tree(d)  # a directory it cannot remove is left (the server's own wipe ran)
         cg, self.cg = self.cg, None
         if cg is not None:
             cg.remove()
 
 
-def _rmtree(path: str) -> None:
-    """Remove a worker's host directory; fixes permissions the program may have taken away, but
-    only below `path` (never touches its parent), and a missing tree is fine."""
-    import shutil
-    root = os.path.abspath(path)
-
-    def onerror(fn, p, exc):
-        if isinstance(exc[1], FileNotFoundError):
-            return
-        p = os.path.abspath(p)
-        parent = os.path.dirname(p)
-        try:
-            if parent.startswith(root + os.sep) or parent == root:
-                os.chmod(parent, 0o700)
-            if p != root and os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-                shutil.rmtree(p, ignore_errors=True)
-            elif p != root:
-                os.unlink(p)
-        except OSError:
-            pass
-    if os.path.lexists(root):
-        shutil.rmtree(root, onerror=onerror)
-
-
 class WorkerPool:
     """`workers` fork-server sandboxes of one backend; thread-safe `run`."""
 
-    def __init__(self, backend, workers: int = 1, limits=None):
-        from privcode.sandbox.base import Limits
+    def __init__(self, backend, workers: int, limits):
         if int(workers) < 1:
             raise PrivcodeError(f"workers must be at least 1, got {workers}")
         self.backend = backend
-        self.limits = limits or Limits()
+        self.limits = limits
         self.size = int(workers)
         self._slots = threading.BoundedSemaphore(self.size)
         self._idle: queue.LifoQueue = queue.LifoQueue()

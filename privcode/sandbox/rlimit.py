@@ -13,36 +13,15 @@ writes whatever its uid may: as nobody, world-readable files and world-writable 
 /tmp and /dev/shm, which later snippets can see; as your user, your files), other processes of
 the same uid (visible with their command lines; a snippet can kill its server -- the snippet is
 then "killed" and the worker replaced), disk space (RLIMIT_FSIZE is per file).
-
-Also shared helpers of the namespaced backends (setpriv, tmpfs size, the sandbox directory).
 """
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
-from privcode.sandbox.base import (SANDBOX_GID, SANDBOX_UID, Backend, Limits, sandbox_env,
-                                   server_prlimit_prefix)
+from privcode.sandbox.base import (SANDBOX_GID, SANDBOX_UID, Backend, Limits, sandbox_env, server_prlimit_prefix,
+                                   setpriv_argv, sys_which)
 from privcode.sandbox.toolchains import world_reachable
-
-_SYS_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
-SANDBOX_DIR = "/tmp/sandbox"  # the program's working directory inside the namespaced backends
-
-
-def _which(name: str) -> str | None:
-    return shutil.which(name, path=_SYS_PATH)
-
-
-def setpriv_argv() -> list[str]:
-    """Drop to nobody: no supplementary groups, no capabilities (also none inheritable or in the
-    bounding set), no_new_privs so setuid binaries cannot give root back."""
-    return [_which("setpriv") or "/usr/bin/setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}",
-            "--clear-groups", "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
-
-
-def tmpfs_bytes(limits: Limits) -> int:
-    return max(8, 4 * int(limits.fsize_mb)) * 1024 * 1024
 
 
 class RlimitBackend(Backend):
@@ -57,7 +36,7 @@ class RlimitBackend(Backend):
 
     @property
     def drops_uid(self) -> bool:
-        return os.geteuid() == 0 and _which("setpriv") is not None
+        return os.geteuid() == 0 and sys_which("setpriv") is not None
 
     def _probe(self):
         if not hasattr(os, "killpg"):

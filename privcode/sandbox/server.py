@@ -94,26 +94,79 @@ def read_exact(fd, n):
     return bytes(buf)
 
 
+def frame_length(head):
+    """The body length a frame's 4-byte head announces; ValueError beyond MAX_FRAME (the host's
+    reader, privcode.sandbox.forkserver, uses it too)."""
+    (n,) = struct.unpack(">I", head)
+    if n > MAX_FRAME:
+        raise ValueError("frame too large")
+    return n
+
+
+def pack_frame(obj):
+    """One frame: a 4-byte big-endian length + UTF-8 JSON."""
+    data = json.dumps(obj).encode("utf-8")
+    return struct.pack(">I", len(data)) + data
+
+
 def read_frame(fd):
     head = read_exact(fd, 4)
     if head is None:
         return None
-    (n,) = struct.unpack(">I", head)
-    if n > MAX_FRAME:
-        raise ValueError("frame too large")
-    body = read_exact(fd, n)
+    body = read_exact(fd, frame_length(head))
     if body is None:
         return None
     return json.loads(body.decode("utf-8"))
 
 
 def write_frame(fd, obj):
-    data = json.dumps(obj).encode("utf-8")
-    data = struct.pack(">I", len(data)) + data
-    view = memoryview(data)
+    view = memoryview(pack_frame(obj))
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def remove_tree(path):
+    """Remove `path` (a file or a whole tree; a missing one is fine), fixing permissions that a
+    snippet took away -- below `path` only, never its parent. Returns the first failure in words, or
+    None. The host removes a worker's directory with it too (privcode.sandbox.forkserver)."""
+    root = os.path.abspath(path)
+    errors = []
+
+    def attempt(fn, p):
+        try:
+            fn(p)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            errors.append("cannot remove %s: %s" % (p, e))
+
+    def fix_and_remove(p):
+        parent = os.path.dirname(p)
+        if parent == root or parent.startswith(root + "/"):
+            os.chmod(parent, 0o700)
+        if p != root and os.path.isdir(p) and not os.path.islink(p):
+            os.chmod(p, 0o700)
+            shutil.rmtree(p)
+        else:
+            (os.unlink if p != root else os.rmdir)(p)
+
+    def onerror(fn, p, exc):
+        if not isinstance(exc[1], FileNotFoundError):
+            attempt(fix_and_remove, os.path.abspath(p))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            os.chmod(path, 0o700)
+        except OSError:
+            pass
+        shutil.rmtree(path, onerror=onerror)
+    else:
+        attempt(os.unlink, path)
+    return errors[0] if errors else None
 
 
 # ---- seccomp -------------------------------------------------------------------------------------
@@ -503,45 +556,9 @@ class Server:
 
     # -- files --
     def _rm(self, path):
-        """Remove `path` (ours: same uid); fixes permissions a snippet took away, below `path` only."""
-        root = os.path.abspath(path)
-
-        def onerror(fn, p, exc):
-            if isinstance(exc[1], FileNotFoundError):
-                return
-            p = os.path.abspath(p)
-            parent = os.path.dirname(p)
-            try:
-                if parent == root or parent.startswith(root + "/"):
-                    os.chmod(parent, 0o700)
-                if p != root and os.path.isdir(p) and not os.path.islink(p):
-                    os.chmod(p, 0o700)
-                    shutil.rmtree(p)
-                elif p != root:
-                    os.unlink(p)
-                else:
-                    os.rmdir(p)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.tainted = self.tainted or ("cannot remove %s: %s" % (p, e))
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            try:
-                os.chmod(path, 0o700)
-            except OSError:
-                pass
-            shutil.rmtree(path, onerror=onerror)
-        else:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                self.tainted = self.tainted or ("cannot remove %s: %s" % (path, e))
+        err = remove_tree(path)
+        if err:
+            self.tainted = self.tainted or err
 
     def wipe(self):
         """Delete everything the snippet wrote; taint unless the sandbox's tmpfs are empty again."""

@@ -23,9 +23,9 @@ import json
 import os
 import platform
 
-from privcode.sandbox.base import SANDBOX_UID, Backend, Limits, sandbox_env, server_prlimit_prefix
+from privcode.sandbox.base import (SANDBOX_DIR, SANDBOX_UID, Backend, Limits, sandbox_env, server_prlimit_prefix,
+                                   setpriv_argv, sys_which, tmpfs_bytes)
 from privcode.sandbox.mounts import root_ops
-from privcode.sandbox.rlimit import SANDBOX_DIR, _which, setpriv_argv, tmpfs_bytes
 
 PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}  # syscall numbers (glibc has no wrapper)
 
@@ -139,7 +139,7 @@ class UnshareBackend(Backend):
         if os.geteuid() != 0:
             return False, "needs root (mounts in the new namespace, setpriv to uid 65534)"
         for tool in ("unshare", "setpriv", "prlimit"):
-            if _which(tool) is None:
+            if sys_which(tool) is None:
                 return False, f"'{tool}' not found"
         if platform.machine() not in PIVOT_ROOT:
             return False, f"pivot_root's syscall number is not known for {platform.machine()}"
@@ -155,7 +155,7 @@ class UnshareBackend(Backend):
         binds, etc = self.sandbox_binds(langs)
         cfg = {"workdir": SANDBOX_DIR, "wipe": ["/tmp", "/dev/shm"]}
         ops = root_ops(binds, etc, tmpfs_bytes(limits))
-        argv = [_which("unshare") or "/usr/bin/unshare", "--net", "--pid", "--fork", "--kill-child", "--ipc",
+        argv = [sys_which("unshare") or "/usr/bin/unshare", "--net", "--pid", "--fork", "--kill-child", "--ipc",
                 "--uts", "--mount", "--cgroup", _shim_python() or SHIM_PYTHON[0], "-I", "-S", "-B", "-c", _SHIM,
                 str(PIVOT_ROOT.get(platform.machine(), -1)), json.dumps(ops)]
         argv += setpriv_argv() + server_command(self.server_python(), cfg)

@@ -1,0 +1,41 @@
+"""Generation backends: one interface (privcode.synth.base), one file per backend, and `get_backend`.
+
+    from privcode.synth import SamplingParams, get_backend
+    backend = get_backend("auto", "results/models/tiny/base", batch_size=16)
+    backend.generate(["Question: Add two numbers.\n\nAnswer:"], SamplingParams(max_new_tokens=64))
+"""
+from __future__ import annotations
+
+from privcode.synth.base import Backend, SamplingParams, cut_at_stop
+
+__all__ = ["Backend", "SamplingParams", "cut_at_stop", "get_backend"]
+
+
+def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str = "float32") -> Backend:
+    """hf: plain batched transformers; fast: static KV cache + CUDA graphs (privcode.synth.fast);
+    vllm: vLLM when installed; auto: vLLM, else fast on a GPU, else hf."""
+    if name == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            try:
+                import vllm  # noqa: F401
+
+                name = "vllm"
+            except ImportError:
+                name = "fast"
+        else:
+            name = "hf"
+    if name == "fast":
+        from privcode.synth.fast import FastHFBackend
+
+        return FastHFBackend(model_ref, batch_size=batch_size, dtype=dtype)
+    if name in ("hf", "transformers"):
+        from privcode.synth.hf import HFBackend
+
+        return HFBackend(model_ref, batch_size=batch_size, dtype=dtype)
+    if name == "vllm":
+        from privcode.synth.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_ref, dtype=dtype)
+    raise ValueError(f"unknown generation backend '{name}' (auto, hf, fast, vllm)")

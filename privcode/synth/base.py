@@ -1,4 +1,5 @@
-"""Generation backends: a small interface, one file per backend (transformers, vLLM).
+"""The generation backend interface: `Backend`, `SamplingParams`, `cut_at_stop` (the backends and
+their factory `privcode.synth.get_backend` import this module, never the other way round).
 
 A backend turns rendered prompts into completions. Greedy when temperature == 0; with
 temperature > 0 it draws `n` samples per prompt. It never sees private data: stages feed
@@ -32,33 +33,3 @@ class Backend:
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
         """One list of `params.n` completions (without the prompt) per prompt, in order."""
         raise NotImplementedError
-
-
-def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str = "float32") -> Backend:
-    """hf: plain batched transformers; fast: static KV cache + CUDA graphs (privcode.synth.fast);
-    vllm: vLLM when installed; auto: vLLM, else fast on a GPU, else hf."""
-    if name == "auto":
-        import torch
-
-        if torch.cuda.is_available():
-            try:
-                import vllm  # noqa: F401
-
-                name = "vllm"
-            except ImportError:
-                name = "fast"
-        else:
-            name = "hf"
-    if name == "fast":
-        from privcode.synth.fast import FastHFBackend
-
-        return FastHFBackend(model_ref, batch_size=batch_size, dtype=dtype)
-    if name in ("hf", "transformers"):
-        from privcode.synth.hf import HFBackend
-
-        return HFBackend(model_ref, batch_size=batch_size, dtype=dtype)
-    if name == "vllm":
-        from privcode.synth.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model_ref, dtype=dtype)
-    raise ValueError(f"unknown generation backend '{name}' (auto, hf, fast, vllm)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from privcode import shard
 from privcode.data.prompts import extract_code, render_prompt
 from privcode.errors import PrivcodeError
-from privcode.params import Params
+from privcode.params import Params, parse_params
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 
 
@@ -41,7 +41,7 @@ class GenerateConfig(Params):
 def _answer(todo: list[dict], done: ResumableJsonl, model_ref: str, cfg: GenerateConfig, total: int) -> None:
     from tqdm import tqdm
 
-    from privcode.synth.base import SamplingParams, get_backend
+    from privcode.synth import SamplingParams, get_backend
 
     backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
     tok = getattr(backend, "tokenizer", None)
@@ -110,6 +110,6 @@ def main(argv=None) -> None:
     ap.add_argument("--params", default="{}", help="JSON object of GenerateConfig fields")
     ap.add_argument("--shard", help="i/n: answer prompts i, i+n, ... into a progress file (what `shards` starts)")
     a = ap.parse_args(argv)
-    stats = run(a.model, a.prompts, a.out, GenerateConfig.from_dict(json.loads(a.params)), a.shard)
+    stats = run(a.model, a.prompts, a.out, parse_params(a.params, GenerateConfig), a.shard)
     if a.shard is None:
         print(json.dumps({k: stats[k] for k in ("prompts", "with_code", "processes")}))

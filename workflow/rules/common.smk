@@ -21,6 +21,8 @@ os.chmod(ZONE, 0o700)
 def zone_log(name):
     """A log or benchmark path inside the private zone (rules that read private data)."""
     return f"{ZONE}/{name}"
+
+
 BUILT_SOURCES = ("gguf", "tiny", "snapshot")
 # Table 5's ablations (sweeps.ablations): each is a PrivCode run with one change, as
 # (DP variant of stage 1, synthesis directory it fine-tunes on). no_privsa: λ = 0, plain DP-SGD
@@ -35,8 +37,12 @@ ABLATIONS = {
     "no_filters": ("privsa", "noexec"),
 }
 _ABL = "|".join(ABLATIONS)
-TAG_RE = re.compile(rf"eps(?P<eps>[0-9.]+)(?:(-lm(?P<lm>[0-9.]+))?(-tau(?P<tau>[0-9.]+))?|-(?P<abl>{_ABL}))")
-TAG_WILDCARD = rf"base|inf|eps[0-9.]+(?:(-lm[0-9.]+)?(-tau[0-9.]+)?|-({_ABL}))"  # TAG_RE, unnamed
+TAG_RE = re.compile(
+    rf"eps(?P<eps>[0-9.]+)(?:(-lm(?P<lm>[0-9.]+))?(-tau(?P<tau>[0-9.]+))?|-(?P<abl>{_ABL}))"
+)
+TAG_WILDCARD = (
+    rf"base|inf|eps[0-9.]+(?:(-lm[0-9.]+)?(-tau[0-9.]+)?|-({_ABL}))"  # TAG_RE, unnamed
+)
 
 
 def model_cfg(name):
@@ -78,7 +84,8 @@ def gpus(stage):
 
 def on_gpus(stage):
     """`privcode` for a CPU stage; for a GPU stage, `privcode gpu-run` first takes the stage's
-    GPUs (devices no other running job holds: privcode.gpus) and runs the command on them."""
+    GPUs (devices no other running job holds: privcode.gpus) and runs the command on them.
+    """
     n = gpus(stage)
     return f"privcode gpu-run --gpus {n} -- privcode" if n >= 1 else "privcode"
 
@@ -133,7 +140,11 @@ def data_source():
 
 def dp_base(model, variant):
     """JFT's DP stage starts from the model fine-tuned on PII-masked data; the others from base."""
-    return f"results/ft/{model}/JFTmask/inf/model" if variant == "jft" else model_ref(model)
+    return (
+        f"results/ft/{model}/JFTmask/inf/model"
+        if variant == "jft"
+        else model_ref(model)
+    )
 
 
 def dp_base_input(model, variant):
@@ -201,7 +212,9 @@ def eval_params(w):
     p = {k: v for k, v in e.items() if k not in ("benchmarks", "overrides", "limits")}
     p["override"] = e.get("overrides", {}).get(w.bench)
     p["limit"] = e.get("limits", {}).get(w.bench, e.get("limit"))
-    p["prompt_format"] = model_cfg(w.model)["prompt_format"]  # base: EvalPlus's --force-base-prompt
+    p["prompt_format"] = model_cfg(w.model)[
+        "prompt_format"
+    ]  # base: EvalPlus's --force-base-prompt
     return json.dumps(p, sort_keys=True)
 
 
@@ -236,12 +249,24 @@ def sweep_space():
     """Table 5's grid as a Paramspace: one row per (sweep, value), the main setting included
     (ablations: `none`, PrivCode as configured)."""
     s = config.get("sweeps", {})
-    main = {"tau": config["roundtrip"]["threshold"], "epsilon": main_eps(),
-            "lambda_max": config["privsa"]["lambda_max"], "ablations": "none"}
-    name = {"ablations": "ablation"}  # the table's sweep column names one ablation per row
-    rows = [(name.get(k, k), v) for k in ("tau", "epsilon", "lambda_max", "ablations") if s.get(k)
-            for v in [main[k], *s[k]]]
-    return Paramspace(pd.DataFrame(rows, columns=["sweep", "value"]), filename_params="*")
+    main = {
+        "tau": config["roundtrip"]["threshold"],
+        "epsilon": main_eps(),
+        "lambda_max": config["privsa"]["lambda_max"],
+        "ablations": "none",
+    }
+    name = {
+        "ablations": "ablation"
+    }  # the table's sweep column names one ablation per row
+    rows = [
+        (name.get(k, k), v)
+        for k in ("tau", "epsilon", "lambda_max", "ablations")
+        if s.get(k)
+        for v in [main[k], *s[k]]
+    ]
+    return Paramspace(
+        pd.DataFrame(rows, columns=["sweep", "value"]), filename_params="*"
+    )
 
 
 def sweep_value(value):
@@ -254,8 +279,12 @@ def sweep_tag(sweep, value):
         return e if value == "none" else f"{e}-{value}"
     if sweep == "epsilon":
         return f"eps{float(value):g}"
-    if float(value) == float({"tau": config["roundtrip"]["threshold"],
-                              "lambda_max": config["privsa"]["lambda_max"]}[sweep]):
+    if float(value) == float(
+        {
+            "tau": config["roundtrip"]["threshold"],
+            "lambda_max": config["privsa"]["lambda_max"],
+        }[sweep]
+    ):
         return e
     return f"{e}-tau{float(value):g}" if sweep == "tau" else f"{e}-lm{float(value):g}"
 
@@ -271,14 +300,12 @@ def table5_rows():
     ]
 
 
-def exec_filter_args():
-    """Sandbox flags from the exec_filter section (a string: Snakemake compares params by value)."""
+def exec_filter_params():
+    """`privcode exec-filter --params`: the exec_filter section but workers (the job's threads) and
+    container_image (the rule's container). An explicit opt-in to an unisolated sandbox (its output
+    is ε = inf) drops require_isolation, which would refuse that sandbox first."""
     c = config["exec_filter"]
-    if c.get("accept_unisolated"):  # an explicit opt-in to an unisolated sandbox: its output is ε = inf
-        flags = [f"--backend {c['backend']}", "--accept-unisolated"]
-    else:
-        flags = [f"--backend {c['backend']}"] + (["--require-isolation"] if c["require_isolation"] else [])
-    flags.append("--fork-server" if c.get("fork_server", True) else "--no-fork-server")
-    for k in ("wall_s", "cpu_s", "mem_mb", "fsize_mb", "nproc", "output_bytes", "compile_s"):
-        flags.append(f"--{k.replace('_', '-')} {c[k]}")
-    return " ".join(flags)
+    p = {k: v for k, v in c.items() if k not in ("workers", "container_image")}
+    if c.get("accept_unisolated"):
+        p["require_isolation"] = False
+    return json.dumps(p, sort_keys=True)

@@ -5,17 +5,19 @@
 rule build_model:
     output:
         directory("results/models/{model}/base"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/build_model/{model}.log",
     benchmark:
         "benchmarks/build_model/{model}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     params:
         args=lambda w: {
-            "gguf": f"--source gguf --gguf-package {model_cfg(w.model).get('gguf_package', '')}"
-            if not model_cfg(w.model).get("gguf")
-            else f"--source gguf --gguf {model_cfg(w.model)['gguf']}",
+            "gguf": (
+                f"--source gguf --gguf-package {model_cfg(w.model).get('gguf_package', '')}"
+                if not model_cfg(w.model).get("gguf")
+                else f"--source gguf --gguf {model_cfg(w.model)['gguf']}"
+            ),
             "tiny": f"--source tiny --pretrain-steps {model_cfg(w.model).get('pretrain_steps', 300)}",
             "snapshot": f"--source hf --name {model_cfg(w.model).get('name', '')}",
         }[model_cfg(w.model)["source"]],
@@ -27,12 +29,12 @@ rule make_data:
     output:
         records="results/data/taskgen/records.jsonl",
         bench="results/data/taskgen/humaneval.jsonl",
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/make_data.log",
     benchmark:
         "benchmarks/make_data.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     params:
         seed=config["data"].get("taskgen", {}).get("seed", 0),
         records=config["data"].get("taskgen", {}).get("records", 400),
@@ -48,17 +50,21 @@ rule prepare_data:
     output:
         private=directory(f"{ZONE}/data/private"),
         public=directory("results/data/public"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         zone_log("logs/prepare_data.log"),
     benchmark:
         zone_log("benchmarks/prepare_data.tsv")
+    conda:
+        "../../envs/privcode.yaml"
     params:
         source=lambda w: data_source(),
         p=lambda w: json.dumps(
             {
-                **{k: v for k, v in config["data"].items() if k not in ("source", "taskgen")},
+                **{
+                    k: v
+                    for k, v in config["data"].items()
+                    if k not in ("source", "taskgen")
+                },
                 "delta": config["privacy"]["delta"],
                 "dataset_size": config["privacy"]["dataset_size"],
             },
@@ -74,15 +80,16 @@ rule inject_canaries:
         f"{ZONE}/data/private",
     output:
         directory(f"{ZONE}/data/private_canary"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         zone_log("logs/inject_canaries.log"),
     benchmark:
         zone_log("benchmarks/inject_canaries.tsv")
+    conda:
+        "../../envs/privcode.yaml"
     params:
         p=lambda w: json.dumps(
-            {k: v for k, v in config["canaries"].items() if k != "enabled"}, sort_keys=True
+            {k: v for k, v in config["canaries"].items() if k != "enabled"},
+            sort_keys=True,
         ),
     shell:
         "umask 077; privcode inject-canaries --data {input}/records.jsonl --out {output} "
@@ -94,12 +101,12 @@ rule mask_pii:
         lambda w: train_data(),
     output:
         directory(f"{ZONE}/data/private_masked"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         zone_log("logs/mask_pii.log"),
     benchmark:
         zone_log("benchmarks/mask_pii.tsv")
+    conda:
+        "../../envs/privcode.yaml"
     params:
         detector=config["jft"]["detector"],
     shell:

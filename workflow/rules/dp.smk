@@ -13,12 +13,14 @@ rule dp_finetune:
         data=lambda w: train_data(),
     output:
         protected(directory("results/dp/{model}/{variant}/eps{eps}/adapter")),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         zone_log("logs/dp_finetune/{model}_{variant}_eps{eps}.log"),
     benchmark:
         zone_log("benchmarks/dp_finetune/{model}_{variant}_eps{eps}.tsv")
+    conda:
+        "../../envs/privcode.yaml"
+    resources:
+        gpu=gpus("dp_finetune"),
     params:
         ref=lambda w: dp_base(w.model, w.variant),
         p=lambda w: stage_params(
@@ -30,8 +32,6 @@ rule dp_finetune:
         ),
         priv=lambda w: f"{ZONE}/dp/{w.model}/{w.variant}/eps{w.eps}",
         run=launcher("dp_finetune"),
-    resources:
-        gpu=gpus("dp_finetune"),
     shell:
         "umask 077; {params.run} dp-finetune --model {params.ref} --data {input.data}/records.jsonl "
         "--out {output} --private-dir {params.priv} --params '{params.p}' > {log} 2>&1"
@@ -44,12 +44,12 @@ rule merge_dp:
         adapter="results/dp/{model}/{variant}/eps{eps}/adapter",
     output:
         directory("results/dp/{model}/{variant}/eps{eps}/model"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/merge_dp/{model}_{variant}_eps{eps}.log",
     benchmark:
         "benchmarks/merge_dp/{model}_{variant}_eps{eps}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     params:
         ref=lambda w: dp_base(w.model, w.variant),
     shell:

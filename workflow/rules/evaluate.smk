@@ -5,23 +5,25 @@
 rule evaluate:
     input:
         model=eval_model_input,
-        override=lambda w: [config["evaluate"].get("overrides", {})[w.bench]]
-        if w.bench in config["evaluate"].get("overrides", {})
-        else [],
+        override=lambda w: (
+            [config["evaluate"].get("overrides", {})[w.bench]]
+            if w.bench in config["evaluate"].get("overrides", {})
+            else []
+        ),
     output:
         directory("results/eval/{model}/{method}/{tag}/{bench}"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/evaluate/{model}_{method}_{tag}_{bench}.log",
     benchmark:
         "benchmarks/evaluate/{model}_{method}_{tag}_{bench}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
+    resources:
+        gpu=gpus("evaluate"),
     params:
         ref=eval_model,
         p=eval_params,
         run=on_gpus("evaluate"),
-    resources:
-        gpu=gpus("evaluate"),
     shell:
         "{params.run} evaluate --model {params.ref} --benchmark {wildcards.bench} --out {output} "
         "--params '{params.p}' > {log} 2>&1"
@@ -34,18 +36,18 @@ rule leakage:
         canaries=f"{ZONE}/data/private_canary",
     output:
         directory("results/leakage/{model}/{method}/{tag}"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/leakage/{model}_{method}_{tag}.log",
     benchmark:
         "benchmarks/leakage/{model}_{method}_{tag}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
+    resources:
+        gpu=gpus("evaluate"),
     params:
         ref=eval_model,
         p=lambda w: stage_params("leakage", w.model),
         run=on_gpus("evaluate"),
-    resources:
-        gpu=gpus("evaluate"),
     shell:
         "{params.run} leakage --model {params.ref} --canaries {input.canaries}/canaries.jsonl "
         "--out {output} --params '{params.p}' > {log} 2>&1"
@@ -56,17 +58,17 @@ rule vuln:
         model=eval_model_input,
     output:
         directory("results/vuln/{model}/{method}/{tag}"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/vuln/{model}_{method}_{tag}.log",
     benchmark:
         "benchmarks/vuln/{model}_{method}_{tag}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
+    resources:
+        gpu=gpus("evaluate"),
     params:
         ref=eval_model,
         p=lambda w: stage_params("vuln", w.model),
         run=on_gpus("evaluate"),
-    resources:
-        gpu=gpus("evaluate"),
     shell:
         "{params.run} vuln --model {params.ref} --out {output} --params '{params.p}' > {log} 2>&1"

@@ -10,20 +10,20 @@ rule finetune:
         data=finetune_data,
     output:
         directory("results/ft/{model}/{method}/{tag}/adapter"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         zone_log("logs/finetune/{model}_{method}_{tag}.log"),
     benchmark:
         zone_log("benchmarks/finetune/{model}_{method}_{tag}.tsv")
+    conda:
+        "../../envs/privcode.yaml"
+    resources:
+        gpu=gpus("finetune"),
     params:
         ref=lambda w: model_ref(w.model),
         file=finetune_file,
         p=lambda w: stage_params("finetune", w.model),
         priv=lambda w: f"{ZONE}/ft/{w.model}/{w.method}/{w.tag}",
         run=launcher("finetune"),
-    resources:
-        gpu=gpus("finetune"),
     shell:
         "umask 077; {params.run} finetune --model {params.ref} --data {input.data}/{params.file} "
         "--out {output} --private-dir {params.priv} --params '{params.p}' > {log} 2>&1"
@@ -36,12 +36,12 @@ rule merge_ft:
         adapter="results/ft/{model}/{method}/{tag}/adapter",
     output:
         directory("results/ft/{model}/{method}/{tag}/model"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/merge_ft/{model}_{method}_{tag}.log",
     benchmark:
         "benchmarks/merge_ft/{model}_{method}_{tag}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     params:
         ref=lambda w: model_ref(w.model),
     shell:

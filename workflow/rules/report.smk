@@ -11,12 +11,12 @@ rule table3:
         ],
     output:
         report("results/table3.csv", category="Tables", caption="../report/table3.rst"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/table3.log",
     benchmark:
         "benchmarks/table3.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     shell:
         "privcode table3 --out {output} {input} > {log} 2>&1"
 
@@ -25,13 +25,15 @@ rule compare:
     input:
         compare_dirs(),
     output:
-        report("results/compare.csv", category="Tables", caption="../report/compare.rst"),
-    conda:
-        "../../envs/privcode.yaml"
+        report(
+            "results/compare.csv", category="Tables", caption="../report/compare.rst"
+        ),
     log:
         "logs/compare.log",
     benchmark:
         "benchmarks/compare.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     shell:
         "privcode compare --out {output} {input} > {log} 2>&1"
 
@@ -41,12 +43,12 @@ rule table4:
         [f"results/leakage/{m}/{method}/{tag}" for m, method, tag in table3_rows()],
     output:
         report("results/table4.csv", category="Tables", caption="../report/table4.rst"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/table4.log",
     benchmark:
         "benchmarks/table4.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     shell:
         "privcode table4 --out {output} {input} > {log} 2>&1"
 
@@ -56,12 +58,12 @@ rule vulntable:
         [f"results/vuln/{m}/{method}/{tag}" for m, method, tag in table3_rows()],
     output:
         report("results/vuln.csv", category="Tables", caption="../report/vuln.rst"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/vulntable.log",
     benchmark:
         "benchmarks/vulntable.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     shell:
         "privcode vulntable --out {output} {input} > {log} 2>&1"
 
@@ -71,12 +73,12 @@ rule table5:
         [row.split(":", 1)[1] for row in table5_rows()],
     output:
         report("results/table5.csv", category="Tables", caption="../report/table5.rst"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/table5.log",
     benchmark:
         "benchmarks/table5.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     params:
         rows=" ".join(table5_rows()),
     shell:
@@ -88,15 +90,22 @@ rule figures:
         table3="results/table3.csv",
         synth=[synth_dir(t) for t in eps_tags()],
     output:
-        utility=report("results/figures/privacy_utility.png", category="Figures",
-                       caption="../report/privacy_utility.rst"),
-        funnel=report("results/figures/funnel.png", category="Figures", caption="../report/funnel.rst"),
-    conda:
-        "../../envs/privcode.yaml"
+        utility=report(
+            "results/figures/privacy_utility.png",
+            category="Figures",
+            caption="../report/privacy_utility.rst",
+        ),
+        funnel=report(
+            "results/figures/funnel.png",
+            category="Figures",
+            caption="../report/funnel.rst",
+        ),
     log:
         "logs/figures.log",
     benchmark:
         "benchmarks/figures.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     shell:
         "privcode figures --table3 {input.table3} --synth results/synth --out results/figures > {log} 2>&1"
 
@@ -118,12 +127,12 @@ rule release:
         config.get("release", {}).get("artifacts", []),
     output:
         directory(config.get("release", {}).get("out", "release")),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/release.log",
     benchmark:
         "benchmarks/release.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     params:
         cap=lambda w: (
             f"--cap {config['privacy']['total_epsilon_cap']}"

@@ -12,17 +12,17 @@ rule generate:
         prompts="results/data/public",
     output:
         directory("results/synth/{model}/{variant}/eps{eps}/generated"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/generate/{model}_{variant}_eps{eps}.log",
     benchmark:
         "benchmarks/generate/{model}_{variant}_eps{eps}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
+    resources:
+        gpu=gpus("generate"),
     params:
         p=lambda w: stage_params("generate", w.model),
         run=on_gpus("generate"),
-    resources:
-        gpu=gpus("generate"),
     shell:
         "{params.run} generate --model {input.model} --prompts {input.prompts}/prompts.jsonl "
         "--out {output} --params '{params.p}' > {log} 2>&1"
@@ -34,21 +34,21 @@ rule exec_filter:
         "results/synth/{model}/{variant}/eps{eps}/generated",
     output:
         directory("results/synth/{model}/{variant}/eps{eps}/exec"),
+    log:
+        "logs/exec_filter/{model}_{variant}_eps{eps}.log",
+    benchmark:
+        "benchmarks/exec_filter/{model}_{variant}_eps{eps}.tsv"
     conda:
         "../../envs/privcode.yaml"
     # `snakemake --sdm apptainer` runs this job in exec_filter.container_image (null: on the host)
     container:
         config["exec_filter"].get("container_image")
-    log:
-        "logs/exec_filter/{model}_{variant}_eps{eps}.log",
-    benchmark:
-        "benchmarks/exec_filter/{model}_{variant}_eps{eps}.tsv"
-    params:
-        args=exec_filter_args(),
     threads: config["exec_filter"]["workers"]
+    params:
+        p=exec_filter_params(),
     shell:
         "privcode exec-filter --input {input}/samples.jsonl --out {output} "
-        "--workers {threads} {params.args} > {log} 2>&1"
+        "--workers {threads} --params '{params.p}' > {log} 2>&1"
         " && privcode status --artifact {output}"
 
 
@@ -57,12 +57,12 @@ rule skip_exec_filter:
         "results/synth/{model}/{variant}/eps{eps}/generated",
     output:
         directory("results/synth/{model}/{variant}/eps{eps}/noexec"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/skip_exec_filter/{model}_{variant}_eps{eps}.log",
     benchmark:
         "benchmarks/skip_exec_filter/{model}_{variant}_eps{eps}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     shell:
         "privcode skip-exec-filter --input {input}/samples.jsonl --out {output} > {log} 2>&1"
         " && privcode status --artifact {output}"
@@ -74,29 +74,42 @@ rule roundtrip_filter:
         describer=lambda w: model_input(config["roundtrip"]["model"]),
     output:
         directory("results/synth/{model}/{variant}/eps{eps}/roundtrip-scores"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/roundtrip_filter/{model}_{variant}_eps{eps}.log",
     benchmark:
         "benchmarks/roundtrip_filter/{model}_{variant}_eps{eps}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
+    resources:
+        gpu=gpus("roundtrip_filter"),
     params:
         ref=model_ref(config["roundtrip"]["model"]),
         p=lambda w: json.dumps(
             {
-                **{k: v for k, v in config["roundtrip"].items() if k not in ("model", "threshold")},
+                **{
+                    k: v
+                    for k, v in config["roundtrip"].items()
+                    if k not in ("model", "threshold")
+                },
                 "prompt_format": fmt(config["roundtrip"]["model"]),
                 "threshold": 0.0,  # describe and score every program; τ is applied below
                 # early stop: exact for every τ up to τ_s, so τ_s covers the Table 5 sweep
-                **({"early_stop_threshold": max([config["roundtrip"]["threshold"],
-                                                 *config.get("sweeps", {}).get("tau", [])])}
-                   if config["roundtrip"].get("early_stop_round") else {}),
+                **(
+                    {
+                        "early_stop_threshold": max(
+                            [
+                                config["roundtrip"]["threshold"],
+                                *config.get("sweeps", {}).get("tau", []),
+                            ]
+                        )
+                    }
+                    if config["roundtrip"].get("early_stop_round")
+                    else {}
+                ),
             },
             sort_keys=True,
         ),
         run=on_gpus("roundtrip_filter"),
-    resources:
-        gpu=gpus("roundtrip_filter"),
     shell:
         "{params.run} roundtrip-filter --model {params.ref} --input {input.kept}/kept.jsonl "
         "--out {output} --params '{params.p}' > {log} 2>&1"
@@ -107,12 +120,12 @@ rule roundtrip_threshold:
         "results/synth/{model}/{variant}/eps{eps}/roundtrip-scores",
     output:
         directory("results/synth/{model}/{variant}/eps{eps}/roundtrip"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/roundtrip_threshold/{model}_{variant}_eps{eps}.log",
     benchmark:
         "benchmarks/roundtrip_threshold/{model}_{variant}_eps{eps}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     params:
         tau=config["roundtrip"]["threshold"],
     shell:
@@ -125,12 +138,12 @@ rule rethreshold:
         "results/synth/{model}/{variant}/eps{eps}/roundtrip-scores",
     output:
         directory("results/synth/{model}/{variant}/eps{eps}/roundtrip-tau{tau}"),
-    conda:
-        "../../envs/privcode.yaml"
     log:
         "logs/rethreshold/{model}_{variant}_eps{eps}_tau{tau}.log",
     benchmark:
         "benchmarks/rethreshold/{model}_{variant}_eps{eps}_tau{tau}.tsv"
+    conda:
+        "../../envs/privcode.yaml"
     shell:
         "privcode rethreshold --roundtrip {input} --tau {wildcards.tau} --out {output} > {log} 2>&1"
 

@@ -1,6 +1,6 @@
 """PII detection in generated code: a regex detector (default, offline) and StarPII (optional).
 
-    from privcode.evaluate.pii import detect
+    from privcode.data.pii import detect
     detect('ADMIN_EMAIL = "maria.lee4821@example.org"')
     # [{'kind': 'email', 'span': (15, 41), 'text': 'maria.lee4821@example.org'}]
 
