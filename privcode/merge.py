@@ -5,11 +5,11 @@
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.io import atomic_dir
+from privcode.params import stage_parser
 
 
 def merge(base: str, adapter: str, out: Path, dtype: str = "float32") -> None:
@@ -30,11 +30,8 @@ def merge(base: str, adapter: str, out: Path, dtype: str = "float32") -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode merge", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True)
-    ap.add_argument("--adapter", required=True)
-    ap.add_argument("--out", required=True, type=Path)
+    ap = stage_parser("merge", __doc__, {"base": "base model: hub name or local directory",
+                                         "adapter": "LoRA adapter directory", "out": ("output directory", Path)})
     ap.add_argument("--dtype", default="float32")
     a = ap.parse_args(argv)
     merge(a.base, a.adapter, a.out, a.dtype)

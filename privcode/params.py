@@ -90,3 +90,20 @@ class Params:
         assert is_dataclass(cls)
         check_options(d, [f.name for f in fields(cls)], cls._what, where, typing.get_type_hints(cls))
         return cls(**d)
+
+
+def stage_parser(prog: str, doc: str, options: dict, params=None):
+    """The argument parser every stage's `main` starts from: `privcode <prog>`, the module docstring
+    as its description (kept as written), one required `--NAME` per `options` item (NAME: its help,
+    or (help, type)) and, with `params` (the stage's Params class), `--params`, a JSON object of its
+    fields read by `parse_params`. Optional flags are added by the caller."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"privcode {prog}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, spec in options.items():
+        help_, type_ = spec if isinstance(spec, tuple) else (spec, str)
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, type=type_, help=help_)
+    if params is not None:
+        ap.add_argument("--params", default="{}", help=f"JSON object of {params.__name__} fields")
+    return ap

@@ -1,5 +1,4 @@
 """Data loading/splitting and the command line's error reporting."""
-import importlib.util
 import json
 import math
 import os
@@ -109,11 +108,20 @@ PARAMS_ERROR = re.compile(r"privcode (?P<cmd>[\w-]+): error: --params(?:, field 
 
 
 def stages_with_params() -> list[str]:
-    """Every `privcode` command whose module declares a --params option."""
+    """Every `privcode` command whose --help lists a --params option."""
+    import contextlib
+    import io
+
     from privcode import cli
 
-    return [cmd for cmd, (mod, *_) in cli.COMMANDS.items()
-            if 'add_argument("--params"' in Path(importlib.util.find_spec(mod).origin).read_text()]
+    out = []
+    for cmd in cli.COMMANDS:
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+            cli.main([cmd, "--help"])
+        if "--params" in text.getvalue():
+            out.append(cmd)
+    return out
 
 
 def params_error(cmd: str, params: str, tmp_path, capsys) -> re.Match:

@@ -46,7 +46,6 @@ that the audit tests is the group-privacy guarantee (kε, k·e^{(k−1)ε}·δ) 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import shutil
@@ -64,7 +63,7 @@ from privcode.audit.stats import (REFERENCE, audit_counts, audit_power, eps_json
 from privcode.data.canaries import SECRET_SPACE, inject, make_canaries, secret_of
 from privcode.errors import PrivcodeError
 from privcode.io import iter_jsonl, write_json, write_jsonl
-from privcode.params import check_options, parse_params
+from privcode.params import check_options, parse_params, stage_parser
 
 log = logging.getLogger(__name__)
 
@@ -352,14 +351,9 @@ def run_audit(model_ref: str, data_path: str, out_dir, cfg: AuditConfig) -> dict
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode audit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="base model: hub name or local directory")
-    ap.add_argument("--data", required=True, help="private JSONL (problem/solution records)")
-    ap.add_argument("--out", required=True, type=Path, help="output directory (audit.json, adapter/, canaries.json)")
-    ap.add_argument("--params", default="{}", help="JSON: epsilon (number or \"inf\"), delta, canaries, copies, "
-                                                    "seed, k_pos, k_neg, beta, score, broken, allow_weak, "
-                                                    "n_candidates, samples, temperature, "
-                                                    "and TrainConfig fields (steps, batch_size, lr, ...)")
-    a = ap.parse_args(argv)
+    # AuditConfig: epsilon (number or "inf"), delta, canaries, copies, seed, k_pos, k_neg, beta, score,
+    # broken, allow_weak, n_candidates, samples, temperature, and TrainConfig fields (steps, batch_size, lr, ...)
+    a = stage_parser("audit", __doc__, {
+        "model": "base model: hub name or local directory", "data": "private JSONL (problem/solution records)",
+        "out": ("output directory (audit.json, adapter/, canaries.json)", Path)}, AuditConfig).parse_args(argv)
     run_audit(a.model, a.data, a.out, parse_params(a.params, AuditConfig))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 BENCHES = {
     "exec": "privcode.bench.exec_bench",
@@ -18,6 +19,20 @@ BENCHES = {
     "pipeline": "privcode.bench.pipeline_bench",
     "zero": "privcode.bench.zero_bench",
 }
+
+
+def save_result(res: dict, path) -> Path:
+    """A benchmark's result JSON, written atomically (values JSON cannot hold as their str); says where."""
+    import json
+
+    from privcode.io import atomic_file
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as fh:
+        json.dump(res, fh, indent=1, default=str)
+    print(f"wrote {out}")
+    return out
 
 
 def main(argv=None) -> None:

@@ -25,10 +25,10 @@ is reported separately as first_call_s).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
+
+from privcode.bench import save_result
 
 
 def _sync(device):
@@ -213,10 +213,7 @@ def main(argv=None) -> None:
     for k, v in res["ratios"].items():
         print(f"  {k}: {v:.2f}x")
     print(f"  target: {res['target']}")
-    out = Path(a.out or f"benchmarks/bench_generate_{get_shape(a.shape).name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str))
-    print(f"wrote {out}")
+    save_result(res, a.out or f"benchmarks/bench_generate_{get_shape(a.shape).name}.json")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from privcode.bench import save_result
 from privcode.bench.pipeline_plan import Plan, project, table
 
 SHAPES = {"paper": {"junior": "1.5b", "describer": "8b", "premium": "7b"},
@@ -248,10 +249,7 @@ def main(argv=None) -> None:
     print("\n" + table(res))
     for k, t in res["targets"].items():
         print(f"target {k} {t['target']}: {t['value']} {'' if t['met'] is None else ('MET' if t['met'] else 'MISSED')}")
-    out = Path(a.out or f"benchmarks/bench_pipeline_{a.shape}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str))
-    print(f"wrote {out}")
+    save_result(res, a.out or f"benchmarks/bench_pipeline_{a.shape}.json")
 
 
 if __name__ == "__main__":

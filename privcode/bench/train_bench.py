@@ -31,10 +31,11 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import sys
 import time
 from pathlib import Path
+
+from privcode.bench import save_result
 
 PEERS = ["hf-peft", "opacus-hooks", "opacus-ghost"]
 STOCK = ["privcode-nondp-stock", "privcode-dp-stock"]
@@ -148,7 +149,6 @@ class Bench:
 
     # ---- variants: each returns (step(k) -> loss, cleanup, model)
     def variant(self, name):
-        torch = self.torch
         from privcode.dp import engine, fastloss
 
         B = self.shape.micro_batch
@@ -461,10 +461,7 @@ def main(argv=None) -> None:
     _print(res)
     from privcode.bench.shapes import get_shape
 
-    out = Path(a.out or f"benchmarks/bench_train_{get_shape(a.shape).name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str))
-    print(f"wrote {out}")
+    save_result(res, a.out or f"benchmarks/bench_train_{get_shape(a.shape).name}.json")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from privcode.bench import save_result
+
 
 def prepare(work: Path, n: int, seq_len: int) -> None:
     """Records of about `seq_len` tokens (taskgen solutions joined) in a private zone with their
@@ -148,10 +150,8 @@ def main(argv=None) -> None:
             r = json.loads(line[-1][7:]) if line else {**spec, "error": f"exit {p.returncode}: {p.stderr[-600:]}"}
             results["runs"].append(r)
             _row(r)
-    out = Path(a.out or "benchmarks/bench_zero.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str))
-    print(f"card {results['info'].get('card')}; wrote {out}")
+    print(f"card {results['info'].get('card')}")
+    save_result(results, a.out or "benchmarks/bench_zero.json")
 
 
 def _row(r: dict) -> None:

@@ -25,7 +25,6 @@ privacy.json (post-processing of the model: the canaries are synthetic, not priv
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -37,7 +36,7 @@ from pathlib import Path
 from privcode.data.canaries import SAMPLERS, load_canaries, space_sizes, split_at_secret
 from privcode.data.prompts import FORMATS, render_prompt
 from privcode.errors import PrivcodeError
-from privcode.params import Params, parse_params
+from privcode.params import Params, parse_params, stage_parser
 from privcode.io import atomic_dir, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -265,24 +264,11 @@ def run(model_ref: str, canaries_path, out: Path, cfg: LeakageConfig, backend=No
 # CLIs
 
 
-def _params(s: str) -> dict:
-    try:
-        d = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise PrivcodeError(f"--params is not valid JSON: {e.msg}") from None
-    if not isinstance(d, dict):
-        raise PrivcodeError("--params must be a JSON object")
-    return d
-
-
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode leakage", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model: hub name or local directory (with privacy.json)")
-    ap.add_argument("--canaries", required=True, help="canaries JSONL (id, problem, solution, lang, secret, kind, copies)")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--params", default="{}", help="JSON object of LeakageConfig fields")
-    a = ap.parse_args(argv)
+    a = stage_parser("leakage", __doc__, {
+        "model": "model: hub name or local directory (with privacy.json)",
+        "canaries": "canaries JSONL (id, problem, solution, lang, secret, kind, copies)",
+        "out": ("output directory", Path)}, LeakageConfig).parse_args(argv)
     r = run(a.model, a.canaries, a.out, parse_params(a.params, LeakageConfig))
     print(json.dumps({"rate": r["rate"], "by_copies": {k: v["rate"] for k, v in r["by_copies"].items()},
                       "exposure_mean": r["exposure_mean"], "pii": r["pii"]["total"]}))

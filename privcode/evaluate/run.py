@@ -25,7 +25,6 @@ namespace isolation, so run evaluation on a machine that holds no secrets (never
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.evaluate.generation import PROMPT_STYLES, completions, to_solution, write_results
-from privcode.params import Params, parse_params
+from privcode.params import Params, parse_params, stage_parser
 
 EVALPLUS = ("humaneval", "mbpp")
 OPENAI_HUMANEVAL = "openai-humaneval"
@@ -105,12 +104,10 @@ def run(model_ref: str, benchmark: str, out: Path, cfg: EvalConfig, shard_spec: 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--benchmark", required=True)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--params", default="{}", help="JSON object of EvalConfig fields")
+    ap = stage_parser("evaluate", __doc__, {
+        "model": "the model to evaluate: hub name or local directory (with privacy.json)",
+        "benchmark": "humaneval | mbpp | openai-humaneval | bigcodebench-{complete,instruct}-{full,hard}",
+        "out": ("output directory", Path)}, EvalConfig)
     ap.add_argument("--shard", help="i/n: complete tasks i, i+n, ... into a progress file (what `shards` starts)")
     a = ap.parse_args(argv)
     r = run(a.model, a.benchmark, a.out, parse_params(a.params, EvalConfig), a.shard)

@@ -11,7 +11,6 @@ otherwise, since there is nothing to train on. Post-processing of the generation
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ from privcode.errors import PrivcodeError
 from privcode.filters.exec_filter import _code_of, _validated
 from privcode.io import atomic_dir, write_json, write_jsonl
 from privcode.langs import canonical_lang
+from privcode.params import stage_parser
 
 STAGE = "skip_exec_filter"
 
@@ -53,11 +53,8 @@ def run(in_path, out_dir, *, lang_field: str = "lang", code_field: str | None = 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="privcode skip-exec-filter", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", required=True, help="generated samples JSONL")
-    ap.add_argument("--out", required=True, help="output directory (created atomically)")
-    a = ap.parse_args(argv)
+    a = stage_parser("skip-exec-filter", __doc__, {
+        "input": "generated samples JSONL", "out": "output directory (created atomically)"}).parse_args(argv)
     s = run(a.input, a.out)
     print(json.dumps({k: s[k] for k in ("n_input", "n_kept", "n_dropped")}))
     return 0

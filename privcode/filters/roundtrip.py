@@ -32,7 +32,6 @@ passes `early_stop_threshold`: the same keep decisions for every τ up to it, fe
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -45,9 +44,9 @@ from pathlib import Path
 from privcode.data.prompts import FORMATS, describe_prompt, render_prompt
 from privcode.errors import PrivcodeError
 from privcode.filters import early_stop
-from privcode.filters.bertscore import KNOWN_SCORER_LAYERS, Scorer  # noqa: F401  (rt.Scorer)
+from privcode.filters.bertscore import Scorer  # noqa: F401  (rt.Scorer)
 from privcode.filters.threshold import split, valid_descriptions
-from privcode.params import Params, parse_params
+from privcode.params import Params, parse_params, stage_parser
 from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -369,12 +368,10 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode roundtrip-filter", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="describer LLM: hub name or local directory (with privacy.json)")
-    ap.add_argument("--input", required=True, help="kept.jsonl of the execution filter (id, problem, code, lang, solution)")
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--params", default="{}", help="JSON object of RoundTripConfig fields")
+    ap = stage_parser("roundtrip-filter", __doc__, {
+        "model": "describer LLM: hub name or local directory (with privacy.json)",
+        "input": "kept.jsonl of the execution filter (id, problem, code, lang, solution)",
+        "out": ("output directory", Path)}, RoundTripConfig)
     ap.add_argument("--shard", help="i/n: describe programs i, i+n, ... into a progress file (what `shards` starts)")
     a = ap.parse_args(argv)
     stats = run(a.model, a.input, a.out, parse_params(a.params, RoundTripConfig), shard_spec=a.shard)
