@@ -17,7 +17,7 @@ def build_lora_model(model, cfg, device):
     """LoRA (PEFT) with cfg's rank, α, dropout and targets on `model`: a base model in memory (a
     torch module, e.g. ZeRO-3's sharded base: privcode.dp.zero), or a reference (hub name or local
     directory) loaded in cfg.dtype onto `device`. Trainable weights are fp32; `cfg.fast` makes the
-    LoRA layers lean (privcode.dp.fastloss)."""
+    LoRA layers lean (privcode.dp.leanlora)."""
     from peft import LoraConfig, get_peft_model
 
     if not isinstance(model, torch.nn.Module):
@@ -32,9 +32,9 @@ def build_lora_model(model, cfg, device):
         if p.requires_grad:
             p.data = p.data.float()
     if cfg.fast:
-        from privcode.dp import fastloss
+        from privcode.dp import leanlora
 
-        fastloss.lean_lora(model)
+        leanlora.lean_lora(model)
     return model
 
 

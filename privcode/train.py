@@ -74,7 +74,7 @@ class TrainConfig(Params):
     checkpoint_every: int = 0         # steps between resumable checkpoints (0: off)
     sampler: str = "poisson"          # the only sampler the accountant covers; anything else is refused
     optimizer: str = "adamw"          # adamw | sgd (sgd: the update is exactly -lr * noisy gradient)
-    fast: bool = False                # privcode.dp.fastloss: lean LoRA, chunked head loss, hook-free
+    fast: bool = False                # dp.fastloss + dp.leanlora + dp.flatclip: chunked head loss, lean LoRA, hook-free
                                       # per-record gradients (the GPU speed path; same math, fp32-exact)
     # --- PrivSA (DP only): loss_i = CE_i + λ(t)·KL(p_base ‖ p_dp) over record i's syntax tokens ---
     privsa_lambda_max: float = 0.0    # 0 turns PrivSA off (plain DP-SGD, the DPFT baseline)

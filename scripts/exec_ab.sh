@@ -16,12 +16,14 @@ git -C "$HERE" worktree add --detach "$OLD" "$REV" >/dev/null 2>&1
 RUN='
 import os, sys
 import privcode
+from privcode import sandbox
 from privcode.bench import exec_bench as eb
 from privcode.sandbox import base as sb
 root, workers = sys.argv[1], int(os.environ.get("WORKERS", 2))
 assert privcode.__file__.startswith(root), privcode.__file__  # the code under test, not the installed one
 limits = sb.Limits(wall_s=10, cpu_s=10)
-be = sb._registry()[os.environ.get("BACKEND", "bwrap")]()
+registry = getattr(sandbox, "_registry", None) or sb._registry  # the registry left base.py after #19
+be = registry()[os.environ.get("BACKEND", "bwrap")]()
 loads = {"trivial": ["x = 1\n"] * int(os.environ.get("N_TRIVIAL", 3000)),
          "realistic": eb.realistic_snippets(int(os.environ.get("N_REAL", 400)))}
 out = []
@@ -37,6 +39,7 @@ print(" ".join(out))
 for i in $(seq 1 "$ROUNDS"); do
   for side in "$REV" HEAD; do
     root=$([ "$side" = HEAD ] && echo "$HERE" || echo "$OLD")
-    echo "$side $(cd /tmp && PYTHONPATH=$root "$PY" -c "$RUN" "$root") load=$(cut -d' ' -f1 /proc/loadavg)"
+    got=$(cd /tmp && PYTHONPATH=$root "$PY" -c "$RUN" "$root")  # set -e: a failed run stops the script
+    echo "$side $got load=$(cut -d' ' -f1 /proc/loadavg)"
   done
 done

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from privcode.dp import engine, fastloss
+from privcode.dp import engine, fastloss, flatclip, leanlora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,7 +55,7 @@ def test_fast_loss_equals_reference_values_and_gradients(lam):
     pm = _tiny_peft()
     batch = _batch()
     ref_loss, ref_g = _loss_and_grads(pm, engine.per_record_loss, batch, lam)
-    assert fastloss.lean_lora(pm) == 2 * 7
+    assert leanlora.lean_lora(pm) == 2 * 7
     fast = lambda m, b, **k: fastloss.per_record_loss(m, b, chunk_rows=7, **k)
     loss, g = _loss_and_grads(pm, fast, batch, lam)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -68,7 +68,7 @@ def test_compiled_privsa_equals_eager_and_really_compiles(monkeypatch):
     CPU here); values and gradients equal the eager fast path, and both functions were compiled
     (not silently left eager after a failure)."""
     pm = _tiny_peft()
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     batch = _batch()
     eager_loss, eager_g = _loss_and_grads(pm, lambda m, b, **k: fastloss.per_record_loss(m, b, chunk_rows=7, **k),
                                           batch, 0.7)
@@ -93,7 +93,7 @@ def test_compiled_privsa_equals_eager_and_really_compiles(monkeypatch):
 
 def test_fast_loss_edge_cases():
     pm = _tiny_peft()
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     b = _batch()
     b["syntax"][:] = False  # no syntax positions: the KL term is exactly zero
     k = fastloss.per_record_loss(pm, b, lam=1.0, ce_weight=0.0, peft_model=pm)
@@ -114,8 +114,8 @@ def test_lean_lora_keeps_keys_and_disabled_adapters_give_the_base():
         base = pm(input_ids=ids).logits
     with torch.no_grad():
         ref = pm(input_ids=ids).logits
-    fastloss.lean_lora(pm)
-    assert fastloss.lean_lora(pm) == 14  # idempotent
+    leanlora.lean_lora(pm)
+    assert leanlora.lean_lora(pm) == 14  # idempotent
     assert sorted(pm.state_dict()) == keys
     with torch.no_grad(), pm.disable_adapter():
         torch.testing.assert_close(pm(input_ids=ids).logits, base)
@@ -129,7 +129,7 @@ def test_fast_loss_per_record_gradients_through_opacus_hooks():
     from opacus import GradSampleModule
 
     pm = _tiny_peft()
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     batch = _batch()
     gsm = GradSampleModule(pm, batch_first=True, loss_reduction="sum")
     params = [(n, p) for n, p in gsm.named_parameters() if p.requires_grad]
@@ -155,7 +155,7 @@ def _dp_grads(pm, batches, fast, sigma, seed=0):
     opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma, max_grad_norm=0.05,
                       expected_batch_size=6, loss_reduction="sum", generator=torch.Generator().manual_seed(seed))
     if fast:
-        fastloss.fast_dp_optimizer(opt)
+        flatclip.fast_dp_optimizer(opt)
     for j, b in enumerate(batches):
         fastloss.per_record_loss(gsm, b).sum().backward()
         opt.signal_skip_step(do_skip=j < len(batches) - 1)
@@ -170,7 +170,7 @@ def _dp_grads(pm, batches, fast, sigma, seed=0):
 
 def test_flat_clipping_equals_opacus_and_adds_the_same_noise_std():
     pm = _tiny_peft()
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     batches = [_batch(seed=1), _batch(seed=2)]  # two micro-batches accumulated into one step
     for a, b in zip(_dp_grads(pm, batches, False, 0.0), _dp_grads(pm, batches, True, 0.0)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
@@ -257,9 +257,9 @@ def test_bench_generate_small_cpu_writes_every_field(tmp_path):
 
 def test_hook_free_per_record_gradients_equal_batch_of_one():
     pm = _tiny_peft()
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     batch = _batch()
-    lgs = fastloss.LoRAGradSample(pm)
+    lgs = leanlora.LoRAGradSample(pm)
     params = [(n, p) for n, p in lgs.named_parameters() if p.requires_grad]
     loss = lambda b: fastloss.per_record_loss(lgs, b, lam=0.7, peft_model=pm, chunk_rows=5)
     loss(batch).sum().backward()
@@ -280,12 +280,12 @@ def test_accelerated_dpsgd_takes_the_same_step_as_the_stock_engine():
     def run(fast):
         pm = _tiny_peft()
         if fast:
-            fastloss.lean_lora(pm)
+            leanlora.lean_lora(pm)
         dp = engine.DPSGD(pm, n_records=100, sample_rate=0.06, noise_multiplier=0.0, max_grad_norm=0.05,
                           expected_batch_size=6, lr=0.1, weight_decay=0.0, steps=3, seed=0, device="cpu",
                           optimizer="sgd")
         if fast:
-            assert fastloss.accelerate_dpsgd(dp)
+            assert flatclip.accelerate_dpsgd(dp)
         fn = fastloss.per_record_loss if fast else engine.per_record_loss
         before = [p.detach().clone() for p in pm.parameters() if p.requires_grad]
         dp.step([_batch(seed=1), _batch(seed=2)], lambda m, b: fn(m, b, lam=0.7, peft_model=pm))
@@ -314,10 +314,10 @@ def test_fused_lora_pairs_equal_one_node_per_factor(monkeypatch, per_record):
     batch = _batch()
     runs = {}
     for fused in (False, True):
-        monkeypatch.setattr(fastloss, "FUSE_LORA_PAIRS", fused)
+        monkeypatch.setattr(leanlora, "FUSE_LORA_PAIRS", fused)
         pm = _tiny_peft()
-        fastloss.lean_lora(pm)
-        m = fastloss.LoRAGradSample(pm) if per_record else pm
+        leanlora.lean_lora(pm)
+        m = leanlora.LoRAGradSample(pm) if per_record else pm
         loss = fastloss.per_record_loss(m, batch, lam=0.7, peft_model=pm, chunk_rows=5)
         names = _nodes(loss.sum())
         (loss * torch.arange(1.0, 4.0)).sum().backward()
@@ -336,7 +336,7 @@ def test_loss_positions_from_host_copies_equal_device_ones(lam):
     """collate keeps CPU copies of labels/syntax so the fast loss finds its positions without a
     device sync; they are the positions the device tensors give, and the loss is the same."""
     pm = _tiny_peft()
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     batch = _batch()
     host = {**batch, "labels_cpu": batch["labels"].clone(), "syntax_cpu": batch["syntax"].clone()}
     a, b = fastloss.loss_positions(batch, bool(lam)), fastloss.loss_positions(host, bool(lam))
@@ -355,7 +355,7 @@ def test_right_padded_rows_need_no_attention_mask(lam):
     mask (what the fast loss does when the host copy shows right padding) changes no loss value
     and no per-record gradient."""
     pm = _tiny_peft()
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     batch = _batch()
     assert fastloss.model_attention_mask(batch) is batch["attention_mask"]  # no host copy: keep it
     unmasked = {**batch, "attention_mask_cpu": batch["attention_mask"].clone()}
@@ -367,7 +367,7 @@ def test_right_padded_rows_need_no_attention_mask(lam):
     assert fastloss.model_attention_mask({**batch, "attention_mask_cpu": holes}) is not None
 
     def per_record(b):
-        lgs = fastloss.LoRAGradSample(pm)
+        lgs = leanlora.LoRAGradSample(pm)
         params = [p for p in lgs.parameters() if p.requires_grad]
         loss = fastloss.per_record_loss(lgs, b, lam=lam, peft_model=pm, chunk_rows=5)
         loss.sum().backward()
@@ -412,7 +412,7 @@ def test_adapters_disabled_is_peft_disable_adapter_and_restores_state():
     from opacus import GradSampleModule
 
     pm = _tiny_peft()
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     ids = _batch()["input_ids"]
     grads = {n: p.requires_grad for n, p in pm.named_parameters()}
     with torch.no_grad(), pm.disable_adapter():
@@ -422,14 +422,14 @@ def test_adapters_disabled_is_peft_disable_adapter_and_restores_state():
     assert not torch.allclose(base, adapted)
     gsm = GradSampleModule(pm, batch_first=True, loss_reduction="sum")  # found through wrappers too
     for wrapper in (pm, gsm):
-        with torch.no_grad(), fastloss.adapters_disabled(wrapper):
+        with torch.no_grad(), leanlora.adapters_disabled(wrapper):
             torch.testing.assert_close(pm(input_ids=ids).logits, base)
         with torch.no_grad():
             torch.testing.assert_close(pm(input_ids=ids).logits, adapted)
     gsm._close()
     assert len(pm.__dict__["_privcode_lora_layers"]) == 14
     assert {n: p.requires_grad for n, p in pm.named_parameters()} == grads
-    with pytest.raises(RuntimeError), fastloss.adapters_disabled(pm):  # restored on errors as well
+    with pytest.raises(RuntimeError), leanlora.adapters_disabled(pm):  # restored on errors as well
         raise RuntimeError("boom")
     assert not any(m._disable_adapters for m in pm.__dict__["_privcode_lora_layers"])
 
@@ -446,7 +446,7 @@ def test_adapters_disabled_falls_back_to_peft_for_modules_to_save():
     ids = _batch()["input_ids"]
     with torch.no_grad(), pm.disable_adapter():
         base = pm(input_ids=ids).logits
-    with torch.no_grad(), fastloss.adapters_disabled(pm):
+    with torch.no_grad(), leanlora.adapters_disabled(pm):
         torch.testing.assert_close(pm(input_ids=ids).logits, base)
     assert pm.__dict__["_privcode_lora_layers"] == []  # not plain LoRA: PEFT's own context manager
 

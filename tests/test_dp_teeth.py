@@ -175,9 +175,9 @@ def _no_clip(cls):
 
 
 def _m_no_clip_fast():
-    from privcode.dp import fastloss
+    from privcode.dp import flatclip
 
-    return _no_clip(fastloss._FlatClipMixin)
+    return _no_clip(flatclip._FlatClipMixin)
 
 
 def _m_no_clip_reference():
@@ -188,7 +188,7 @@ def _m_no_clip_reference():
 
 def _m_noise_every_rank():
     """Every rank adds its own N(0, σ²C²) before the all-reduce (√world times the noise)."""
-    from privcode.dp import engine, fastloss, noise
+    from privcode.dp import engine, flatclip, noise
 
     def every(orig):
         def add_noise(self):
@@ -201,7 +201,7 @@ def _m_noise_every_rank():
         return add_noise
 
     return _patched((engine._NoiseOnce, "add_noise", every(engine._NoiseOnce.__dict__["add_noise"])),
-                    (fastloss._FlatClipMixin, "add_noise", every(fastloss._FlatClipMixin.__dict__["add_noise"])))
+                    (flatclip._FlatClipMixin, "add_noise", every(flatclip._FlatClipMixin.__dict__["add_noise"])))
 
 
 def _sampler_mutation(make):
@@ -335,7 +335,7 @@ class Bench:
     def engine(self, path: str, seed, q: float = 0.25, steps: int = 8):
         """The engine of `path`: "ref" (Opacus hooks), "fast" (hook-free, flat clipping) or "zero"
         (DeepSpeed ZeRO-3 over the frozen base, privcode.dp.zero)."""
-        from privcode.dp import engine, fastloss, zero
+        from privcode.dp import engine, flatclip, zero
         from privcode.train import TrainConfig, build_lora_model
 
         cfg = TrainConfig(**LORA, fast=path != "ref")
@@ -353,7 +353,7 @@ class Bench:
                     expected_batch_size=E, lr=1.0, weight_decay=0.0, steps=steps, seed=seed,
                     device=self.device, rank=self.rank, world=self.world, optimizer="sgd", lengths=self.lengths)
         if path != "ref":
-            fastloss.accelerate_dpsgd(dp)
+            flatclip.accelerate_dpsgd(dp)
         return dp, model
 
     def update(self, dp, model, path: str, global_idx, weights=None, n_micro: int = 1, scale: float = 1.0):

@@ -12,7 +12,7 @@ runs take different GEMM shapes, and bf16 keeps 8 mantissa bits (relative roundi
 import pytest
 import torch
 
-from privcode.dp import fastloss
+from privcode.dp import fastloss, leanlora
 from test_bench import _batch, _tiny_peft
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -26,7 +26,7 @@ def _model(device):
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     pm.to(device)
-    fastloss.lean_lora(pm)
+    leanlora.lean_lora(pm)
     return pm
 
 
@@ -36,7 +36,7 @@ def test_fast_path_per_record_gradients_equal_batch_of_one(device):
     cpu = _batch()
     batch = {k: v.to(device) for k, v in cpu.items()}
     batch["labels_cpu"], batch["syntax_cpu"] = cpu["labels"], cpu["syntax"]  # as collate: positions found on the host
-    lgs = fastloss.LoRAGradSample(pm)
+    lgs = leanlora.LoRAGradSample(pm)
     params = [(n, p) for n, p in lgs.named_parameters() if p.requires_grad]
     compile_privsa = device == "cuda"
     loss = lambda b: fastloss.per_record_loss(lgs, b, lam=0.7, peft_model=pm, chunk_rows=5,

@@ -50,7 +50,7 @@ def _flat(params):
 def signal_update(model_dir, data, path: str, rank: int, world: int, steps: int = 2) -> dict:
     """σ = 0, lr = 1, SGD: the update is −(clipped sum)/E[B]. The same LoRA start, the same Poisson
     samples (seed), one-row micro-batches, PrivSA on with some rows lacking syntax positions."""
-    from privcode.dp import engine, fastloss, zero
+    from privcode.dp import engine, fastloss, flatclip, zero
     from privcode.dp.sampling import micro_batches
     from privcode.models import load_tokenizer
     from privcode.train import build_lora_model, collate, load_rows
@@ -76,7 +76,7 @@ def signal_update(model_dir, data, path: str, rank: int, world: int, steps: int 
     dp = Engine(model, n_records=len(rows), sample_rate=0.5, noise_multiplier=0.0, max_grad_norm=C,
                 expected_batch_size=0.5 * len(rows), lr=1.0, weight_decay=0.0, steps=steps, seed=7, device="cpu",
                 rank=rank, world=world, optimizer="sgd", lengths=lengths)
-    fastloss.accelerate_dpsgd(dp)
+    flatclip.accelerate_dpsgd(dp)
     loss = functools.partial(fastloss.per_record_loss, lam=LAM, peft_model=model, lockstep=path == "zero")
     before, counts = _flat(dp.params), []
     for _ in range(steps):

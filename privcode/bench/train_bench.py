@@ -17,7 +17,7 @@ micro-batch per step (plus a K-micro-batch step for the stage-1 estimate). Varia
   privcode-dp-stock     privcode before #6: engine.DPSGD with engine.per_record_loss
   privcode-nondp        fastloss.per_record_loss + lean LoRA + AdamW
   privcode-dp-hooks     engine.DPSGD (Opacus hooks) + flat clipping + lean LoRA + fast loss
-  privcode-dp           engine.DPSGD + fastloss.accelerate_dpsgd (hook-free per-record LoRA
+  privcode-dp           engine.DPSGD + flatclip.accelerate_dpsgd (hook-free per-record LoRA
                         gradients, flat clipping) + lean LoRA + fast loss
   privcode-dp-privsa    the same with the PrivSA KL term (teacher = adapters disabled), teacher
                         forward and KL math under torch.compile on CUDA (training's default)
@@ -109,7 +109,7 @@ class Bench:
         return get_peft_model(self.base, cfg)
 
     def privcode_peft(self, lean: bool):
-        from privcode.dp import fastloss
+        from privcode.dp import leanlora
         from privcode.train import TrainConfig, build_lora_model
 
         cfg = TrainConfig(lora_r=self.lora["r"], lora_alpha=self.lora["alpha"], lora_targets=self.lora["targets"],
@@ -117,7 +117,7 @@ class Bench:
                           max_length=self.shape.seq_len, micro_batch_size=self.shape.micro_batch)
         model = build_lora_model(self.base, cfg, self.device)
         if lean:
-            fastloss.lean_lora(model)
+            leanlora.lean_lora(model)
         model.train()
         return model
 
@@ -149,7 +149,7 @@ class Bench:
 
     # ---- variants: each returns (step(k) -> loss, cleanup, model)
     def variant(self, name):
-        from privcode.dp import engine, fastloss
+        from privcode.dp import engine, fastloss, flatclip
 
         B = self.shape.micro_batch
         if name == "hf-peft":
@@ -225,9 +225,9 @@ class Bench:
                               expected_batch_size=256, lr=5e-4, weight_decay=0.0, steps=10_000, seed=0,
                               device=self.device)
             if name == "privcode-dp-hooks":
-                fastloss.fast_dp_optimizer(dp.opt)
+                flatclip.fast_dp_optimizer(dp.opt)
             elif fast:
-                fastloss.accelerate_dpsgd(dp)
+                flatclip.accelerate_dpsgd(dp)
             loss_impl = (functools.partial(fastloss.per_record_loss, compile_privsa=compile_privsa) if fast
                          else engine.per_record_loss)
             self.compile_probe = lambda: fastloss.compile_status(model)  # did torch.compile take?

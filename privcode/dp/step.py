@@ -91,9 +91,9 @@ class DPStep:
                          rank=self.rank, world=self.world, optimizer=c.optimizer, lengths=self.lengths)
         self.loss = engine.per_record_loss
         if c.fast:
-            from privcode.dp import fastloss
+            from privcode.dp import fastloss, flatclip
 
-            fastloss.accelerate_dpsgd(self.dp)
+            flatclip.accelerate_dpsgd(self.dp)
             compile_privsa = self.privsa and c.privsa_compile and str(device).startswith("cuda")
             self.loss = functools.partial(fastloss.per_record_loss, compile_privsa=compile_privsa,
                                           lockstep=bool(self.zero))

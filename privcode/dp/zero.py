@@ -15,7 +15,7 @@ What DeepSpeed does here, and what it never does:
   touches them (`check_engine` refuses a model where one could).
 - The mechanism is engine.DPSGD's, unchanged: the same global Poisson sample on every rank, each
   rank's length band in micro-batches, per-record LoRA gradients from the hook-free path
-  (fastloss.LoRAGradSample), clipped to C over the whole trainable vector and summed, N(0, σ²C²) added
+  (leanlora.LoRAGradSample), clipped to C over the whole trainable vector and summed, N(0, σ²C²) added
   once on rank 0 (privcode.dp.noise), one all-reduce, ÷ E[B], the optimizer step; the same accountant,
   ledger and privacy.json.
 - Lock step: ZeRO-3's gathers are collectives, so every rank runs the same number of micro-batches,
@@ -34,7 +34,7 @@ import socket
 
 import torch
 
-from privcode.dp import engine, fastloss
+from privcode.dp import engine, fastloss, flatclip
 from privcode.errors import PrivcodeError
 
 # keys of DeepSpeed's zero_optimization section that only place or prefetch the frozen partitions
@@ -158,7 +158,7 @@ def check_engine(model) -> None:
 
 class ZeroDPSGD(engine.DPSGD):
     """engine.DPSGD around a model from `build_lora_model`: hook-free per-record gradients and flat
-    clipping (fastloss.accelerate_dpsgd), every rank in lock step (module docstring).
+    clipping (flatclip.accelerate_dpsgd), every rank in lock step (module docstring).
 
     `pad_token`: the (public) token of the padding micro-batch; `syntax`: whether rows carry PrivSA masks."""
 
@@ -166,7 +166,7 @@ class ZeroDPSGD(engine.DPSGD):
         from privcode.rows import collate
 
         super().__init__(peft_model, **kw)
-        if not fastloss.accelerate_dpsgd(self):
+        if not flatclip.accelerate_dpsgd(self):
             raise PrivcodeError("engine deepspeed needs every trainable parameter to be a lean LoRA factor")
         self.offload = peft_model.__dict__[ZERO_ENGINE].optimizer  # DeepSpeedZeRoOffload: the gather hooks
         row = {"input_ids": [pad_token, pad_token], "labels": [engine.IGNORE, pad_token]}
