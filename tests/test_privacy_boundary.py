@@ -13,7 +13,7 @@ from conftest import mark_private, write_records
 from privcode import budget, ledger, release
 from privcode.dp import accountant, engine, noise
 from privcode.errors import PrivcodeError
-from privcode.train import RELEASE_FILES, TrainConfig, build_lora_model, collate, load_rows, train_dp
+from privcode.train import RELEASE_FILES, TrainConfig, build_lora_model, train_dp
 
 DP = dict(epsilon=6.0, delta=1e-3, steps=8, batch_size=5, max_length=48, lr=1e-2, prompt_format="qa",
           lora_targets=["q_proj", "v_proj"], dataset_size="public")
