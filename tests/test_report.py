@@ -169,3 +169,24 @@ def test_figures(tmp_path):
         assert w > 400 and h > 300
     with pytest.raises(PrivcodeError):
         figures.main(["--synth", str(tmp_path / "empty"), "--out", str(tmp_path / "fig2")])
+
+
+def test_utility_points_take_table5_epsilon_sweep(tmp_path):
+    """table5's ε-sweep rows become more points of their method; table3's row wins at a shared ε; the
+    τ sweep (same ε as table3's PrivCode) adds nothing."""
+    t3 = tmp_path / "table3.csv"
+    t3.write_text("model,method,epsilon,delta,HumanEval\ntiny,DPFT,3.998,1e-05,7.5\ntiny,PrivCode,3.998,1e-05,6\n"
+                  "tiny,NonDPFT,inf,0,22\n")
+    t5 = tmp_path / "table5.csv"
+    t5.write_text("sweep,value,model,method,tag,epsilon,delta,HumanEval\n"
+                  "epsilon,1,tiny,PrivCode,eps1,0.9939,1e-05,5\nepsilon,4,tiny,PrivCode,eps4,3.998,1e-05,99\n"
+                  "epsilon,8,tiny,PrivCode,eps8,8,1e-05,5.5\ntau,0.55,tiny,PrivCode,eps4-tau0.55,3.998,1e-05,7.5\n")
+    df = figures.utility_points(t3, t5)
+    priv = df[df["method"] == "PrivCode"].sort_values("epsilon")
+    assert list(priv["epsilon"]) == [0.9939, 3.998, 8.0]
+    assert list(priv["HumanEval"]) == [5, 6, 5.5]
+    assert len(df[df["method"] == "DPFT"]) == 1 and len(df) == 5
+    figures.main(["--table3", str(t3), "--table5", str(t5), "--out", str(tmp_path / "fig")])
+    assert _png_size(tmp_path / "fig" / "privacy_utility.png")[0] > 400
+    with pytest.raises(PrivcodeError, match="table5"):
+        figures.utility_points(t3, t3)

@@ -1,10 +1,11 @@
 """Figures: privacy–utility curves from table3.csv and the synthesis funnel from the stage stats.
 
-    privcode figures --table3 results/table3.csv --synth results/synth --out results/figures
+    privcode figures --table3 results/table3.csv --table5 results/table5.csv --synth results/synth --out results/figures
 
 - privacy_utility.png: pass@1 vs ε, one panel per (model, benchmark column), one line per method.
   Methods with ε = 0 (PreCode: no private data) or ε = ∞ (NonDPFT: no DP) have no place on the ε axis
-  and are drawn as dashed horizontal reference lines. Where the table has a score's 95% interval
+  and are drawn as dashed horizontal reference lines. With --table5, its ε-sweep rows (`sweep` =
+  epsilon: PrivCode at more ε) are more points on their method's line. Where the table has a score's 95% interval
   (`<column>_lo`, `<column>_hi`), DP points carry it as error bars and reference lines as a band.
 - funnel.png: for each synthesis run `results/synth/<model>/<tag>/`, how many programs survive each
   step: generated (generated/stats.json `prompts`) → with code (`with_code`) → executed OK
@@ -20,7 +21,7 @@ from pathlib import Path
 from privcode.errors import PrivcodeError
 from privcode.io import atomic_file, read_json
 
-ID_COLUMNS = ("model", "method", "tag", "epsilon", "delta", "prompt", "note")
+ID_COLUMNS = ("sweep", "value", "model", "method", "tag", "epsilon", "delta", "prompt", "note")
 FUNNEL_STEPS = [("generated", "prompts", "generated"), ("generated", "with_code", "with code"),
                 ("exec", "n_kept", "executed OK"), ("roundtrip", "kept", "round-trip kept")]
 
@@ -45,16 +46,35 @@ def _eps(x) -> float:
     return math.inf if str(x).lower() in ("inf", "infinity") else float(x)
 
 
-def privacy_utility(table3_csv, out_png, metrics: list[str] | None = None) -> Path:
-    """pass@1 vs ε: a line per DP method, dashed horizontal lines for ε = 0 / ε = ∞ methods."""
+def utility_points(table3_csv, table5_csv=None):
+    """The points of the privacy-utility figure: table3's rows, plus table5's ε-sweep rows (a method at
+    an ε that table3 already has keeps table3's row). ε as float (inf for ∞)."""
     import pandas as pd
-
-    from privcode.report import METHOD_ORDER
 
     df = pd.read_csv(table3_csv, dtype={"epsilon": str})
     if df.empty:
         raise PrivcodeError("empty table", path=table3_csv)
     df["epsilon"] = df["epsilon"].map(_eps)
+    if table5_csv is not None:
+        t5 = pd.read_csv(table5_csv, dtype={"epsilon": str, "value": str})
+        if "sweep" not in t5.columns:
+            raise PrivcodeError("not a table5 (no 'sweep' column)", path=table5_csv)
+        t5 = t5[t5["sweep"] == "epsilon"].drop(columns=["sweep", "value"])
+        if not t5.empty:
+            t5["epsilon"] = t5["epsilon"].map(_eps)
+            seen = set(zip(df["model"], df["method"], df["epsilon"].round(2)))
+            new = t5[[k not in seen for k in zip(t5["model"], t5["method"], t5["epsilon"].round(2))]]
+            df = pd.concat([df, new[[c for c in new.columns if c in df.columns]]], ignore_index=True)
+    return df
+
+
+def privacy_utility(table3_csv, out_png, metrics: list[str] | None = None, table5_csv=None) -> Path:
+    """pass@1 vs ε: a line per DP method, dashed horizontal lines for ε = 0 / ε = ∞ methods."""
+    import pandas as pd
+
+    from privcode.report import METHOD_ORDER
+
+    df = utility_points(table3_csv, table5_csv)
     metrics = metrics or [c for c in df.columns if c not in ID_COLUMNS and not c.endswith(("_lo", "_hi"))
                           and pd.api.types.is_numeric_dtype(df[c])]
     if not metrics:
@@ -173,14 +193,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="privcode figures", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table3", type=Path, help="results/table3.csv")
+    ap.add_argument("--table5", type=Path, help="results/table5.csv: its ε-sweep rows join the utility curves")
     ap.add_argument("--synth", type=Path, help="results/synth (runs <model>/<tag>/{generated,exec,roundtrip})")
     ap.add_argument("--out", required=True, type=Path, help="output directory for the PNGs")
     a = ap.parse_args(argv)
     if not (a.table3 or a.synth):
         raise PrivcodeError("give --table3 and/or --synth")
+    if a.table5 and not a.table3:
+        raise PrivcodeError("--table5 adds points to --table3's figure: give --table3 too")
     made = []
     if a.table3:
-        made.append(privacy_utility(a.table3, a.out / "privacy_utility.png"))
+        made.append(privacy_utility(a.table3, a.out / "privacy_utility.png", table5_csv=a.table5))
     if a.synth:
         runs = find_synth_runs(a.synth)
         if not runs:

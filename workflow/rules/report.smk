@@ -88,6 +88,7 @@ rule table5:
 rule figures:
     input:
         table3="results/table3.csv",
+        table5=["results/table5.csv"] if table5_rows() else [],
         synth=[synth_dir(t) for t in eps_tags()],
     output:
         utility=report(
@@ -106,8 +107,10 @@ rule figures:
         "benchmarks/figures.tsv"
     conda:
         "../../envs/privcode.yaml"
+    params:
+        table5=lambda wc, input: f"--table5 {input.table5}" if input.table5 else "",
     shell:
-        "privcode figures --table3 {input.table3} --synth results/synth --out results/figures > {log} 2>&1"
+        "privcode figures --table3 {input.table3} {params.table5} --synth results/synth --out results/figures > {log} 2>&1"
 
 
 rule results:
