@@ -88,45 +88,55 @@ def test_rlimit_fallback_does_not_isolate_network(listener):
 
 # ---- resource bombs (only where isolation is confirmed) -----------------------------------------
 
-def test_fork_bomb_contained(ns_backend):
-    lim = Limits(wall_s=1.5, cpu_s=2, nproc=16)
-    confirm_isolation(ns_backend, lim)
-    token = f"3{uuid.uuid4().int % 10**6}.25"
-    code = ("import os, subprocess, time\n"
-            f"subprocess.Popen(['sleep', '{token}'])\n"  # a marker the host can look for afterwards
-            "while True:\n"
-            "    try:\n"
-            "        os.fork()\n"
-            "    except OSError:\n"
-            "        time.sleep(0.05)\n")
+_FORK_BOMB = """import os, subprocess, time
+subprocess.Popen(['sleep', '{token}'])
+while True:
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.05)
+"""
+
+_SLEEPERS = """import subprocess
+n = 0
+procs = []
+for i in range(500):
+    try:
+        procs.append(subprocess.Popen(['sleep', '{token}']))
+        n += 1
+    except OSError:
+        break
+print(n)
+"""
+
+
+def _bomb(backend, lim: Limits, program: str, fraction: str) -> tuple:
+    """Run `program` under `lim` where the isolation is confirmed; its `{token}` (a `sleep` argument
+    ending in `fraction`) marks the processes it starts for the host to look for afterwards.
+    Returns (result, seconds the run took, token as bytes)."""
+    confirm_isolation(backend, lim)
+    token = f"3{uuid.uuid4().int % 10**6}{fraction}"
     t = time.monotonic()
-    r = ns_backend.run(code, "python", lim)
+    r = backend.run(program.format(token=token), "python", lim)
+    return r, time.monotonic() - t, token.encode()
+
+
+def test_fork_bomb_contained(ns_backend):
+    r, took, token = _bomb(ns_backend, Limits(wall_s=1.5, cpu_s=2, nproc=16), _FORK_BOMB, ".25")
     assert r.status == "timeout", r
-    assert time.monotonic() - t < 8
-    assert _wait_gone(token.encode()) == []  # the namespace (or the server's kill(-1)) took them all
+    assert took < 8
+    assert _wait_gone(token) == []  # the namespace (or the server's kill(-1)) took them all
     r = ns_backend.run("import os\nprint(sorted(int(d) for d in os.listdir('/proc') if d.isdigit()))\n",
                        "python", FAST)
     assert r.status == "ok" and len(json.loads(r.stdout)) <= 3, r  # PID 1, the template, itself
 
 
 def test_fork_bomb_with_subprocesses_capped_by_nproc(ns_backend):
-    lim = Limits(wall_s=10, cpu_s=5, nproc=32)
-    confirm_isolation(ns_backend, lim)
-    token = f"3{uuid.uuid4().int % 10**6}.5"
-    code = ("import subprocess\nn = 0\nprocs = []\n"
-            "for i in range(500):\n"
-            "    try:\n"
-            f"        procs.append(subprocess.Popen(['sleep', '{token}']))\n"
-            "        n += 1\n"
-            "    except OSError:\n"
-            "        break\n"
-            "print(n)\n")
-    t = time.monotonic()
-    r = ns_backend.run(code, "python", lim)
+    r, took, token = _bomb(ns_backend, Limits(wall_s=10, cpu_s=5, nproc=32), _SLEEPERS, ".5")
     assert r.status == "background_process", r  # it left its sleeps running: killed, and dropped
     assert int(r.stdout) < 32
-    assert time.monotonic() - t < 8
-    assert _wait_gone(token.encode()) == []
+    assert took < 8
+    assert _wait_gone(token) == []
 
 
 def test_memory_bomb_many_small_allocations(ns_backend):
@@ -266,21 +276,21 @@ def test_fork_server_snippets_do_not_see_each_other(fs_backend):
         assert not b["tmp"] and b["shm"] == 0, b
 
 
+_INSPECT = """import os
+pid = {target}
+for what in ('mem', 'environ', 'fd'):
+    try:
+        p = '/proc/%d/%s' % (pid, what)
+        os.listdir(p) if what == 'fd' else open(p, 'rb').read(1)
+        print(what, 'OPEN')
+    except OSError as e:
+        print(what, type(e).__name__)
+"""
+
+
 def test_fork_server_cannot_inspect_server(fs_backend):
-    if fs_backend.isolation == "rlimit":
-        target = "os.getppid()"
-    else:
-        target = "1"
-    code = ("import os\n"
-            f"pid = {target}\n"
-            "for what in ('mem', 'environ', 'fd'):\n"
-            "    try:\n"
-            "        p = '/proc/%d/%s' % (pid, what)\n"
-            "        os.listdir(p) if what == 'fd' else open(p, 'rb').read(1)\n"
-            "        print(what, 'OPEN')\n"
-            "    except OSError as e:\n"
-            "        print(what, type(e).__name__)\n")
-    r = fs_backend.run(code, "python", FAST)
+    target = "os.getppid()" if fs_backend.isolation == "rlimit" else "1"
+    r = fs_backend.run(_INSPECT.format(target=target), "python", FAST)
     assert r.status == "ok", r
     assert "OPEN" not in r.stdout, r  # the server is not dumpable: no ptrace, no /proc/<pid>/{mem,fd}
 
