@@ -35,6 +35,14 @@ def save_result(res: dict, path) -> Path:
     return out
 
 
+def parser(name: str, doc: str):
+    """The argument parser of `privcode bench <name>`: the bench module's docstring as its description."""
+    import argparse
+
+    return argparse.ArgumentParser(prog=f"privcode bench {name}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in BENCHES:

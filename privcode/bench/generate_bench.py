@@ -24,11 +24,10 @@ is reported separately as first_call_s).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from privcode.bench import save_result
+from privcode.bench import parser, save_result
 
 
 def _sync(device):
@@ -179,8 +178,7 @@ def run(a) -> dict:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="privcode bench generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("generate", __doc__)
     ap.add_argument("--shape", default=None, help="1.5b | 7b | small (default: 1.5b on GPU, small on CPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--batches", default=None, help="fast backend batch sizes (default 64,128,256; CPU 2)")

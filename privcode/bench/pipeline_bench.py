@@ -25,7 +25,6 @@ Every figure is tagged with its card; on CPU the projection only checks the arit
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -35,7 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from privcode.bench import save_result
+from privcode.bench import parser, save_result
 from privcode.bench.pipeline_plan import Plan, project, table
 
 SHAPES = {"paper": {"junior": "1.5b", "describer": "8b", "premium": "7b"},
@@ -221,8 +220,7 @@ def run(a) -> dict:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="privcode bench pipeline", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("pipeline", __doc__)
     ap.add_argument("--config", default="config/paper.yaml", help="the column's config (counts)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="paper (GPU default) | small (CPU)")
     ap.add_argument("--device", default=None)

@@ -28,13 +28,12 @@ Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights inclu
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
 from pathlib import Path
 
-from privcode.bench import save_result
+from privcode.bench import parser, save_result
 from privcode.bench.train_variants import ACCUM_VARIANTS, ALL, Bench, _mem, _sync
 
 # ratio name -> (numerator, denominator, kind, target, direction)
@@ -238,8 +237,7 @@ def _print(res: dict) -> None:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="privcode bench train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("train", __doc__)
     ap.add_argument("--shape", default=None, help="1.5b | 7b | small (default: 1.5b on GPU, small on CPU)")
     ap.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="base weights (default bf16 on GPU)")

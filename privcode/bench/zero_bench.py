@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from privcode.bench import save_result
+from privcode.bench import parser, save_result
 
 
 def prepare(work: Path, n: int, seq_len: int) -> None:
@@ -104,8 +104,7 @@ def plan(a) -> list[dict]:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="privcode bench zero", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("zero", __doc__)
     ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--shapes", default=None, help="shapes run with both engines (default 1.5b,7b on GPU; 'none')")
     ap.add_argument("--big", default=None, help="shape run with ZeRO-3 + CPU offload under --cap-gb (default 32b on "
