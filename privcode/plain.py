@@ -88,9 +88,11 @@ class PlainStep:
         return (batches, len(idx)), sum(self.lengths[k] for k in mine)
 
     def step(self, step: int, work: tuple) -> float:
-        """One optimizer step: the sum of per-record losses / records; the global batch's loss."""
+        """One optimizer step: the sum of per-record losses / records; the global batch's loss.
+        The loss is summed on the device and read once, after the update is queued (as DPSGD.step):
+        a host read per micro-batch would idle the GPU between micro-batches."""
         batches, n = work
-        total = 0.0
+        total = None
         for batch, weight in batches:
             if self.engine is None:
                 loss = self.loss(self.model, batch).sum() / n
@@ -99,15 +101,15 @@ class PlainStep:
                 loss = self.engine(batch).sum() * (weight * self.world / n)
                 self.engine.backward(loss, scale_wrt_gas=False)
                 self.engine.step()  # steps the optimizer only at the accumulation boundary
-            total += float(loss.detach()) / (self.world if self.engine is not None else 1)
+            part = loss.detach().float() / (self.world if self.engine is not None else 1)
+            total = part if total is None else total + part
         if self.engine is None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         else:  # log the global batch loss, not this rank's share
-            t = torch.tensor([total], device=self.device)
-            torch.distributed.all_reduce(t)
-            total = float(t)
-        return total
+            total = total.reshape(1).clone()
+            torch.distributed.all_reduce(total)
+        return float(total)
 
     def checkpoint(self, done: int, losses: list) -> None:
         """Non-DP runs are not resumable (checkpoint_every is a DP option)."""

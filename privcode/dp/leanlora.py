@@ -6,6 +6,10 @@ dtype with fp32 master weights: `x·Aᵀ` then `result + s·h·Bᵀ` in one addm
 nn.Linear subclasses with the same parameters and state-dict keys; an Opacus grad sampler is
 registered for them that returns fp32 per-sample gradients.
 
+Outside per-record mode a factor's gradient Σ_t g_t x_tᵀ is formed as `lean_lora(model, nondp_grad=)`
+says (default NONDP_GRAD): "mm", one matrix product over all tokens of the micro-batch, or "bmm",
+one per record (the DP path's batched GEMM) summed over the records: the same sum, another order.
+
 `LoRAGradSample(model)` replaces Opacus's GradSampleModule for such a model: each LoRA factor's
 own backward (one autograd node) writes its per-record gradients to `weight.grad_sample`, with
 no module hooks; `accelerate_dpsgd(dp)` switches an engine.DPSGD to it and to flat clipping.
@@ -83,6 +87,8 @@ def adapters_disabled(peft_model):
 
 
 FUSE_LORA_PAIRS = True  # one autograd node per LoRA layer (False: one per factor; same math, for comparison)
+NONDP_GRADS = ("mm", "bmm")
+NONDP_GRAD = "mm"  # how a summed (non-per-record) factor gradient is formed; see _factor_grad
 _OUT_DTYPE_OK = None  # whether torch.mm/bmm(..., out_dtype=float32) work here (probed once)
 
 
@@ -106,6 +112,32 @@ def _bmm_f32(a, b):
     return _mm_f32(torch.bmm, a, b)
 
 
+def _factor_grad(g, x, n: int, scale: float, how: str) -> torch.Tensor:
+    """scale · Σ_t g_t x_tᵀ over the tokens of a micro-batch of `n` records, in fp32. g: [.., out],
+    x: [.., in], both n·T rows. how: "per_record" — [n, out, in], one sum per record (one bmm);
+    "mm" — [out, in], one matrix product over all n·T tokens (an output of r rows or columns: few
+    tiles, each a loop over n·T); "bmm" — [out, in], the per-record products summed over records
+    (n times the tiles, 1/n of the loop each). Padding needs no mask here: the loss reaches no
+    padded position, so g is 0 there."""
+    go, xi = g.shape[-1], x.shape[-1]
+    if how == "mm" or (how == "bmm" and n == 1):
+        out = _mm_f32(torch.mm, g.reshape(-1, go).t(), x.reshape(-1, xi))
+    elif how in ("bmm", "per_record"):
+        out = _bmm_f32(g.reshape(n, -1, go).transpose(1, 2), x.reshape(n, -1, xi))
+        if how == "bmm":
+            out = out.sum(0)
+    else:
+        raise ValueError(f"unknown LoRA gradient mode {how!r} (per_record, {', '.join(NONDP_GRADS)})")
+    if scale != 1.0:
+        out.mul_(scale)
+    return out
+
+
+def _record_axis(how: str, x) -> str:
+    """"bmm" needs x's first axis to be the records ([records, T, in]); without one, "mm"."""
+    return "mm" if how == "bmm" and x.dim() < 3 else how
+
+
 def _store_grad_sample(p, gs):
     """Opacus's convention: one [records, ...] tensor per backward, a list when several
     backward passes accumulate before the optimizer consumes them."""
@@ -120,11 +152,11 @@ def _store_grad_sample(p, gs):
 
 class _LoRAFn(torch.autograd.Function):
     """out = [add +] scale · x·Wᵀ with W cast to x's dtype. Backward: input gradients, and either
-    W's gradient (fp32) or — in per-record mode — each record's gradient stored on
-    W.grad_sample (fp32), with no gradient for W itself."""
+    W's gradient (fp32, formed as `how` says: _factor_grad) or — how = "per_record" — each
+    record's gradient stored on W.grad_sample (fp32), with no gradient for W itself."""
 
     @staticmethod
-    def forward(ctx, x, add, weight, scale, per_record):
+    def forward(ctx, x, add, weight, scale, how):
         w = weight.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         if add is None:
@@ -141,7 +173,7 @@ class _LoRAFn(torch.autograd.Function):
         else:
             out = torch.addmm(add.reshape(-1, add.shape[-1]), x2, w.t(), alpha=scale).view(add.shape)
         ctx.save_for_backward(x, w)
-        ctx.scale, ctx.per_record, ctx.param, ctx.has_add = scale, per_record, weight, add is not None
+        ctx.scale, ctx.how, ctx.param, ctx.has_add = scale, _record_axis(how, x), weight, add is not None
         return out
 
     @staticmethod
@@ -158,17 +190,10 @@ class _LoRAFn(torch.autograd.Function):
         if ctx.has_add and ctx.needs_input_grad[1]:
             gadd = g
         if ctx.needs_input_grad[2]:
-            if ctx.per_record:
-                n = x.shape[0]
-                gs = _bmm_f32(g.reshape(n, -1, g.shape[-1]).transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
-                if s != 1.0:
-                    gs.mul_(s)
-                _store_grad_sample(ctx.param, gs.to(ctx.param.dtype))
-            else:
-                gw = _mm_f32(torch.mm, g2.t(), x.reshape(-1, x.shape[-1]))
-                if s != 1.0:
-                    gw.mul_(s)
-                gw = gw.to(ctx.param.dtype)
+            gw = _factor_grad(g, x, x.shape[0], s, ctx.how).to(ctx.param.dtype)
+            if ctx.how == "per_record":
+                _store_grad_sample(ctx.param, gw)
+                gw = None
         return gx, gadd, gw, None, None
 
 
@@ -176,11 +201,11 @@ class _LoRAPairFn(torch.autograd.Function):
     """out = add + s·(x·Aᵀ)·Bᵀ for a whole LoRA layer as ONE autograd node — the same operations
     as an A node followed by a B node (_LoRAFn), with half the autograd nodes and Python per
     layer (a DP step with 196 LoRA layers is CPU-bound at short micro-batches, docs/scaling.md).
-    Backward: input gradient and each factor's gradient, summed (`.grad`) or — in per-record
-    mode — per record on `weight.grad_sample`, fp32."""
+    Backward: input gradient and each factor's gradient, summed (`.grad`, formed as `how` says) or
+    — how = "per_record" — per record on `weight.grad_sample`, fp32."""
 
     @staticmethod
-    def forward(ctx, x, add, wa, wb, scale, per_record):
+    def forward(ctx, x, add, wa, wb, scale, how):
         a, b = wa.to(x.dtype), wb.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         h = torch.mm(x2, a.t())                                      # [tokens, r]
@@ -191,7 +216,7 @@ class _LoRAPairFn(torch.autograd.Function):
         else:
             out = torch.addmm(add.reshape(-1, add.shape[-1]), h, b.t(), alpha=scale).view(add.shape)
         ctx.save_for_backward(x, h, a, b)
-        ctx.scale, ctx.per_record, ctx.wa, ctx.wb = scale, per_record, wa, wb
+        ctx.scale, ctx.how, ctx.wa, ctx.wb = scale, _record_axis(how, x), wa, wb
         return out
 
     @staticmethod
@@ -205,25 +230,17 @@ class _LoRAPairFn(torch.autograd.Function):
         gx = torch.mm(gh, a).view(x.shape) if ctx.needs_input_grad[0] else None
         gadd = g if ctx.needs_input_grad[1] else None
         ga = gb = None
-        x2 = x.reshape(-1, x.shape[-1])
-        n = x.shape[0]
+        n, per_record = x.shape[0], ctx.how == "per_record"
         if ctx.needs_input_grad[2]:                                  # A: Σ_t gh_t x_tᵀ
-            if ctx.per_record:
-                gs = _bmm_f32(gh.reshape(n, -1, gh.shape[-1]).transpose(1, 2), x.reshape(n, -1, x.shape[-1]))
-                _store_grad_sample(ctx.wa, gs.to(ctx.wa.dtype))
-            else:
-                ga = _mm_f32(torch.mm, gh.t(), x2).to(ctx.wa.dtype)
+            ga = _factor_grad(gh, x, n, 1.0, ctx.how).to(ctx.wa.dtype)
+            if per_record:
+                _store_grad_sample(ctx.wa, ga)
+                ga = None
         if ctx.needs_input_grad[3]:                                  # B: s·Σ_t g_t h_tᵀ
-            if ctx.per_record:
-                gs = _bmm_f32(g.reshape(n, -1, g.shape[-1]).transpose(1, 2), h.reshape(n, -1, h.shape[-1]))
-                if s != 1.0:
-                    gs.mul_(s)
-                _store_grad_sample(ctx.wb, gs.to(ctx.wb.dtype))
-            else:
-                gb = _mm_f32(torch.mm, g2.t(), h)
-                if s != 1.0:
-                    gb.mul_(s)
-                gb = gb.to(ctx.wb.dtype)
+            gb = _factor_grad(g, h, n, s, ctx.how).to(ctx.wb.dtype)
+            if per_record:
+                _store_grad_sample(ctx.wb, gb)
+                gb = None
         return gx, gadd, ga, gb, None, None
 
 
@@ -231,26 +248,26 @@ class LoRAFactor(nn.Linear):
     """A LoRA factor (A or B) that computes in its input's dtype from fp32 master weights.
     `forward(x, add=None, scale=1.0)` returns `add + scale · x·Wᵀ` (one addmm), as one autograd
     node. With `per_record = True` (set by LoRAGradSample) its backward stores each record's
-    gradient on `weight.grad_sample` instead of accumulating `weight.grad`."""
+    gradient on `weight.grad_sample` instead of accumulating `weight.grad`; else `nondp_grad`
+    (None: the module's NONDP_GRAD) says how `weight.grad` is formed (_factor_grad)."""
 
     _lora_scale = 1.0
     per_record = False
+    nondp_grad = None
+
+    def grad_mode(self) -> str:
+        return "per_record" if self.per_record else (self.nondp_grad or NONDP_GRAD)
 
     def forward(self, x, add=None, scale: float = 1.0):
         if self._lora_scale != scale:
             self._lora_scale = scale
-        return _LoRAFn.apply(x, add, self.weight, float(scale), self.per_record)
+        return _LoRAFn.apply(x, add, self.weight, float(scale), self.grad_mode())
 
 
 def _lora_factor_grad_sample(layer, activations, backprops):
     """Per-record gradient of a LoRAFactor: scale · Σ_t g_t x_tᵀ, in fp32."""
     a = activations[0]
-    n = a.shape[0]
-    a3 = a.reshape(n, -1, a.shape[-1])
-    g3 = backprops.reshape(n, -1, backprops.shape[-1])
-    gs = _bmm_f32(g3.transpose(1, 2), a3)
-    if layer._lora_scale != 1.0:
-        gs.mul_(layer._lora_scale)
+    gs = _factor_grad(backprops, a, a.shape[0], layer._lora_scale, "per_record")
     return {layer.weight: gs.to(layer.weight.dtype)}
 
 
@@ -280,14 +297,17 @@ def _lean_forward(self, x, *args, **kwargs):
         fb._lora_scale = self.scaling[name]
         if fa.per_record != fb.per_record:
             raise RuntimeError("LoRA factors of one layer disagree on per-record mode")
-        result = _LoRAPairFn.apply(x, result, fa.weight, fb.weight, float(self.scaling[name]), fa.per_record)
+        result = _LoRAPairFn.apply(x, result, fa.weight, fb.weight, float(self.scaling[name]), fa.grad_mode())
     return result
 
 
-def lean_lora(model) -> int:
+def lean_lora(model, nondp_grad: str | None = None) -> int:
     """Patch every plain LoRA Linear of a PEFT model in place (idempotent). Returns how many
     layers now run the lean forward; layers with dropout, DoRA or other variants are left as
-    they are."""
+    they are. nondp_grad ("mm" | "bmm"; None: leave as is, NONDP_GRAD by default): how the lean
+    factors form their summed gradient outside per-record mode (_factor_grad)."""
+    if nondp_grad is not None and nondp_grad not in NONDP_GRADS:
+        raise ValueError(f"lean_lora: nondp_grad must be one of {', '.join(NONDP_GRADS)}, not {nondp_grad!r}")
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:
@@ -299,6 +319,7 @@ def lean_lora(model) -> int:
             continue
         if getattr(mod, "_privcode_lean", False):
             n += 1
+            _set_nondp_grad(mod, nondp_grad)
             continue
         names = list(mod.lora_A.keys())
         variants = getattr(mod, "lora_variant", {}) or {}
@@ -315,8 +336,15 @@ def lean_lora(model) -> int:
         mod._privcode_orig_forward = types.MethodType(LoraLinear.forward, mod)
         mod.forward = types.MethodType(_lean_forward, mod)
         mod._privcode_lean = True
+        _set_nondp_grad(mod, nondp_grad)
         n += 1
     return n
+
+
+def _set_nondp_grad(mod, nondp_grad) -> None:
+    if nondp_grad is not None:
+        for k in mod.lora_A.keys():
+            mod.lora_A[k].nondp_grad = mod.lora_B[k].nondp_grad = nondp_grad
 
 
 # --------------------------------------------------------------------------------------------
