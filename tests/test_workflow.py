@@ -64,7 +64,8 @@ def test_dry_run_demo_config():
     j = jobs(out)
     # DP runs: junior with PrivSA (PrivCode), premium with plain DP-SGD (DPFT), JFT's DP stage
     assert j["dp_finetune"] == 3 and j["finetune"] == 4  # NonDPFT, JFTmask, PrivCode, PrivCode at τ'
-    assert j["evaluate"] == 6 and j["leakage"] == 5 and j["vuln"] == 5 and j["rethreshold"] == 1
+    # 6 evaluated models (5 methods + PrivCode at τ') x 2 benchmarks (generated, first 10 real HumanEval)
+    assert j["evaluate"] == 6 * 2 and j["leakage"] == 5 and j["vuln"] == 5 and j["rethreshold"] == 1
     for rule in ("table3", "table4", "table5", "vulntable", "figures", "inject_canaries", "mask_pii"):
         assert j[rule] == 1, rule
 
