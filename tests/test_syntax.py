@@ -35,6 +35,21 @@ def need(lang: str) -> None:
         pytest.skip(f"no tree-sitter grammar installed for {lang}")
 
 
+def check_program(code: str, lang: str, headers, tokens, not_syntax=(), spans_lang: str | None = None):
+    """Every header and token is a syntax text of `code`; no char of a `not_syntax` needle (a string,
+    or (needle, within) as `covered` takes them) is in a span of `syntax_spans(code, spans_lang)`.
+    Returns the syntax texts."""
+    t = texts(code, lang)
+    for header in headers:
+        assert header in t
+    for tok in tokens:
+        assert tok in t
+    spans = syntax_spans(code, spans_lang or lang)
+    for needle in not_syntax:
+        assert not covered(code, spans, *((needle,) if isinstance(needle, str) else needle)), needle
+    return t
+
+
 # ---------------------------------------------------------------- per-language programs
 
 PY = '''import math
@@ -63,24 +78,17 @@ def add(a, b):
 
 
 def test_python():
-    t = texts(PY, "python")
-    for header in ("def add(a, b):", "class Shape(Base):", "def area(self, r: float) -> float:",
+    check_program(PY, "python",
+                  ("def add(a, b):", "class Shape(Base):", "def area(self, r: float) -> float:",
                    "for i in range(b):", "if i % 2 == 0 and not i is None:", "elif i > 3:",
-                   "while total > 100:"):
-        assert header in t
-    for kw in ("import", "return", "continue", "else", "pass"):
-        assert kw in t
-    for op in ("=", "+", "-=", "//=", "*", "**", "."):
-        assert op in t
-    spans = syntax_spans(PY, "python")
-    # identifiers / literals in bodies are not syntax tokens
-    assert not covered(PY, spans, "total")          # `total = a + b`: lhs
-    assert not covered(PY, spans, "a", within="a + b") and not covered(PY, spans, "b", within="+ b")
-    assert not covered(PY, spans, "2", within="//= 2")
-    assert not covered(PY, spans, '"""A shape."""')
-    assert not covered(PY, spans, "# comment: if x == 1: return")  # comments contribute nothing
-    assert not covered(PY, spans, "(", within="max(total, 0)")  # brackets and commas only
-    assert not covered(PY, spans, ",", within="max(total, 0)")  # count inside headers
+                   "while total > 100:"),
+                  ("import", "return", "continue", "else", "pass",  # keywords
+                   "=", "+", "-=", "//=", "*", "**", "."),  # operators
+                  # identifiers / literals in bodies are not syntax tokens
+                  ["total",  # `total = a + b`: lhs
+                   ("a", "a + b"), ("b", "+ b"), ("2", "//= 2"), '"""A shape."""',
+                   "# comment: if x == 1: return",  # comments contribute nothing
+                   ("(", "max(total, 0)"), (",", "max(total, 0)")])  # brackets and commas only count inside headers
 
 
 JS = '''const sq = (x) => x * 2;
@@ -97,15 +105,11 @@ class A extends B { m(y) { return this.v; } }
 
 def test_javascript():
     need("javascript")
-    t = texts(JS, "javascript")
-    for header in ("function f(a)", "for (let i = 0; i < a.length; i++)", "if (s === 10)",
-                   "if (s > 10)", "while (s)", "class A extends B", "m(y)", "(x) =>"):
-        assert header in t
-    for tok in ("const", "let", "return", "else", "this", "null", "+=", "??", "--", "*"):
-        assert tok in t
-    spans = syntax_spans(JS, "javascript")
-    assert not covered(JS, spans, '"ten"')
-    assert not covered(JS, spans, "sq")
+    t = check_program(JS, "javascript",
+                      ("function f(a)", "for (let i = 0; i < a.length; i++)", "if (s === 10)",
+                       "if (s > 10)", "while (s)", "class A extends B", "m(y)", "(x) =>"),
+                      ("const", "let", "return", "else", "this", "null", "+=", "??", "--", "*"),
+                      ['"ten"', "sq"])
     assert texts(JS, "js") == t  # alias
 
 
@@ -120,15 +124,11 @@ export class Box implements Point { public x: number = 1; scale(k: number): void
 
 def test_typescript():
     need("typescript")
-    t = texts(TS, "typescript")
-    for header in ("interface Point", "function dist<T extends Point>(p: T, q: T): number",
-                   "class Box implements Point", "scale(k: number): void", "if (k > 1)"):
-        assert header in t
-    for tok in ("const", "return", "export", "public", "number", "-", "*=", "=", "?", ":"):
-        assert tok in t
-    spans = syntax_spans(TS, "ts")
-    assert not covered(TS, spans, "Math")
-    assert not covered(TS, spans, "abs")
+    check_program(TS, "typescript",
+                  ("interface Point", "function dist<T extends Point>(p: T, q: T): number",
+                   "class Box implements Point", "scale(k: number): void", "if (k > 1)"),
+                  ("const", "return", "export", "public", "number", "-", "*=", "=", "?", ":"),
+                  ["Math", "abs"], spans_lang="ts")
 
 
 CPP = '''#include <iostream>
@@ -157,18 +157,13 @@ int main(int argc, char** argv) {
 
 def test_cpp():
     need("cpp")
-    t = texts(CPP, "cpp")
-    for header in ("int main(int argc, char** argv)", "for (int i = 0; i < n; i++)",
-                   "if (i % 3 == 0)", "if (i > 7)", "while (n-- > 0)", "class Stack",
-                   "void push(const T& v)"):
-        assert header in t
-    for tok in ("#include", "template", "typename", "public", "private", "int", "return",
-                "continue", "else", "break", "::", "<<", "=", "*", "."):
-        assert tok in t
-    spans = syntax_spans(CPP, "cpp")
-    assert not covered(CPP, spans, "data", within="data.push_back")   # `data` in a body
-    assert not covered(CPP, spans, "cout")
-    assert not covered(CPP, spans, '"\\n"')
+    t = check_program(CPP, "cpp",
+                      ("int main(int argc, char** argv)", "for (int i = 0; i < n; i++)",
+                       "if (i % 3 == 0)", "if (i > 7)", "while (n-- > 0)", "class Stack",
+                       "void push(const T& v)"),
+                      ("#include", "template", "typename", "public", "private", "int", "return",
+                       "continue", "else", "break", "::", "<<", "=", "*", "."),
+                      [("data", "data.push_back"), "cout", '"\\n"'])  # `data` in a body
     assert texts(CPP, "c++") == t and texts(CPP, "C++") == t
 
 
@@ -192,17 +187,13 @@ public class Main {
 
 def test_java():
     need("java")
-    t = texts(JAVA, "java")
-    for header in ("public class Main", "public static int add(int a, int b)",
+    check_program(JAVA, "java",
+                  ("public class Main", "public static int add(int a, int b)",
                    "for (int i = 0; i < LIMIT; i++)", "if (s >= LIMIT)", "if (s < 0)",
-                   "for (String w : List.of(\"x\"))", "while (s > 100)"):
-        assert header in t
-    for tok in ("import", "private", "static", "final", "int", "return", "else", "+", "=",
-                "+=", "/=", "-", "."):
-        assert tok in t
-    spans = syntax_spans(JAVA, "java")
-    assert not covered(JAVA, spans, "LIMIT")
-    assert not covered(JAVA, spans, "10")
+                   "for (String w : List.of(\"x\"))", "while (s > 100)"),
+                  ("import", "private", "static", "final", "int", "return", "else", "+", "=",
+                   "+=", "/=", "-", "."),
+                  ["LIMIT", "10"])
 
 
 RUST = '''use std::collections::HashMap;
@@ -227,18 +218,13 @@ fn main() -> i32 {
 
 def test_rust():
     need("rust")
-    t = texts(RUST, "rust")
-    for header in ("fn main() -> i32", "pub fn bump(&mut self) -> u32", "impl Counter",
+    check_program(RUST, "rust",
+                  ("fn main() -> i32", "pub fn bump(&mut self) -> u32", "impl Counter",
                    "pub struct Counter", "for i in 0..10", "if i % 2 == 0", "if i > 5",
-                   'while let Some(_) = m.remove("even")'):
-        assert header in t
-    for tok in ("use", "let", "mut", "break", "else", "::", "=", "!", "+=", "i32"):
-        assert tok in t
+                   'while let Some(_) = m.remove("even")'),
+                  ("use", "let", "mut", "break", "else", "::", "=", "!", "+=", "i32"),
+                  ["// a comment with if and ==", "println", '"even"'], spans_lang="rs")
     assert inside(RUST, syntax_spans(RUST, "rust"), "0..10")  # range operator, inside a header
-    spans = syntax_spans(RUST, "rs")
-    assert not covered(RUST, spans, "// a comment with if and ==")
-    assert not covered(RUST, spans, "println")
-    assert not covered(RUST, spans, '"even"')
 
 
 BASH = '''#!/bin/bash
@@ -259,36 +245,54 @@ greet() {
 
 def test_bash():
     need("bash")
-    t = texts(BASH, "bash")
-    for header in ("greet()", 'if [ -f "$name" ]; then', "elif [[ $name == x ]]; then",
-                   "for i in 1 2 3; do", "while true; do"):
-        assert header in t
-    for tok in ("local", "else", "fi", "done", "=", ">", "||", ">&"):
-        assert tok in t
-    spans = syntax_spans(BASH, "shell")
-    assert not covered(BASH, spans, "echo", 0)
-    assert not covered(BASH, spans, '"file"')
-    assert not covered(BASH, spans, "#!/bin/bash")
+    t = check_program(BASH, "bash",
+                      ("greet()", 'if [ -f "$name" ]; then', "elif [[ $name == x ]]; then",
+                       "for i in 1 2 3; do", "while true; do"),
+                      ("local", "else", "fi", "done", "=", ">", "||", ">&"),
+                      ["echo", '"file"', "#!/bin/bash"], spans_lang="shell")
     assert texts(BASH, "sh") == t
 
 
-OTHERS = {
-    "go": ('package main\n\nfunc add(a int, b int) int {\n\tfor i := 0; i < b; i++ {\n'
-           '\t\tif a > i { a += i }\n\t}\n\treturn a\n}\n',
-           ["func add(a int, b int) int", "for i := 0; i < b; i++", "if a > i"],
-           ["package", "return", ":=", "+=", "<"]),
-    "csharp": ('public class A {\n    public static int Add(int a, int b) {\n'
-               '        foreach (var x in xs) { a += x; }\n        return a + b;\n    }\n}\n',
-               ["public class A", "public static int Add(int a, int b)", "foreach (var x in xs)"],
-               ["return", "+=", "+", "int"]),
-    "php": ('<?php\nfunction add($a, $b) {\n    if ($a > $b) { return $a - $b; }\n'
-            '    foreach ($b as $k => $v) { echo $v; }\n    return $a + $b;\n}\n',
-            ["function add($a, $b)", "if ($a > $b)", "foreach ($b as $k => $v)"],
-            ["return", "echo", "-", "+", "=>"]),
-    "c": ('#include <stdio.h>\nint main(void) {\n    for (int i = 0; i < 3; i++) {\n'
-          '        if (i == 1) printf("%d", i);\n    }\n    return 0;\n}\n',
-          ["int main(void)", "for (int i = 0; i < 3; i++)", "if (i == 1)"],
-          ["#include", "return", "=="]),
+OTHERS = {  # language: (program, headers, tokens standalone or inside a header)
+    "go": ("""package main
+
+func add(a int, b int) int {
+\tfor i := 0; i < b; i++ {
+\t\tif a > i { a += i }
+\t}
+\treturn a
+}
+""",
+        ["func add(a int, b int) int", "for i := 0; i < b; i++", "if a > i"],
+        ["package", "return", ":=", "+=", "<"]),
+    "csharp": ("""public class A {
+    public static int Add(int a, int b) {
+        foreach (var x in xs) { a += x; }
+        return a + b;
+    }
+}
+""",
+        ["public class A", "public static int Add(int a, int b)", "foreach (var x in xs)"],
+        ["return", "+=", "+", "int"]),
+    "php": ("""<?php
+function add($a, $b) {
+    if ($a > $b) { return $a - $b; }
+    foreach ($b as $k => $v) { echo $v; }
+    return $a + $b;
+}
+""",
+        ["function add($a, $b)", "if ($a > $b)", "foreach ($b as $k => $v)"],
+        ["return", "echo", "-", "+", "=>"]),
+    "c": ("""#include <stdio.h>
+int main(void) {
+    for (int i = 0; i < 3; i++) {
+        if (i == 1) printf("%d", i);
+    }
+    return 0;
+}
+""",
+        ["int main(void)", "for (int i = 0; i < 3; i++)", "if (i == 1)"],
+        ["#include", "return", "=="]),
 }
 
 
@@ -296,9 +300,7 @@ OTHERS = {
 def test_other_languages(lang):
     need(lang)
     code, headers, toks = OTHERS[lang]
-    t = texts(code, lang)
-    for h in headers:
-        assert h in t, (lang, h, t)
+    t = check_program(code, lang, headers, ())
     spans = syntax_spans(code, lang)
     for tok in toks:  # standalone or inside a header
         assert inside(code, spans, tok), (lang, tok, t)
