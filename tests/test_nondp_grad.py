@@ -143,3 +143,24 @@ def test_the_check_catches_a_wrong_record_sum_or_padding(monkeypatch, mutation):
         layout = "right"
     with pytest.raises(AssertionError):
         check_equals_records_alone("bmm", layout)
+
+
+def test_bench_train_times_both_nondp_forms_beside_dp(tmp_path):
+    """`privcode bench train` runs privcode-nondp (training's form), -mm, -bmm and privcode-dp in one
+    call, records which form each non-DP variant ran, and their ratios."""
+    import json
+
+    from privcode.bench import train_bench
+
+    out = tmp_path / "train.json"
+    train_bench.main(["--shape", "small", "--device", "cpu", "--steps", "1", "--warmup", "1", "--accum", "0",
+                      "--variants", "privcode-nondp,privcode-nondp-mm,privcode-nondp-bmm,privcode-dp", "--out", str(out)])
+    r = json.loads(out.read_text())
+    v = r["variants"]
+    assert list(v) == ["privcode-nondp", "privcode-nondp-bmm", "privcode-dp", "privcode-nondp-mm"]
+    assert all("error" not in x and x["tok_s"] > 0 for x in v.values()), v
+    assert v["privcode-nondp"]["nondp_grad"] == [leanlora.NONDP_GRAD]
+    assert v["privcode-nondp-mm"]["nondp_grad"] == ["mm"] and v["privcode-nondp-bmm"]["nondp_grad"] == ["bmm"]
+    assert "nondp_grad" not in v["privcode-dp"]
+    for k in ("privcode-nondp-bmm / privcode-nondp", "privcode-nondp-bmm / privcode-dp", "privcode-nondp / privcode-dp"):
+        assert r["ratios"][f"{k} (tok/s)"] > 0

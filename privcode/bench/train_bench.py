@@ -15,7 +15,11 @@ micro-batch per step (plus a K-micro-batch step for the stage-1 estimate). Varia
                         DPOptimizerFastGradientClipping, double backward)
   privcode-nondp-stock  privcode before #6: engine.per_record_loss + plain PEFT LoRA + AdamW
   privcode-dp-stock     privcode before #6: engine.DPSGD with engine.per_record_loss
-  privcode-nondp        fastloss.per_record_loss + lean LoRA + AdamW
+  privcode-nondp        fastloss.per_record_loss + lean LoRA + AdamW; LoRA weight gradients as
+                        training forms them (leanlora.NONDP_GRAD)
+  privcode-nondp-bmm    the same with lean_lora nondp_grad "bmm": per-record batched products summed
+                        over the records (the DP path's GEMM shape); privcode-nondp-mm (not in the
+                        default list): nondp_grad "mm", one product over the micro-batch's tokens
   privcode-dp-hooks     engine.DPSGD (Opacus hooks) + flat clipping + lean LoRA + fast loss
   privcode-dp           engine.DPSGD + flatclip.accelerate_dpsgd (hook-free per-record LoRA
                         gradients, flat clipping) + lean LoRA + fast loss
@@ -34,7 +38,7 @@ import time
 from pathlib import Path
 
 from privcode.bench import parser, save_result
-from privcode.bench.train_variants import ACCUM_VARIANTS, ALL, Bench, _mem, _sync
+from privcode.bench.train_variants import ACCUM_VARIANTS, ALL, NONDP, Bench, _mem, _sync
 
 # ratio name -> (numerator, denominator, kind, target, direction)
 TARGETS = {
@@ -48,7 +52,8 @@ EXTRA_RATIOS = [
     ("privcode-nondp", "privcode-nondp-stock"), ("privcode-dp", "privcode-dp-stock"),
     ("opacus-hooks", "hf-peft"), ("opacus-ghost", "hf-peft"), ("privcode-dp-privsa", "privcode-dp"),
     ("privcode-dp-privsa", "privcode-dp-privsa-eager"), ("privcode-dp-privsa-eager", "privcode-nondp"),
-    ("privcode-dp", "privcode-dp-hooks"),
+    ("privcode-dp", "privcode-dp-hooks"), ("privcode-nondp", "privcode-dp"), ("privcode-nondp-bmm", "privcode-dp"),
+    ("privcode-nondp-bmm", "privcode-nondp"), ("privcode-nondp-bmm", "hf-peft"),
 ]
 STAGE1 = {"steps": 100, "expected_batch": 256, "target_min": 15.0}
 
@@ -144,6 +149,8 @@ def run(a) -> dict:
                 r.update(accum=a.accum, accum_step_s=dk, accum_peak_gb=_mem(device, "peak"))
             if name.startswith("privcode-dp-privsa"):  # compiled, fell back to eager, or not tried
                 r["compiled"] = bench.compile_probe()
+            if name in NONDP:  # how its LoRA weight gradients were formed (leanlora.NONDP_GRAD for privcode-nondp)
+                r["nondp_grad"] = bench.grad_mode
             if name in profile:
                 r["profile"] = _profile(step, device, name, Path(a.profile_dir) if a.profile_dir else None)
             print(f"{name:22s} {dt * 1e3:9.1f} ms/step {tokens / dt:10.0f} tok/s  peak {r['peak_gb']} GB  loss {loss:.4f}",

@@ -15,7 +15,9 @@ import functools
 
 PEERS = ["hf-peft", "opacus-hooks", "opacus-ghost"]
 STOCK = ["privcode-nondp-stock", "privcode-dp-stock"]
-FAST = ["privcode-nondp", "privcode-dp-hooks", "privcode-dp", "privcode-dp-privsa", "privcode-dp-privsa-eager"]
+FAST = ["privcode-nondp", "privcode-nondp-bmm", "privcode-dp-hooks", "privcode-dp", "privcode-dp-privsa",
+        "privcode-dp-privsa-eager"]
+NONDP = {"privcode-nondp": None, "privcode-nondp-mm": "mm", "privcode-nondp-bmm": "bmm"}  # lean_lora nondp_grad
 ALL = PEERS + STOCK + FAST
 ACCUM_VARIANTS = ["privcode-dp", "privcode-dp-privsa", "privcode-dp-privsa-eager"]
 
@@ -68,7 +70,7 @@ class Bench:
                          target_modules=self.lora["targets"], bias="none", task_type="CAUSAL_LM")
         return get_peft_model(self.base, cfg)
 
-    def privcode_peft(self, lean: bool):
+    def privcode_peft(self, lean: bool, nondp_grad: str | None = None):
         from privcode.dp import leanlora
         from privcode.train import TrainConfig, build_lora_model
 
@@ -77,7 +79,7 @@ class Bench:
                           max_length=self.shape.seq_len, micro_batch_size=self.shape.micro_batch)
         model = build_lora_model(self.base, cfg, self.device)
         if lean:
-            leanlora.lean_lora(model)
+            leanlora.lean_lora(model, nondp_grad=nondp_grad)
         model.train()
         return model
 
@@ -157,9 +159,10 @@ class Bench:
             return self._opacus_step(gsm, opt, pm,
                                      lambda loss: DPTensorFastGradientClipping(gsm, opt, loss, "sum").backward())
 
-        if name in ("privcode-nondp", "privcode-nondp-stock"):
-            fast = name == "privcode-nondp"
-            model = self.privcode_peft(lean=fast)
+        if name in NONDP or name == "privcode-nondp-stock":
+            fast = name != "privcode-nondp-stock"
+            model = self.privcode_peft(lean=fast, nondp_grad=NONDP.get(name))
+            self.grad_mode = sorted({m.grad_mode() for m in model.modules() if hasattr(m, "grad_mode")})
             loss_fn = fastloss.per_record_loss if fast else engine.per_record_loss
             opt = _adamw([p for p in model.parameters() if p.requires_grad])
 
