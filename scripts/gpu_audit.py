@@ -80,8 +80,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     model = a.model or out / "model"
-    if not (model / "privacy.json").exists():  # what `privcode build-model --source gguf` does
-        build_model.main(["--source", "gguf", "--gguf", str(a.gguf), "--out", str(model)])
+    if not (model / "privacy.json").exists():  # what `privcode build-model` does for source gguf
+        build_model.main(["--out", str(model), "--params", json.dumps({"source": "gguf", "gguf": str(a.gguf)})])
     print(f"model built in {time.time() - t0:.1f}s", flush=True)
 
     data_dir = zone.mkdir(zone.root() / "data")

@@ -147,7 +147,7 @@ def params_error(cmd: str, params: str, tmp_path, capsys) -> re.Match:
 def test_every_stage_reports_bad_params_in_one_line_of_the_same_format(tmp_path, capsys):
     stages = stages_with_params()
     assert {"prepare-data", "dp-finetune", "finetune", "generate", "exec-filter", "roundtrip-filter", "evaluate",
-            "audit", "inject-canaries", "leakage", "vuln"} <= set(stages)
+            "audit", "inject-canaries", "leakage", "vuln", "build-model", "make-data", "mask-pii"} <= set(stages)
     for cmd in stages:
         m = params_error(cmd, '{"steps": 4,}', tmp_path, capsys)
         assert m["field"] is None and re.fullmatch(r"not valid JSON: .+ \(line 1 column 13\)", m["problem"])
@@ -158,10 +158,21 @@ def test_every_stage_reports_bad_params_in_one_line_of_the_same_format(tmp_path,
     assert not (tmp_path / "nothing").exists()
 
 
-def test_wrong_type_is_named_with_its_field(tmp_path, capsys):
-    m = params_error("dp-finetune", '{"steps": "4"}', tmp_path, capsys)
-    assert (m["field"], m["problem"]) == ("steps", "expected an integer or null, got str '4'")
-    m = params_error("exec-filter", '{"fork_server": "no"}', tmp_path, capsys)
-    assert (m["field"], m["problem"]) == ("fork_server", "expected true/false, got str 'no'")
-    m = params_error("prepare-data", '{"private_fraction": true}', tmp_path, capsys)
-    assert (m["field"], m["problem"]) == ("private_fraction", "expected a number, got bool True")
+BAD_VALUES = [  # (command, --params, the field named, the problem)
+    ("dp-finetune", '{"steps": "4"}', "steps", "expected an integer or null, got str '4'"),
+    ("exec-filter", '{"fork_server": "no"}', "fork_server", "expected true/false, got str 'no'"),
+    ("prepare-data", '{"private_fraction": true}', "private_fraction", "expected a number, got bool True"),
+    ("mask-pii", '{"detector": 1}', "detector", "expected a string, got int 1"),
+    ("mask-pii", '{"detector": "spacy"}', "detector", "must be one of ['regex', 'starpii'], got 'spacy'"),
+    ("make-data", '{"records": -1}', "records", "must be >= 0"),
+    ("build-model", '{"source": "hf", "name": "Qwen/Qwen2.5-Coder-1.5B"}', "source",
+     "must be one of ['gguf', 'tiny', 'snapshot'], got 'hf'"),
+    ("build-model", '{"source": "gguf"}', "gguf", "source gguf needs gguf (a file) or gguf_package"),
+]
+
+
+def test_wrong_type_or_value_is_named_with_its_field(tmp_path, capsys):
+    for cmd, params, field, problem in BAD_VALUES:
+        m = params_error(cmd, params, tmp_path, capsys)
+        assert (m["field"], m["problem"]) == (field, problem), cmd
+    assert not (tmp_path / "nothing").exists()

@@ -120,7 +120,7 @@ def test_humaneval_format(tasks):
 
 
 def test_cli_records_and_benchmark_disjoint(tmp_path):
-    assert taskgen.main(["--out", str(tmp_path), "--seed", "3", "--records", "300", "--benchmark", "40"]) == 0
+    assert taskgen.main(["--out", str(tmp_path), "--params", '{"seed": 3, "records": 300, "benchmark": 40}']) == 0
     recs = read_jsonl(tmp_path / "records.jsonl", required=("id", "problem", "solution", "lang"))
     bench = read_jsonl(tmp_path / "humaneval.jsonl", required=("task_id", "prompt", "entry_point"))
     assert len(recs) == 300 and len(bench) == 40

@@ -1,4 +1,4 @@
-"""python -m privcode.data.taskgen --out data/taskgen --seed 0 --records 400 --benchmark 40
+"""privcode make-data --out results/data/taskgen --params '{"seed": 0, "records": 400, "benchmark": 40}'
 
 Templated Python programming tasks: private records, public prompts and a small benchmark. The command
 writes `records.jsonl` (Magicoder OSS-Instruct records: id, problem, solution, lang, family) and
@@ -12,7 +12,6 @@ base and plus inputs, and runs the reference solution to make examples and asser
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -26,6 +25,7 @@ from typing import Iterable
 from privcode.data.taskgen_families import FAMILIES, Spec
 from privcode.errors import PrivcodeError
 from privcode.io import write_jsonl
+from privcode.params import WHERE, Params, parse_params, stage_parser
 
 FRAMES = (
     "Write a Python function `{sig}` that {desc}.",
@@ -245,22 +245,29 @@ def task_to_dict(task: Task) -> dict:
     return asdict(task)
 
 
+@dataclass
+class TaskgenConfig(Params):
+    """Options of `privcode make-data --params`: the config's data.taskgen section."""
+    _what = "make-data"
+    seed: int = 0
+    records: int = 400    # Magicoder-format records (split later into private records and public prompts)
+    benchmark: int = 40   # HumanEval+-format benchmark tasks
+
+    def __post_init__(self):
+        for f in ("records", "benchmark"):
+            if getattr(self, f) < 0:
+                raise PrivcodeError("must be >= 0", path=WHERE, field=f)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m privcode.data.taskgen", description="Write templated task records and a HumanEval+ benchmark.")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--records", type=int, default=400, help="number of Magicoder-format records")
-    ap.add_argument("--benchmark", type=int, default=40, help="number of HumanEval+-format benchmark tasks")
-    args = ap.parse_args(argv)
-    if args.records < 0 or args.benchmark < 0:
-        ap.error("--records and --benchmark must be >= 0")
-    bench = generate_tasks(args.seed, args.benchmark, salt="benchmark")
-    records = generate_tasks(args.seed, args.records, exclude=bench, salt="records")
-    out = Path(args.out)
-    write_jsonl(out / "records.jsonl", (to_record(t) for t in records))
-    write_jsonl(out / "humaneval.jsonl", (to_humaneval(t, i) for i, t in enumerate(bench)))
+    a = stage_parser("make-data", __doc__, {"out": ("output directory", Path)}, TaskgenConfig).parse_args(argv)
+    c = parse_params(a.params, TaskgenConfig)
+    bench = generate_tasks(c.seed, c.benchmark, salt="benchmark")
+    records = generate_tasks(c.seed, c.records, exclude=bench, salt="records")
+    write_jsonl(a.out / "records.jsonl", (to_record(t) for t in records))
+    write_jsonl(a.out / "humaneval.jsonl", (to_humaneval(t, i) for i, t in enumerate(bench)))
     print(f"wrote {len(records)} records and {len(bench)} benchmark tasks "
-          f"({len({t.family for t in bench})} families) to {out}")
+          f"({len({t.family for t in bench})} families) to {a.out}")
     return 0
 
 

@@ -303,10 +303,11 @@ def certify(be: Backend) -> tuple[bool, str]:
 @dataclass(frozen=True)
 class ExecFilterConfig(Limits, Params):
     """Options of `privcode exec-filter --params`: the config's exec_filter section but `workers` (the
-    job's threads: --workers) and `container_image` (the rule's container); the limits are Limits'."""
+    job's threads: --workers) and `container_image` (the rule's container); the limits are Limits'.
+    `accept_unisolated` overrides `require_isolation` (the opt-in is the more specific choice)."""
     _what = "exec-filter"
     backend: str = "auto"             # auto | container | bwrap | unshare | rlimit (docs/sandbox.md)
-    require_isolation: bool = False   # refuse the unisolated rlimit fallback
+    require_isolation: bool = True    # refuse the unisolated rlimit fallback
     accept_unisolated: bool = False   # run on a backend that does not isolate: the output is then ε = inf
     fork_server: bool = True          # long-lived sandboxes forking one child per sample; false: one sandbox each
     lang_field: str = "lang"
@@ -342,7 +343,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         c = parse_params(a.params, ExecFilterConfig)
-        stats = run(a.input, a.out, backend=c.backend, require_isolation=c.require_isolation, limits=c.limits,
+        stats = run(a.input, a.out, backend=c.backend, limits=c.limits,
+                    require_isolation=c.require_isolation and not c.accept_unisolated,
                     workers=a.workers, lang_field=c.lang_field, code_field=c.code_field,
                     progress=not a.no_progress, fork_server=c.fork_server, accept_unisolated=c.accept_unisolated)
     except PrivcodeError as e:

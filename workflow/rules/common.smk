@@ -55,6 +55,14 @@ def model_ref(name):
     return f"results/models/{name}/base" if m["source"] in BUILT_SOURCES else m["name"]
 
 
+def build_params(name):
+    """`privcode build-model --params`: the model's entry, but its prompt format and per-stage keys."""
+    keys = ("prompt_format", "dp_finetune")
+    return json.dumps(
+        {k: v for k, v in model_cfg(name).items() if k not in keys}, sort_keys=True
+    )
+
+
 def model_input(name):
     return [model_ref(name)] if model_cfg(name)["source"] in BUILT_SOURCES else []
 
@@ -302,10 +310,9 @@ def table5_rows():
 
 def exec_filter_params():
     """`privcode exec-filter --params`: the exec_filter section but workers (the job's threads) and
-    container_image (the rule's container). An explicit opt-in to an unisolated sandbox (its output
-    is ε = inf) drops require_isolation, which would refuse that sandbox first."""
+    container_image (the rule's container)."""
     c = config["exec_filter"]
-    p = {k: v for k, v in c.items() if k not in ("workers", "container_image")}
-    if c.get("accept_unisolated"):
-        p["require_isolation"] = False
-    return json.dumps(p, sort_keys=True)
+    return json.dumps(
+        {k: v for k, v in c.items() if k not in ("workers", "container_image")},
+        sort_keys=True,
+    )

@@ -12,17 +12,9 @@ rule build_model:
     conda:
         "../../envs/privcode.yaml"
     params:
-        args=lambda w: {
-            "gguf": (
-                f"--source gguf --gguf-package {model_cfg(w.model).get('gguf_package', '')}"
-                if not model_cfg(w.model).get("gguf")
-                else f"--source gguf --gguf {model_cfg(w.model)['gguf']}"
-            ),
-            "tiny": f"--source tiny --pretrain-steps {model_cfg(w.model).get('pretrain_steps', 300)}",
-            "snapshot": f"--source hf --name {model_cfg(w.model).get('name', '')}",
-        }[model_cfg(w.model)["source"]],
+        p=lambda w: build_params(w.model),
     shell:
-        "privcode build-model {params.args} --out {output} > {log} 2>&1"
+        "privcode build-model --out {output} --params '{params.p}' > {log} 2>&1"
 
 
 rule make_data:
@@ -36,12 +28,9 @@ rule make_data:
     conda:
         "../../envs/privcode.yaml"
     params:
-        seed=config["data"].get("taskgen", {}).get("seed", 0),
-        records=config["data"].get("taskgen", {}).get("records", 400),
-        bench=config["data"].get("taskgen", {}).get("benchmark", 40),
+        p=json.dumps(config["data"].get("taskgen", {}), sort_keys=True),
     shell:
-        "privcode make-data --out results/data/taskgen --seed {params.seed} "
-        "--records {params.records} --benchmark {params.bench} > {log} 2>&1"
+        "privcode make-data --out results/data/taskgen --params '{params.p}' > {log} 2>&1"
 
 
 rule prepare_data:
@@ -108,7 +97,7 @@ rule mask_pii:
     conda:
         "../../envs/privcode.yaml"
     params:
-        detector=config["jft"]["detector"],
+        p=stage_params("jft"),
     shell:
         "umask 077; privcode mask-pii --data {input}/records.jsonl --out {output} "
-        "--detector {params.detector} > {log} 2>&1"
+        "--params '{params.p}' > {log} 2>&1"
