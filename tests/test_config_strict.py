@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,30 +44,102 @@ def test_schema_rejects_typos_and_out_of_range_values_in_every_section(patch):
     assert _invalid(**patch)
 
 
-@pytest.mark.parametrize("section,cls", [("definitions/train", "privcode.train.TrainConfig"),
-                                          ("properties/leakage", "privcode.evaluate.leakage.LeakageConfig"),
-                                          ("properties/vuln", "privcode.evaluate.vuln.VulnConfig")])
-def test_schema_sections_are_checked_against_the_stage_options(section, cls):
-    """A section that mirrors a stage's options lists only its fields (leakage and vuln: exactly them;
-    prompt_format comes from the model) and writes no default of its own: what a config leaves out
-    takes the dataclass's default, written once, there -- a value the schema section accepts."""
+# A config section that mirrors a stage's options: (its option class, the keys the workflow itself reads
+# (a schema default allowed there, equal to the class's where the stage has the field too), the fields
+# the config does not set (the rule computes them, or only the command line gives them); None: the
+# section lists a subset of the fields)
+MIRRORS = {
+    "definitions/train": ("privcode.train.TrainConfig", set(), None),
+    "properties/leakage": ("privcode.evaluate.leakage.LeakageConfig", set(), {"prompt_format"}),
+    "properties/vuln": ("privcode.evaluate.vuln.VulnConfig", {"enabled"}, {"prompt_format"}),
+    "properties/generate": ("privcode.synth.generate.GenerateConfig", set(), {"prompt_format"}),
+    "properties/exec_filter": ("privcode.filters.exec_filter.ExecFilterConfig", {"workers", "container_image"},
+                               {"lang_field", "code_field"}),
+    "properties/roundtrip": ("privcode.filters.roundtrip.RoundTripConfig", {"model", "threshold"},
+                             {"prompt_format", "early_stop_threshold"}),
+    "properties/evaluate": ("privcode.evaluate.run.EvalConfig", {"benchmarks", "overrides", "limits"},
+                            {"prompt_format", "override"}),
+    "properties/jft": ("privcode.data.mask.MaskConfig", set(), set()),
+    "properties/data/properties/taskgen": ("privcode.data.taskgen.TaskgenConfig", set(), set()),
+}
+
+
+def _option_class(path: str):
     import importlib
 
+    mod, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(mod), name)
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("section", MIRRORS)
+def test_schema_sections_are_checked_against_the_stage_options(section):
+    """A section that mirrors a stage's options lists only its fields (exactly them, but what the rule
+    sets) and writes no default of its own: what a config leaves out takes the dataclass's default,
+    written once, there -- a value the schema section accepts. Only keys the workflow reads itself
+    keep a schema default, the class's value where the stage has that option too."""
     import jsonschema
 
-    mod, name = cls.rsplit(".", 1)
-    fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(mod), name))}
-    where, key = section.split("/")
-    spec = yaml.safe_load(Path(SCHEMA).read_text())[where][key]
-    props = {k: v for k, v in spec["properties"].items() if k != "enabled"}  # vuln.enabled: the workflow's
-    assert set(props) <= set(fields), sorted(set(props) - set(fields))
-    if where == "properties":
-        assert set(props) == set(fields) - {"prompt_format"}
-    assert [k for k, v in props.items() if "default" in v] == []
-    defaults = {k: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for k, f in fields.items() if k in props}
-    jsonschema.validate(defaults, {**spec, "properties": props})
+    cls, workflow_keys, not_in_config = MIRRORS[section]
+    defaults = _defaults(_option_class(cls))
+    spec = yaml.safe_load(Path(SCHEMA).read_text())
+    for key in section.split("/"):
+        spec = spec[key]
+    assert spec.get("additionalProperties") is False
+    props = {k: v for k, v in spec["properties"].items() if k in defaults or k not in workflow_keys}
+    assert set(props) <= set(defaults), sorted(set(props) - set(defaults))
+    if not_in_config is not None:
+        assert set(props) == set(defaults) - not_in_config, sorted(set(props) ^ (set(defaults) - not_in_config))
+    with_default = {k for k, v in spec["properties"].items() if "default" in v}
+    assert with_default <= workflow_keys, sorted(with_default - workflow_keys)
+    for k in with_default & set(defaults):  # read by the workflow and passed on: one value
+        assert spec["properties"][k]["default"] == defaults[k], k
+    spec = {**{k: v for k, v in spec.items() if k != "required"}, "properties": props}  # roundtrip: model
+    jsonschema.validate({k: defaults[k] for k in props}, spec)
     assert defaults.get("privsa_compile", False) is False
+    assert defaults.get("compile_layers", False) is False
+
+
+def test_a_models_entry_is_build_model_options_but_its_prompt_format_and_stage_keys():
+    """rule build_model passes a model's entry (but prompt_format and dp_finetune) as `privcode
+    build-model --params`: every other key the schema allows there is a BuildConfig field."""
+    spec = yaml.safe_load(Path(SCHEMA).read_text())["properties"]["models"]["additionalProperties"]
+    build = _defaults(_option_class("privcode.build_model.BuildConfig"))
+    assert set(spec["properties"]) - {"prompt_format", "dp_finetune"} <= set(build)
+    assert set(spec["properties"]["source"]["enum"]) - {"hf"} == set(_option_class("privcode.build_model.SOURCES"))
+
+
+# the commands whose --params a rule builds from a config section (or a model's entry), and their options
+PLANNED = {"build-model": "privcode.build_model.BuildConfig", "make-data": "privcode.data.taskgen.TaskgenConfig",
+           "mask-pii": "privcode.data.mask.MaskConfig", "generate": "privcode.synth.generate.GenerateConfig",
+           "exec-filter": "privcode.filters.exec_filter.ExecFilterConfig",
+           "roundtrip-filter": "privcode.filters.roundtrip.RoundTripConfig",
+           "evaluate": "privcode.evaluate.run.EvalConfig"}
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/gpu-small.yaml", "tests/configs/tiny.yaml"])
+def test_every_planned_params_is_accepted_by_its_stage(configfile):
+    """What a dry run would pass these stages (their sections without schema defaults, a model's entry)
+    is read by the stage's own option class, with the config's values and the class's defaults."""
+    from privcode.params import parse_params
+
+    cfg = yaml.safe_load((REPO / configfile).read_text())
+    out = snakemake("-n", "-p", "--forceall", "--configfile", configfile)
+    seen = {}
+    for cmd, params in re.findall(r"privcode (?!gpu-run)([\w-]+) [^\n]*?--params '(\{.*?\})'", out):
+        if cmd in PLANNED:
+            seen[cmd] = parse_params(params, _option_class(PLANNED[cmd]))
+    assert set(seen) == set(PLANNED) - ({"make-data"} if cfg["data"]["source"] != "taskgen" else set())
+    taskgen = cfg["data"].get("taskgen", {})
+    assert dataclasses.asdict(seen["make-data"]) == {**_defaults(type(seen["make-data"])), **taskgen}
+    assert seen["mask-pii"].detector == cfg["jft"]["detector"]
+    gen = {**_defaults(type(seen["generate"])), **cfg["generate"]}
+    assert {k: getattr(seen["generate"], k) for k in gen if k != "prompt_format"} == \
+        {k: v for k, v in gen.items() if k != "prompt_format"}
 
 
 def test_config_alone_applies_on_top_of_the_embedded_default():

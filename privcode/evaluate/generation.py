@@ -74,7 +74,8 @@ def _answer(tasks, key, done, model_ref, cfg, gen, total, what):
 
     from privcode.synth import SamplingParams, get_backend
 
-    backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
+    backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                          compile_layers=cfg.compile_layers)
     tok = getattr(backend, "tokenizer", None)
     bar = tqdm(total=total, initial=total - len(tasks), desc=f"evaluate {what}", unit="task")
     chunk = max(cfg.batch_size * 2, 1)  # checkpoint granularity

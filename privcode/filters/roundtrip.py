@@ -81,6 +81,7 @@ class RoundTripConfig(Params):
     early_stop_round: int = 0            # > 0: describe this many at a time, stop a program once one
                                          # passes early_stop_threshold (privcode.filters.early_stop); 0: off
     early_stop_threshold: float | None = None  # τ_s, exact for every τ ≤ τ_s (None: threshold)
+    compile_layers: bool = False         # backend fast: one torch.compile graph for every decoder layer
 
     def __post_init__(self):
         def need(ok, field, msg):
@@ -208,7 +209,8 @@ def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge
         generated = 0
         if todo:
             if backend is None:
-                backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
+                backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                                      compile_layers=cfg.compile_layers)
             bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="roundtrip: describe",
                        unit="program")
             if cfg.stop_threshold is None:

@@ -3,17 +3,22 @@
     from privcode.synth import SamplingParams, get_backend
     backend = get_backend("auto", "results/models/tiny/base", batch_size=16)
     backend.generate(["Question: Add two numbers.\n\nAnswer:"], SamplingParams(max_new_tokens=64))
+    backend = get_backend("fast", "results/models/tiny/base", compile_layers=True)   # GPU jobs of many steps
 """
 from __future__ import annotations
 
+from privcode.errors import PrivcodeError
 from privcode.synth.base import Backend, SamplingParams, cut_at_stop
 
 __all__ = ["Backend", "SamplingParams", "cut_at_stop", "get_backend"]
 
 
-def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str = "float32") -> Backend:
+def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str = "float32",
+                compile_layers: bool = False) -> Backend:
     """hf: plain batched transformers; fast: static KV cache + CUDA graphs (privcode.synth.fast);
-    vllm: vLLM when installed; auto: vLLM, else fast on a GPU, else hf."""
+    vllm: vLLM when installed; auto: vLLM, else fast on a GPU, else hf. `compile_layers` (fast only:
+    one torch.compile graph for every decoder layer) is refused by the others, auto's choice included."""
+    asked = name
     if name == "auto":
         import torch
 
@@ -26,10 +31,14 @@ def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str =
                 name = "fast"
         else:
             name = "hf"
+    if compile_layers and name != "fast":
+        chose = " (what backend auto chose here)" if asked == "auto" else ""
+        raise PrivcodeError(f"true needs backend fast; backend '{name}'{chose} has no compiled decoder layers: "
+                            "set compile_layers: false or backend: fast", field="compile_layers")
     if name == "fast":
         from privcode.synth.fast import FastHFBackend
 
-        return FastHFBackend(model_ref, batch_size=batch_size, dtype=dtype)
+        return FastHFBackend(model_ref, batch_size=batch_size, dtype=dtype, compile_layers=compile_layers)
     if name in ("hf", "transformers"):
         from privcode.synth.hf import HFBackend
 

@@ -26,7 +26,7 @@ from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, writ
 @dataclass
 class GenerateConfig(Params):
     _what = "generate"
-    backend: str = "hf"            # hf | vllm | auto
+    backend: str = "hf"            # hf | fast | vllm | auto
     batch_size: int = 16           # prompts per generate call (CPU: ~90 tok/s at 32 for 135M)
     max_new_tokens: int = 256
     temperature: float = 0.0       # greedy by default: one answer per prompt
@@ -35,6 +35,7 @@ class GenerateConfig(Params):
     dtype: str = "float32"
     seed: int = 0
     shards: int = 0                # processes, one per GPU: 0 = one per device in CUDA_VISIBLE_DEVICES
+    compile_layers: bool = False   # backend fast: one torch.compile graph for every decoder layer (others refuse it)
 
 
 
@@ -43,7 +44,8 @@ def _answer(todo: list[dict], done: ResumableJsonl, model_ref: str, cfg: Generat
 
     from privcode.synth import SamplingParams, get_backend
 
-    backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype)
+    backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                          compile_layers=cfg.compile_layers)
     tok = getattr(backend, "tokenizer", None)
     sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     bar = tqdm(total=total, initial=total - len(todo), desc="generate", unit="prompt")
