@@ -39,7 +39,7 @@ def test_dry_run_plans_one_table5_row_per_ablation(plan):
     assert j["finetune"] == 1 + 1 + 5 and j["table5"] == 1  # main, τ', ablations
     assert j["evaluate"] == (1 + 1 + 5) * len(cfg["evaluate"]["benchmarks"])  # each on every benchmark
     rows = re.search(r"privcode table5 --out results/table5.csv (.*?) >", out).group(1).split()
-    abl = {r.split(":")[0]: r.split(":")[1] for r in rows if r.startswith("ablation=")}
+    abl = {r.split(":")[0]: r.split(":")[1] for r in rows if r.startswith("ablation=") and r.endswith("/humaneval")}
     assert abl == {"ablation=none": "results/eval/smollm2/PrivCode/eps4/humaneval",
                    **{f"ablation={a}": f"results/eval/smollm2/PrivCode/eps4-{a}/humaneval" for a in ALL}}
     # what each ablation's premium model is fine-tuned on
