@@ -154,7 +154,8 @@ def test_bench_train_times_both_nondp_forms_beside_dp(tmp_path):
 
     out = tmp_path / "train.json"
     train_bench.main(["--shape", "small", "--device", "cpu", "--steps", "1", "--warmup", "1", "--accum", "0",
-                      "--variants", "privcode-nondp,privcode-nondp-mm,privcode-nondp-bmm,privcode-dp", "--out", str(out)])
+                      "--variants", "privcode-nondp,privcode-nondp-mm,privcode-nondp-bmm,privcode-dp",
+                      "--profile", "privcode-nondp-mm,privcode-nondp-bmm,privcode-dp", "--out", str(out)])
     r = json.loads(out.read_text())
     v = r["variants"]
     assert list(v) == ["privcode-nondp", "privcode-nondp-bmm", "privcode-dp", "privcode-nondp-mm"]
@@ -162,5 +163,12 @@ def test_bench_train_times_both_nondp_forms_beside_dp(tmp_path):
     assert v["privcode-nondp"]["nondp_grad"] == [leanlora.NONDP_GRAD]
     assert v["privcode-nondp-mm"]["nondp_grad"] == ["mm"] and v["privcode-nondp-bmm"]["nondp_grad"] == ["bmm"]
     assert "nondp_grad" not in v["privcode-dp"]
+    assert set(r["out_dtype_kernels"]) <= {"mm", "bmm"}  # probed by bf16 GEMMs on CUDA only
+    ops = {n: v[n]["profile"]["ops"] for n in ("privcode-nondp-mm", "privcode-nondp-bmm", "privcode-dp")}
+    lora = 2 * 7 * 2  # LoRA factors of the small shape; per step: one weight-gradient GEMM each
+    assert "aten::bmm" not in ops["privcode-nondp-mm"]
+    assert ops["privcode-nondp-bmm"]["aten::bmm"]["count"] == ops["privcode-dp"]["aten::bmm"]["count"] == lora
+    assert ops["privcode-nondp-mm"]["aten::mm"]["count"] - ops["privcode-nondp-bmm"]["aten::mm"]["count"] == lora
+    assert "aten::addmv_" in ops["privcode-dp"] and "aten::addmv_" not in ops["privcode-nondp-bmm"]  # clipping
     for k in ("privcode-nondp-bmm / privcode-nondp", "privcode-nondp-bmm / privcode-dp", "privcode-nondp / privcode-dp"):
         assert r["ratios"][f"{k} (tok/s)"] > 0

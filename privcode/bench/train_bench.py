@@ -56,6 +56,10 @@ EXTRA_RATIOS = [
     ("privcode-nondp-bmm", "privcode-nondp"), ("privcode-nondp-bmm", "hf-peft"),
 ]
 STAGE1 = {"steps": 100, "expected_batch": 256, "target_min": 15.0}
+# per step in a profile's JSON: GEMMs (LoRA weight gradients: mm or bmm), the bmm form's sums, host
+# reads (item: a sync on CUDA), DP's flat clipping (cat, norm, addmv_)
+PROFILE_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::sum", "aten::item", "aten::cat",
+               "aten::linalg_vector_norm", "aten::addmv_")
 
 
 def _time(step, device, warmup, steps, k=1):
@@ -109,7 +113,9 @@ def _profile(step, device, name, out_dir: Path | None, steps: int = 2) -> dict:
         (out_dir / f"profile_{name}.txt").write_text(table + "\n\n== sorted by self CPU time\n" + cpu)
     print(f"\n--- profile {name}: wall {wall * 1e3:.1f} ms/step (profiled), device-busy {busy * 1e3:.1f} ms/step")
     print("\n".join(table.splitlines()[:26]))
-    return {"wall_s": wall, "device_busy_s": busy}
+    ops = {e.key: {"count": e.count / steps, "device_ms": dev_self(e) / 1e3 / steps}
+           for e in ka if e.key in PROFILE_OPS}
+    return {"wall_s": wall, "device_busy_s": busy, "ops": ops}
 
 
 def run(a) -> dict:
@@ -168,6 +174,9 @@ def run(a) -> dict:
                     bench.base = bench.base.unload() if hasattr(bench.base, "unload") else bench.base
             cleanup = None
             res["variants"][name] = r
+    from privcode.dp.leanlora import OUT_DTYPE_OK
+
+    res["out_dtype_kernels"] = dict(OUT_DTYPE_OK)  # {} on CPU; False: that GEMM ran on fp32 copies (slow)
     _ratios(res)
     _stage1(res)
     return res

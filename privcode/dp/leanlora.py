@@ -89,21 +89,20 @@ def adapters_disabled(peft_model):
 FUSE_LORA_PAIRS = True  # one autograd node per LoRA layer (False: one per factor; same math, for comparison)
 NONDP_GRADS = ("mm", "bmm")
 NONDP_GRAD = "mm"  # how a summed (non-per-record) factor gradient is formed; see _factor_grad
-_OUT_DTYPE_OK = None  # whether torch.mm/bmm(..., out_dtype=float32) work here (probed once)
+OUT_DTYPE_OK: dict = {}  # "mm"/"bmm" -> whether torch.<op>(..., out_dtype=float32) works here (probed once)
 
 
 def _mm_f32(op, a, b):
     """a @ b (op: torch.mm or torch.bmm) with an fp32 result: bf16/fp16 operands on CUDA use the
-    out_dtype kernels (fp32 accumulate, fp32 output) where torch has them."""
-    global _OUT_DTYPE_OK
+    out_dtype kernels (fp32 accumulate, fp32 output) where torch has them, else fp32 copies."""
     if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
-        if _OUT_DTYPE_OK is not False:
+        if OUT_DTYPE_OK.get(op.__name__, True):
             try:
                 r = op(a, b, out_dtype=torch.float32)
-                _OUT_DTYPE_OK = True
+                OUT_DTYPE_OK[op.__name__] = True
                 return r
             except (TypeError, RuntimeError, NotImplementedError):
-                _OUT_DTYPE_OK = False
+                OUT_DTYPE_OK[op.__name__] = False
         return op(a.float(), b.float())
     return op(a, b) if a.dtype == torch.float32 else op(a.float(), b.float())
 
