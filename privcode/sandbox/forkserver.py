@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
-from privcode.sandbox import cgroup, server  # server: its framing and tree removal (its main runs only in a sandbox)
+from privcode.sandbox import cgroup
+from privcode.sandbox.server import PROGRAM, common  # common: the server's framing and tree removal
 
-SERVER_SOURCE = (Path(__file__).with_name("server.py")).read_text(encoding="utf-8")
 START_TIMEOUT_S = 60.0   # sandbox + interpreter start (first start may page in a lot)
 
 
@@ -62,7 +62,7 @@ class ServerSpec:
 def server_command(python: str, cfg: dict) -> list[str]:
     # -I: no current directory or user site on sys.path, no PYTHON* variables -- a snippet's file
     # in /tmp can never be imported by the server or the template
-    return [python, "-I", "-B", "-c", SERVER_SOURCE, json.dumps(cfg)]
+    return [python, "-I", "-B", "-c", PROGRAM, json.dumps(cfg)]
 
 
 _spawner = None
@@ -154,7 +154,7 @@ class Worker:
 
     def _read_frame(self, deadline: float) -> dict:
         try:
-            n = server.frame_length(self._read_exact(4, deadline))
+            n = common.frame_length(self._read_exact(4, deadline))
         except ValueError as e:
             raise WorkerError(f"sent a bad frame ({e})") from None
         return json.loads(self._read_exact(n, deadline).decode("utf-8"))
@@ -171,7 +171,7 @@ class Worker:
                     self.cg.set_memory(mem_mb or self.cg.mem_mb)
                 except OSError as e:
                     raise WorkerError(f"cannot set its cgroup memory limit ({e})") from None
-            self._write(server.pack_frame(req), deadline)
+            self._write(common.pack_frame(req), deadline)
             resp = self._read_frame(deadline)
         except WorkerError as e:
             e.oom = self._oom_since_last()
@@ -293,7 +293,7 @@ class Worker:
                 pass
         cleanup, self.spec.cleanup = self.spec.cleanup, []
         for d in cleanup:
-            server.remove_tree(d)  # a directory it cannot remove is left (the server's own wipe ran)
+            common.remove_tree(d)  # a directory it cannot remove is left (the server's own wipe ran)
         cg, self.cg = self.cg, None
         if cg is not None:
             cg.remove()
