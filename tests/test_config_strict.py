@@ -61,7 +61,16 @@ MIRRORS = {
                             {"prompt_format", "override"}),
     "properties/jft": ("privcode.data.mask.MaskConfig", set(), set()),
     "properties/data/properties/taskgen": ("privcode.data.taskgen.TaskgenConfig", set(), set()),
+    # prepare-data takes prepare's keyword arguments; the rule adds privacy.delta and dataset_size
+    "properties/data": ("privcode.data.records.prepare", {"source", "taskgen"}, {"delta", "dataset_size"}),
+    "properties/canaries": ("privcode.data.canaries.InjectConfig", {"enabled"}, set()),
+    # dp-finetune options (epsilon: one run per privacy.epsilons value); release reads the cap too
+    "properties/privacy": ("privcode.train.TrainConfig", {"epsilons", "total_epsilon_cap"}, None),
 }
+# the schema defaults of keys only the workflow reads (no stage has them): written there alone
+WORKFLOW_ONLY = {"methods", "privsa", "privsa/lambda_max", "privsa/lambda_min", "privsa/alpha", "privsa/interval",
+                 "sweeps", "sweeps/tau", "sweeps/epsilon", "sweeps/lambda_max", "sweeps/ablations", "release",
+                 "release/out", "release/artifacts", "canaries", "leakage", "vuln", "jft"}
 
 
 def _option_class(path: str):
@@ -71,9 +80,14 @@ def _option_class(path: str):
     return getattr(importlib.import_module(mod), name)
 
 
-def _defaults(cls) -> dict:
+def _defaults(target) -> dict:
+    """An option class's fields with their defaults; a function's keyword-only arguments."""
+    if not dataclasses.is_dataclass(target):
+        import inspect
+
+        return {p.name: p.default for p in inspect.signature(target).parameters.values() if p.kind is p.KEYWORD_ONLY}
     return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(cls)}
+            for f in dataclasses.fields(target)}
 
 
 @pytest.mark.parametrize("section", MIRRORS)
@@ -98,10 +112,37 @@ def test_schema_sections_are_checked_against_the_stage_options(section):
     assert with_default <= workflow_keys, sorted(with_default - workflow_keys)
     for k in with_default & set(defaults):  # read by the workflow and passed on: one value
         assert spec["properties"][k]["default"] == defaults[k], k
-    spec = {**{k: v for k, v in spec.items() if k != "required"}, "properties": props}  # roundtrip: model
-    jsonschema.validate({k: defaults[k] for k in props}, spec)
+    required = set(spec.get("required", ()))  # a config must give these: the class's default is moot
+    spec = {**{k: v for k, v in spec.items() if k != "required"}, "properties": props}
+    jsonschema.validate({k: defaults[k] for k in props if k not in required}, spec)
     assert defaults.get("privsa_compile", False) is False
     assert defaults.get("compile_layers", False) is False
+
+
+def _schema_defaults(spec: dict, path: str = "") -> dict:
+    """Every default the schema writes: {"section/key": value}."""
+    out = {}
+    for k, v in spec.get("properties", {}).items():
+        p = f"{path}/{k}" if path else k
+        if "default" in v:
+            out[p] = v["default"]
+        out.update(_schema_defaults(v, p))
+    return out
+
+
+def test_every_schema_default_is_one_the_workflow_reads_and_the_workflow_does_not_repeat_it():
+    """A schema default is written once: only for a key the workflow reads itself (a stage's option has
+    its default in the stage's class), and no rule falls back to a value of its own with
+    `.get("key", default)`: validation has filled it in before any rule runs."""
+    spec = yaml.safe_load(Path(SCHEMA).read_text())
+    found = _schema_defaults(spec)
+    mirrored = {f"{section.replace('properties/', '')}/{k}" for section, (_, keys, _) in MIRRORS.items()
+                for k in keys}
+    assert set(found) - WORKFLOW_ONLY - mirrored == set()
+    assert {"exec_filter/workers", "release/out", "privsa/lambda_max", "canaries/enabled"} <= set(found)
+    rules = "\n".join(f.read_text() for f in (REPO / "workflow").rglob("*") if f.suffix == ".smk" or f.name == "Snakefile")
+    repeated = sorted(p for p in found if f'.get("{p.rsplit("/", 1)[-1]}"' in rules)
+    assert not repeated, repeated
 
 
 def test_a_models_entry_is_build_model_options_but_its_prompt_format_and_stage_keys():
@@ -118,7 +159,8 @@ PLANNED = {"build-model": "privcode.build_model.BuildConfig", "make-data": "priv
            "mask-pii": "privcode.data.mask.MaskConfig", "generate": "privcode.synth.generate.GenerateConfig",
            "exec-filter": "privcode.filters.exec_filter.ExecFilterConfig",
            "roundtrip-filter": "privcode.filters.roundtrip.RoundTripConfig",
-           "evaluate": "privcode.evaluate.run.EvalConfig"}
+           "evaluate": "privcode.evaluate.run.EvalConfig", "prepare-data": "privcode.data.records.prepare",
+           "inject-canaries": "privcode.data.canaries.InjectConfig"}
 
 
 @pytest.mark.parametrize("configfile", ["config/config.yaml", "config/gpu-small.yaml", "tests/configs/tiny.yaml"])
@@ -132,8 +174,13 @@ def test_every_planned_params_is_accepted_by_its_stage(configfile):
     seen = {}
     for cmd, params in re.findall(r"privcode (?!gpu-run)([\w-]+) [^\n]*?--params '(\{.*?\})'", out):
         if cmd in PLANNED:
-            seen[cmd] = parse_params(params, _option_class(PLANNED[cmd]))
-    assert set(seen) == set(PLANNED) - ({"make-data"} if cfg["data"]["source"] != "taskgen" else set())
+            target = _option_class(PLANNED[cmd])
+            seen[cmd] = parse_params(params, target, **({} if dataclasses.is_dataclass(target) else {"skip": 3}))
+    assert set(seen) == set(PLANNED) - ({"make-data"} if cfg["data"]["source"] != "taskgen" else set()) \
+        - ({"inject-canaries"} if not cfg.get("canaries", {}).get("enabled") else set())
+    privacy = {k: cfg["privacy"][k] for k in ("delta", "dataset_size")}
+    assert seen["prepare-data"] == {**{k: v for k, v in cfg["data"].items() if k not in ("source", "taskgen")},
+                                    **privacy}  # what the config leaves out: prepare's defaults
     taskgen = cfg["data"].get("taskgen", {})
     assert dataclasses.asdict(seen["make-data"]) == {**_defaults(type(seen["make-data"])), **taskgen}
     assert seen["mask-pii"].detector == cfg["jft"]["detector"]

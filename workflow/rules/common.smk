@@ -78,7 +78,7 @@ def fmt(name):
 def stage_params(section, model=None, **extra):
     """The JSON a stage gets via --params: its config section, the model's prompt format and the
     model's own keys for this section (models.<name>.dp_finetune: memory knobs)."""
-    p = {k: v for k, v in config.get(section, {}).items() if k != "enabled"}
+    p = {k: v for k, v in config[section].items() if k != "enabled"}
     if model is not None:
         p["prompt_format"] = fmt(model)
         p.update(model_cfg(model).get(section, {}))
@@ -115,11 +115,11 @@ def eps_tags():
 
 
 def canaries_on():
-    return config.get("canaries", {}).get("enabled", False)
+    return config["canaries"]["enabled"]
 
 
 def vuln_on():
-    return config.get("vuln", {}).get("enabled", False)
+    return config["vuln"]["enabled"]
 
 
 def train_data():
@@ -128,14 +128,9 @@ def train_data():
 
 
 def dp_privacy_params():
-    """The privacy section's keys a DP run needs (its N assumption, the seed opt-in, the cap)."""
-    p = config["privacy"]
-    return {
-        "delta": p["delta"],
-        "dataset_size": p["dataset_size"],
-        "reproducible_seed": p.get("reproducible_seed"),
-        "total_epsilon_cap": p.get("total_epsilon_cap"),
-    }
+    """The privacy section's keys a DP run needs (its N assumption, the seed opt-in, the cap):
+    every key but epsilons, TrainConfig fields (TrainConfig's default if left out)."""
+    return {k: v for k, v in config["privacy"].items() if k != "epsilons"}
 
 
 def data_source():
@@ -218,8 +213,8 @@ def eval_model_input(w):
 def eval_params(w):
     e = config["evaluate"]
     p = {k: v for k, v in e.items() if k not in ("benchmarks", "overrides", "limits")}
-    p["override"] = e.get("overrides", {}).get(w.bench)
-    p["limit"] = e.get("limits", {}).get(w.bench, e.get("limit"))
+    p["override"] = e["overrides"].get(w.bench)
+    p["limit"] = e["limits"].get(w.bench, e.get("limit"))
     p["prompt_format"] = model_cfg(w.model)[
         "prompt_format"
     ]  # base: EvalPlus's --force-base-prompt
@@ -256,7 +251,7 @@ def compare_dirs():
 def sweep_space():
     """Table 5's grid as a Paramspace: one row per (sweep, value), the main setting included
     (ablations: `none`, PrivCode as configured)."""
-    s = config.get("sweeps", {})
+    s = config["sweeps"]
     main = {
         "tau": config["roundtrip"]["threshold"],
         "epsilon": main_eps(),
@@ -269,7 +264,7 @@ def sweep_space():
     rows = [
         (name.get(k, k), v)
         for k in ("tau", "epsilon", "lambda_max", "ablations")
-        if s.get(k)
+        if s[k]
         for v in [main[k], *s[k]]
     ]
     return Paramspace(

@@ -6,8 +6,8 @@ rule evaluate:
     input:
         model=eval_model_input,
         override=lambda w: (
-            [config["evaluate"].get("overrides", {})[w.bench]]
-            if w.bench in config["evaluate"].get("overrides", {})
+            [config["evaluate"]["overrides"][w.bench]]
+            if w.bench in config["evaluate"]["overrides"]
             else []
         ),
     output:

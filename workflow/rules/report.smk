@@ -127,9 +127,9 @@ rule results:
 # certificate of their guarantee and of the total cost of everything released from the same data.
 rule release:
     input:
-        config.get("release", {}).get("artifacts", []),
+        config["release"]["artifacts"],
     output:
-        directory(config.get("release", {}).get("out", "release")),
+        directory(config["release"]["out"]),
     log:
         "logs/release.log",
     benchmark:
@@ -139,7 +139,7 @@ rule release:
     params:
         cap=lambda w: (
             f"--cap {config['privacy']['total_epsilon_cap']}"
-            if config["privacy"].get("total_epsilon_cap")
+            if config["privacy"]["total_epsilon_cap"]
             else ""
         ),
     shell:

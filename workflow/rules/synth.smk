@@ -42,7 +42,7 @@ rule exec_filter:
         "../../envs/privcode.yaml"
     # `snakemake --sdm apptainer` runs this job in exec_filter.container_image (null: on the host)
     container:
-        config["exec_filter"].get("container_image")
+        config["exec_filter"]["container_image"]
     threads: config["exec_filter"]["workers"]
     params:
         p=exec_filter_params(),
@@ -99,7 +99,7 @@ rule roundtrip_filter:
                         "early_stop_threshold": max(
                             [
                                 config["roundtrip"]["threshold"],
-                                *config.get("sweeps", {}).get("tau", []),
+                                *config["sweeps"]["tau"],
                             ]
                         )
                     }
