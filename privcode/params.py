@@ -92,11 +92,12 @@ class Params:
         return cls(**d)
 
 
-def stage_parser(prog: str, doc: str, options: dict, params=None):
+def stage_parser(prog: str, doc: str, options: dict, params=None, shard: str | None = None):
     """The argument parser every stage's `main` starts from: `privcode <prog>`, the module docstring
     as its description (kept as written), one required `--NAME` per `options` item (NAME: its help,
-    or (help, type)) and, with `params` (the stage's Params class), `--params`, a JSON object of its
-    fields read by `parse_params`. Optional flags are added by the caller."""
+    or (help, type)), with `params` (the stage's Params class) `--params`, a JSON object of its
+    fields read by `parse_params`, and with `shard` (what a shard does, e.g. "describe programs")
+    `--shard i/n`, what `privcode.shard` starts. Other optional flags are added by the caller."""
     import argparse
 
     ap = argparse.ArgumentParser(prog=f"privcode {prog}", description=doc,
@@ -106,4 +107,6 @@ def stage_parser(prog: str, doc: str, options: dict, params=None):
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, type=type_, help=help_)
     if params is not None:
         ap.add_argument("--params", default="{}", help=f"JSON object of {params.__name__} fields")
+    if shard is not None:
+        ap.add_argument("--shard", help=f"i/n: {shard} i, i+n, ... into a progress file (what `shards` starts)")
     return ap

@@ -105,12 +105,10 @@ def run(model_ref: str, benchmark: str, out: Path, cfg: EvalConfig, shard_spec: 
 
 
 def main(argv=None) -> None:
-    ap = stage_parser("evaluate", __doc__, {
+    a = stage_parser("evaluate", __doc__, {
         "model": "the model to evaluate: hub name or local directory (with privacy.json)",
         "benchmark": "humaneval | mbpp | openai-humaneval | bigcodebench-{complete,instruct}-{full,hard}",
-        "out": ("output directory", Path)}, EvalConfig)
-    ap.add_argument("--shard", help="i/n: complete tasks i, i+n, ... into a progress file (what `shards` starts)")
-    a = ap.parse_args(argv)
+        "out": ("output directory", Path)}, EvalConfig, shard="complete tasks").parse_args(argv)
     r = run(a.model, a.benchmark, a.out, parse_params(a.params, EvalConfig), a.shard)
     if r is None:
         return

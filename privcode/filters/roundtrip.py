@@ -370,12 +370,10 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
 
 
 def main(argv=None) -> None:
-    ap = stage_parser("roundtrip-filter", __doc__, {
+    a = stage_parser("roundtrip-filter", __doc__, {
         "model": "describer LLM: hub name or local directory (with privacy.json)",
         "input": "kept.jsonl of the execution filter (id, problem, code, lang, solution)",
-        "out": ("output directory", Path)}, RoundTripConfig)
-    ap.add_argument("--shard", help="i/n: describe programs i, i+n, ... into a progress file (what `shards` starts)")
-    a = ap.parse_args(argv)
+        "out": ("output directory", Path)}, RoundTripConfig, shard="describe programs").parse_args(argv)
     stats = run(a.model, a.input, a.out, parse_params(a.params, RoundTripConfig), shard_spec=a.shard)
     if a.shard is not None:
         return
