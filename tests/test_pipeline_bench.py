@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow  # over ~20 s on 2 cores: `pytest -m 'not slow'` skips it
+slow = pytest.mark.slow  # the measuring run: over ~20 s on 2 cores, `pytest -m 'not slow'` skips it
 
 PAPER = str(REPO / "config" / "paper.yaml")
 STAGES = ["stage1", "generate", "exec", "roundtrip", "roundtrip_round", "stage6", "evaluate"]
@@ -25,6 +25,7 @@ def result(tmp_path_factory):
     return json.loads(out.read_text()), out
 
 
+@slow
 def test_every_unit_measured_and_the_plan_read_from_the_config(result):
     import yaml
 
@@ -42,6 +43,7 @@ def test_every_unit_measured_and_the_plan_read_from_the_config(result):
     assert (p["dp_steps"], p["dp_batch"], p["n"], p["ft_epochs"]) == (
         cfg["dp_finetune"]["steps"], cfg["dp_finetune"]["batch_size"], cfg["roundtrip"]["n"], cfg["finetune"]["epochs"])
     assert p["benchmarks"] == cfg["evaluate"]["benchmarks"] and p["exec_workers"] == cfg["exec_filter"]["workers"]
+    assert p["tau"] == cfg["roundtrip"]["threshold"]
     assert p["prompts"] == round(p["dataset_records"] * (1 - cfg["data"]["private_fraction"]))
     assert p["programs"] == round(p["prompts"] * p["exec_pass"]) and p["roundtrip_keep"] == 0.4
     assert p["sources"]["roundtrip_keep"].startswith("--assume") and set(p["sources"]) <= set(p)
@@ -49,6 +51,7 @@ def test_every_unit_measured_and_the_plan_read_from_the_config(result):
     assert res["targets"]["gpu_hours"]["met"] is None  # no verdict from a CPU run
 
 
+@slow
 def test_projection_is_the_arithmetic_of_counts_and_units(result):
     res, _ = result
     p, u, pr = res["plan"], res["units"], res["projection"]
@@ -79,6 +82,7 @@ def test_projection_is_the_arithmetic_of_counts_and_units(result):
                  t["gpu_hours"] - pr["roundtrip"]["gpu_hours"] + pr["roundtrip"]["gpu_hours_early_stop"])
 
 
+@slow
 def test_assumptions_and_measured_saving_move_the_projection(result):
     from privcode.bench.pipeline_plan import Plan, project
 
@@ -99,6 +103,7 @@ def test_assumptions_and_measured_saving_move_the_projection(result):
     assert q["generate"]["gpu_hours"] is None and q["total"]["gpu_hours"] is None
 
 
+@slow
 def test_markdown_table_and_from_json(result, capsys):
     from privcode.bench import pipeline_bench
     from privcode.bench.pipeline_plan import table
@@ -113,3 +118,38 @@ def test_markdown_table_and_from_json(result, capsys):
     capsys.readouterr()
     pipeline_bench.main(["--from", str(out)])
     assert capsys.readouterr().out.strip() == md.strip()
+
+
+def test_what_a_config_leaves_out_is_what_the_workflow_and_the_stages_would_use(tmp_path):
+    """The plan reads a config as the workflow does: the schema's defaults for the workflow's own keys
+    (exec_filter.workers), each stage's option class (or prepare's arguments) for the stage's options."""
+    import inspect
+
+    import yaml
+
+    from privcode.bench.pipeline_plan import Plan
+    from privcode.data.records import prepare
+    from privcode.errors import PrivcodeError
+    from privcode.filters.roundtrip import RoundTripConfig
+    from privcode.synth.generate import GenerateConfig
+
+    cfg = yaml.safe_load(open(PAPER))
+    full = Plan.from_config(PAPER)
+    del cfg["exec_filter"]["workers"], cfg["generate"]["max_new_tokens"], cfg["generate"]["batch_size"]
+    del cfg["data"]["private_fraction"]
+    cfg["roundtrip"] = {"model": cfg["roundtrip"]["model"]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    p = Plan.from_config(path)
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert p.exec_workers == schema["properties"]["exec_filter"]["properties"]["workers"]["default"] == 2
+    gen, rt = GenerateConfig(), RoundTripConfig()
+    assert (p.answer_cap, p.gen_batch) == (gen.max_new_tokens, gen.batch_size)
+    assert (p.n, p.tau, p.temperature, p.top_p, p.scorer_batch, p.description_tokens, p.early_stop_round) == \
+        (rt.n, rt.threshold, rt.temperature, rt.top_p, rt.scorer_batch_size, rt.max_new_tokens, 5)
+    assert p.private_fraction == inspect.signature(prepare).parameters["private_fraction"].default
+    assert (p.dp_steps, p.dp_batch, p.benchmarks) == (full.dp_steps, full.dp_batch, full.benchmarks)
+    cfg["exec_filter"]["workerz"] = 3
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(PrivcodeError, match=r"c\.yaml.*field 'exec_filter'.*workerz"):
+        Plan.from_config(path)

@@ -196,8 +196,6 @@ def measured_early_stop(scores_path, plan: Plan, tau: float) -> float:
 
 
 def run(a) -> dict:
-    import yaml
-
     from privcode.bench.shapes import device_info
 
     assume = dict(kv.split("=", 1) for kv in a.assume)
@@ -206,8 +204,7 @@ def run(a) -> dict:
     units = _measure(plan, SHAPES[a.shape], a.device, small, a)
     early = None
     if a.early_stop_scores:
-        tau = yaml.safe_load(open(a.config, encoding="utf-8"))["roundtrip"]["threshold"]
-        early = measured_early_stop(a.early_stop_scores, plan, tau)
+        early = measured_early_stop(a.early_stop_scores, plan, plan.tau)
     proj = project(plan, units, early)
     gpu = a.device.startswith("cuda")
     targets = {k: {"value": proj["total"][k], "target": f"<= {v}",

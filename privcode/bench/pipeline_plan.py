@@ -45,6 +45,7 @@ class Plan:
     ft_batch: int
     n: int                       # descriptions per program
     early_stop_round: int        # rounds of k for the early-stop projection (config, else 5)
+    tau: float                   # roundtrip.threshold (a measured early stop replays at it)
     benchmarks: list
     exec_workers: int
     private_fraction: float
@@ -72,25 +73,29 @@ class Plan:
 
     @classmethod
     def from_config(cls, path, assume: dict | None = None) -> "Plan":
-        import yaml
+        """The counts of the config at `path` as the workflow reads them (privcode.config): each
+        stage's section over its option class's defaults, the schema's defaults for the workflow's keys."""
+        from privcode.config import load_config, stage_options
+        from privcode.data.records import prepare
+        from privcode.evaluate.run import EvalConfig
+        from privcode.filters.roundtrip import RoundTripConfig
+        from privcode.synth.generate import GenerateConfig
+        from privcode.train import TrainConfig
 
-        from privcode.train import TrainConfig  # what a config leaves out: TrainConfig's defaults
-
-        c = yaml.safe_load(open(path, encoding="utf-8"))
-        rt = c["roundtrip"]
-        dp = TrainConfig(**{**c["dp_finetune"], **c["models"].get(c["junior"], {}).get("dp_finetune", {})})
-        ft = TrainConfig(**c["finetune"])
+        c = load_config(path)
+        dp = stage_options(TrainConfig, c["dp_finetune"], c["models"][c["junior"]].get("dp_finetune", {}))
+        ft = stage_options(TrainConfig, c["finetune"])
+        rt, gen = stage_options(RoundTripConfig, c["roundtrip"]), stage_options(GenerateConfig, c["generate"])
+        data = {**prepare.__kwdefaults__, **c["data"]}  # prepare-data's options: its keyword arguments
         plan = cls(dp_steps=dp.steps, dp_batch=dp.batch_size, ft_epochs=ft.epochs, ft_batch=ft.batch_size,
-                   n=rt.get("n", 20), early_stop_round=rt.get("early_stop_round") or 5,
-                   benchmarks=list(c["evaluate"]["benchmarks"]), exec_workers=c["exec_filter"].get("workers", 1),
-                   private_fraction=c["data"].get("private_fraction", 0.26),
-                   answer_cap=c["generate"].get("max_new_tokens", 1024),
+                   n=rt.n, early_stop_round=rt.early_stop_round or 5, tau=rt.threshold,
+                   benchmarks=list(c["evaluate"]["benchmarks"]), exec_workers=c["exec_filter"]["workers"],
+                   private_fraction=data["private_fraction"], answer_cap=gen.max_new_tokens,
                    dp_micro_batch=dp.micro_batch_size, dp_micro_tokens=dp.micro_batch_tokens,
-                   ft_micro_batch=ft.micro_batch_size,
-                   gen_batch=c["generate"].get("batch_size", 16), eval_batch=c["evaluate"].get("batch_size", 16),
-                   temperature=rt.get("temperature", 0.8), top_p=rt.get("top_p", 1.0),
-                   scorer_batch=rt.get("scorer_batch_size", 64),
-                   description_tokens=rt.get("max_new_tokens", 200))
+                   ft_micro_batch=ft.micro_batch_size, gen_batch=gen.batch_size,
+                   eval_batch=stage_options(EvalConfig, c["evaluate"]).batch_size,
+                   temperature=rt.temperature, top_p=rt.top_p, scorer_batch=rt.scorer_batch_size,
+                   description_tokens=rt.max_new_tokens)
         plan.answer_tokens = min(plan.answer_tokens, plan.answer_cap)
         for k, v in (assume or {}).items():
             if k not in SOURCES:
