@@ -43,7 +43,8 @@ def step_profile(shape_name, B, P, new, temperature, top_p, reps=1):
     from torch.profiler import ProfilerActivity, profile
 
     from privcode.bench.shapes import build_model, get_shape
-    from privcode.synth.decoder import Decoder, Runner
+    from privcode.synth.decoder import Decoder
+    from privcode.synth.runner import Runner
 
     shape = get_shape(shape_name)
     model = build_model(shape, "cuda", torch.bfloat16).eval()
@@ -51,8 +52,11 @@ def step_profile(shape_name, B, P, new, temperature, top_p, reps=1):
     up = lambda x: -(-x // 64) * 64  # noqa: E731 - the backend's slot buckets
     r = Runner(dec, B, up(new) if reps > 1 else up(P + new), temperature=temperature, top_p=top_p, eos=None,
                 pad=0, ignore_eos=True, use_graph=True, reps=reps, prefix=up(P) if reps > 1 else 0)
-    ids = torch.randint(1, shape.vocab - 2, (B // reps, P))
-    r.run(ids, torch.full((B // reps,), P), new // 2)  # profile the step halfway through
+    ids = torch.randint(1, shape.vocab - 2, (B // reps, P)).tolist()
+    r.load(list(range(B // reps)), ids)  # every row starts together; profile the step halfway through
+    r.start(list(range(B)), [i // reps for i in range(B)], list(range(B)), [P] * B, [new] * B, new)
+    for j in range(new // 2):
+        r.replay(r.att_len((0 if reps > 1 else P) + j))
     replay_ms = timed(r.graphs[r.S].replay, 20)  # the full-length step (every cache slot read)
     with torch.inference_mode():
         eager_ms = timed(r.step, 5)

@@ -256,6 +256,34 @@ def test_bench_generate_small_cpu_writes_every_field(tmp_path):
     assert r["new_tokens"] == 6 and r["info"]["card"] == "cpu" and "target" in r
 
 
+def test_bench_generate_rows_of_given_lengths_with_and_without_refill(tmp_path):
+    """--lengths/--waves/--no-refill: rows end at lengths drawn once (tokens = their sum), the continuous and the
+    batch-after-batch runs and the reference peer give the same rows (fp32 on CPU), and bad specs are refused."""
+    from privcode.bench import generate_bench
+
+    out = tmp_path / "gen.json"
+    generate_bench.main(["--shape", "small", "--device", "cpu", "--batches", "4", "--prompt-len", "8", "--new-tokens",
+                         "10", "--n", "2", "--temperature", "0.8", "--top-p", "0.9", "--lengths", "geometric:4",
+                         "--waves", "3", "--no-refill", "--peers", "reference", "--out", str(out)])
+    r = json.loads(out.read_text())
+    got = {x["backend"]: x for x in r["results"]}
+    assert set(got) == {"fast", "fast-norefill", "reference"} and not any("error" in x for x in got.values())
+    tokens = {x["tokens"] for x in got.values()}
+    assert len(tokens) == 1 and 12 <= tokens.pop() < 6 * 2 * 10  # 6 prompts x 2 rows, ended before --new-tokens
+    assert got["fast-norefill"]["rows_identical"] == 1.0 and got["reference"]["rows_identical"] == 1.0
+    assert "fast / fast-norefill @ batch 4" in r["ratios"] and r["lengths"] == "geometric:4" and r["waves"] == 3
+    import torch
+
+    geo = torch.tensor(generate_bench.row_lengths("geometric:20", 4000, 5, 1000, torch.Generator().manual_seed(1)))
+    assert geo.min() >= 1 and abs(float(geo.float().mean()) - 20) < 0.5  # sd 19.5 / sqrt(20000) = 0.14
+    uni = torch.tensor(generate_bench.row_lengths("uniform:3", 2000, 5, 7, torch.Generator().manual_seed(1)))
+    assert set(uni.flatten().tolist()) == {3, 4, 5, 6, 7}
+    assert generate_bench.row_lengths("max", 3, 2, 7, torch.Generator()) is None
+    for bad in ("uniform:0", "geometric:x", "normal:3"):
+        with pytest.raises(SystemExit, match="--lengths"):
+            generate_bench.main(["--shape", "small", "--device", "cpu", "--lengths", bad, "--out", str(out)])
+
+
 def test_hook_free_per_record_gradients_equal_batch_of_one():
     pm = _tiny_peft()
     leanlora.lean_lora(pm)

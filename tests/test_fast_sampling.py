@@ -127,23 +127,23 @@ def test_reading_only_the_written_cache_slots_gives_the_full_length_tokens(tiny_
     """Each decode step attends to the slots written so far (rounded up to SLOT_BUCKET), not the whole
     cache: the same tokens as attending to every slot, over a run that crosses bucket boundaries."""
     from privcode.models import load_model, load_tokenizer
-    from privcode.synth import decoder
+    from privcode.synth import runner
     from privcode.synth.base import SamplingParams
 
     tok = load_tokenizer(str(tiny_model), padding_side="left")
     model = load_model(str(tiny_model))
     prompts = ["def add(a", "Question: Write a function.", "x"]
     lens = []
-    real = decoder.Runner.att_len
-    monkeypatch.setattr(decoder.Runner, "att_len", lambda self, slot: lens.append(real(self, slot)) or lens[-1])
+    real = runner.Runner.att_len
+    monkeypatch.setattr(runner.Runner, "att_len", lambda self, slot: lens.append(real(self, slot)) or lens[-1])
     for p in (SamplingParams(max_new_tokens=150, temperature=0.9, seed=1),  # own cache: prompt + 150 slots
               SamplingParams(max_new_tokens=150, temperature=0.9, n=2, seed=1)):  # shared prompt cache
         short = FastHFBackend(model=model, tokenizer=tok, batch_size=4).generate_ids(
             [tok(x)["input_ids"] for x in prompts], p, ignore_eos=True)
         assert {64, 128, 192} <= set(lens)  # three attention lengths were used
         lens.clear()
-        monkeypatch.setattr(decoder.Runner, "att_len", lambda self, slot: self.S)  # the reference: every slot
+        monkeypatch.setattr(runner.Runner, "att_len", lambda self, slot: self.S)  # the reference: every slot
         full = FastHFBackend(model=model, tokenizer=tok, batch_size=4).generate_ids(
             [tok(x)["input_ids"] for x in prompts], p, ignore_eos=True)
         assert short == full
-        monkeypatch.setattr(decoder.Runner, "att_len", lambda self, slot: lens.append(real(self, slot)) or lens[-1])
+        monkeypatch.setattr(runner.Runner, "att_len", lambda self, slot: lens.append(real(self, slot)) or lens[-1])

@@ -1,21 +1,14 @@
-"""The fast backend's decoding engine: the model's own layers driven with an explicit static KV
-cache (`Decoder`), and one batch shape's buffers and captured decode steps (`Runner`).
-privcode.synth.fast explains the design and is the interface (FastHFBackend)."""
+"""The fast backend's model driver: the model's own layers run with an explicit static KV cache
+(`Decoder`): prefill of prompts into chosen cache rows, one decode step with a per-row write slot.
+privcode.synth.runner holds one batch shape's buffers and captured steps, privcode.synth.batching
+decides what each row decodes; privcode.synth.fast explains the design and is the interface."""
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
 
-from privcode.synth.sampling import top_p_sample
-
-log = logging.getLogger(__name__)
-
 SUPPORTED = {"llama", "qwen2", "qwen3", "mistral"}
-PREFILL_TOKENS = 16384  # rows per prefill chunk = this // prompt length (bounds prefill memory)
 SLOT_BUCKET = 64        # cache length rounded up to this, so graphs are reused across batches
-CHECK_EVERY = 32        # decode steps between "all finished?" checks (each one is a host sync)
 
 
 def bucket(n: int) -> int:
@@ -71,35 +64,36 @@ class Decoder:
         except (AttributeError, IndexError, TypeError):
             return False
 
-    def forward(self, ids, pos, slots, K, V, mask, rows=slice(None), prefix=None, att=None):
-        """ids, pos [b, L]; slots [L] cache slots written; K/V per layer [B, kv, S, d] (rows: which
-        cache rows these b sequences are); mask [b, 1, L, S_att] bool (True: attend). With L == 1
-        the query attends to the whole cache; with L > 1 (prefill) to the L new tokens only.
-        prefix (L == 1): (Kp, Vp, pvalid, reps), a prompt cache [b / reps, kv, P, d] per layer shared
-        by `reps` consecutive rows, attended to before each row's own cache K/V.
-        att (L == 1): the new query reads only the first `att` slots of each row's cache (the mask is
-        [b, 1, 1, att]): slots past the last written one are never read.
-        Returns final-norm hidden states of the last position [b, H]."""
+    def forward(self, ids, pos, slots, K, V, mask, rows=None, prefix=None, att=None, last=None):
+        """ids, pos [b, L]; K/V per layer [B, kv, S, d]; mask [b, 1, L, S_att] bool (True: attend).
+        Decode (rows None, L == 1, b == B): each row writes its new K/V at its own slot `slots` [B] and its query
+        attends to the first `att` slots of its cache (the mask is [B, 1, 1, att]: slots past the
+        last written one are never read); prefix: (Kp, Vp, pvalid, reps), a prompt cache
+        [B / reps, kv, P, d] per layer shared by `reps` consecutive rows, attended to first.
+        Prefill (rows [b] given): the L tokens' K/V go to slots [0, L) of cache rows `rows` [b] and the
+        queries attend to the L new tokens only (`slots` is unused).
+        Returns final-norm hidden states [b, H] of the last position (`last` [b]: of these positions)."""
         b, L = ids.shape
         h = self.embed(ids)
         cos, sin = self.rotary(h, pos)
         cos, sin = cos[:, None], sin[:, None]
+        decode = rows is None
+        idx = slots.view(b, 1, 1, 1).expand(b, self.kv, 1, self.hd) if decode else None
         for i, layer in enumerate(self.layers):
-            Ki, Vi = K[i][rows], V[i][rows]
-            if L == 1:
+            if decode:
                 pre = (prefix[0][i], prefix[1][i], prefix[2]) if prefix is not None else None
-                h = self.decode_layer(layer, h, cos, sin, slots, Ki, Vi, mask, pre, prefix[3] if prefix else 1,
-                                      att or Ki.shape[2])
+                h = self.decode_layer(layer, h, cos, sin, idx, K[i], V[i], mask, pre, prefix[3] if prefix else 1,
+                                      att or K[i].shape[2])
                 continue
             q, k, v = self._qkv(layer, h, cos, sin, b, L)
-            Ki.index_copy_(2, slots, k.to(Ki.dtype))
-            Vi.index_copy_(2, slots, v.to(Vi.dtype))
+            K[i][rows, :, :L] = k.to(K[i].dtype)
+            V[i][rows, :, :L] = v.to(V[i].dtype)
             G = self.nh // self.kv
             kk = k.repeat_interleave(G, dim=1) if G > 1 else k
             vv = v.repeat_interleave(G, dim=1) if G > 1 else v
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=self.scaling)
             h = self._finish_layer(layer, h, o.transpose(1, 2).reshape(b, L, self.nh * self.hd))
-        return self.norm(h[:, -1])
+        return self.norm(h[:, -1] if last is None else h[torch.arange(b, device=h.device), last])
 
     def _qkv(self, layer, h, cos, sin, b, L):
         """The layer's rotated queries [b, nh, L, d] and keys, values [b, kv, L, d]."""
@@ -118,15 +112,16 @@ class Decoder:
         h = h + layer.self_attn.o_proj(o)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _decode_layer(self, layer, h, cos, sin, slots, Ki, Vi, mask, pre, reps: int, att: int):
-        """One layer for one new token per row: writes its K/V into the row caches Ki/Vi at `slots`,
-        attends to their first `att` slots (after the shared prompt cache `pre` = (Kp, Vp, pvalid),
-        when given) and returns the layer's output hidden states."""
+    def _decode_layer(self, layer, h, cos, sin, idx, Ki, Vi, mask, pre, reps: int, att: int):
+        """One layer for one new token per row: writes its K/V into the row caches Ki/Vi at the
+        row's slot (`idx`: the slots expanded to [B, kv, 1, d]), attends to their first `att` slots
+        (after the shared prompt cache `pre` = (Kp, Vp, pvalid), when given) and returns the
+        layer's output hidden states."""
         b = h.shape[0]
         G = self.nh // self.kv
         q, k, v = self._qkv(layer, h, cos, sin, b, 1)
-        Ki.index_copy_(2, slots, k.to(Ki.dtype))
-        Vi.index_copy_(2, slots, v.to(Vi.dtype))
+        Ki.scatter_(2, idx, k.to(Ki.dtype))
+        Vi.scatter_(2, idx, v.to(Vi.dtype))
         Ki, Vi = Ki[:, :, :att], Vi[:, :, :att]
         if pre is not None:
             o = self._shared(q.reshape(b, self.kv, G, self.hd), Ki, Vi, mask, pre[0], pre[1], pre[2], reps)
@@ -150,145 +145,3 @@ class Decoder:
         return o1 + torch.matmul(w[..., P:], Vs)
 
 
-class Runner:
-    """Static buffers of one (batch, cache length, sampling mode) and its captured decode step.
-    With reps > 1 (n samples per prompt) each prompt's K/V live once in a prompt cache of `prefix`
-    slots shared by its reps rows, and the per-row cache holds the S generated slots only."""
-
-    @torch.inference_mode()
-    def __init__(self, dec: Decoder, B: int, S: int, *, temperature: float, top_p: float, eos, pad: int,
-                 ignore_eos: bool, use_graph: bool, sampler=top_p_sample, reps: int = 1, prefix: int = 0):
-        p = next(dec.model.parameters())
-        dev, dt = p.device, p.dtype
-        self.dec, self.B, self.S, self.dev, self.reps = dec, B, S, dev, reps
-        self.prefix = None
-        if reps > 1:
-            assert B % reps == 0 and prefix > 0
-            pshp = (B // reps, dec.kv, prefix, dec.hd)
-            self.prefix = ([torch.zeros(pshp, device=dev, dtype=dt) for _ in dec.layers],
-                           [torch.zeros(pshp, device=dev, dtype=dt) for _ in dec.layers],
-                           torch.zeros((B // reps, prefix), dtype=torch.bool, device=dev), reps)
-        self.temperature, self.top_p, self.sampler = temperature, top_p, sampler
-        self.eos = None if (eos is None or ignore_eos) else int(eos)
-        self.pad = int(pad)
-        shp = (B, dec.kv, S, dec.hd)
-        self.K = [torch.zeros(shp, device=dev, dtype=dt) for _ in dec.layers]
-        self.V = [torch.zeros(shp, device=dev, dtype=dt) for _ in dec.layers]
-        self.tok = torch.zeros(B, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
-        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        self.t = torch.zeros(1, dtype=torch.long, device=dev)
-        self.valid = torch.zeros((B, S), dtype=torch.bool, device=dev)
-        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.out = torch.full((B, S), self.pad, dtype=torch.long, device=dev)
-        self.graphs = {}  # attention length -> the captured decode step (CUDA)
-        if use_graph and dev.type == "cuda":
-            try:
-                self._capture()
-            except Exception as e:  # noqa: BLE001 - any capture failure: decode eagerly instead
-                log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
-                self.graphs = {}
-                torch.cuda.synchronize(dev)
-
-    def choose(self, logits):
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        return self.sampler(logits, self.temperature, self.top_p)
-
-    def after_choice(self, nxt):
-        if self.eos is not None:
-            nxt = torch.where(self.finished, torch.full_like(nxt, self.pad), nxt)
-            self.finished |= nxt == self.eos
-        return nxt
-
-    def att_len(self, slot: int) -> int:
-        """Cache slots a step that writes `slot` attends to: the written ones, rounded up to SLOT_BUCKET
-        (one graph per length)."""
-        return min(self.S, bucket(slot + 1))
-
-    def step(self, att=None):
-        att = att or self.S
-        self.valid.index_fill_(1, self.slot, True)
-        h = self.dec.forward(self.tok[:, None], self.pos[:, None], self.slot, self.K, self.V,
-                             self.valid[:, None, None, :att], prefix=self.prefix, att=att)
-        nxt = self.after_choice(self.choose(self.dec.head(h)))
-        self.out.index_copy_(1, self.t, nxt[:, None])
-        self.tok.copy_(nxt)
-        self.pos += 1
-        self.slot += 1
-        self.t += 1
-
-    def _capture(self):
-        """One graph per attention length, all before the first run (warm-up steps move the state,
-        which `run` resets); they share one memory pool (only one replays at a time)."""
-        pool = None
-        for att in range(SLOT_BUCKET, self.S + SLOT_BUCKET, SLOT_BUCKET):
-            att = min(att, self.S)
-            s = torch.cuda.Stream(self.dev)
-            s.wait_stream(torch.cuda.current_stream(self.dev))
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self.step(att)
-            torch.cuda.current_stream(self.dev).wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.step(att)
-            pool = pool or g.pool()
-            self.graphs[att] = g
-
-    @torch.inference_mode()
-    def run(self, ids, n_real, max_new: int) -> torch.Tensor:
-        """ids [u, P] left-padded prompts, n_real [u] their lengths; each prompt decodes `reps` rows
-        (u * reps <= B) from one prefill. Returns [u * reps, max_new] tokens, prompt 0's rows first."""
-        u, P = ids.shape
-        reps, b = self.reps, u * self.reps
-        shared = self.prefix is not None
-        assert b <= self.B and (P <= self.prefix[0][0].shape[2] and max_new <= self.S if shared
-                                else P + max_new - 1 <= self.S)
-        ids, n_real = ids.to(self.dev), n_real.to(self.dev)
-        src = torch.arange(self.B, device=self.dev) // reps  # row -> the prompt it decodes
-        src[b:] = 0                                          # spare graph rows: copies of prompt 0, dropped
-        pad_len = P - n_real
-        ar = torch.arange(P, device=self.dev)
-        key_ok = ar[None, :] >= pad_len[:, None]                                     # [u, P]
-        self.valid.zero_()
-        if shared:
-            Kc, Vc, pvalid, _ = self.prefix
-            pvalid.zero_()
-            pvalid[:u, :P] = key_ok
-        else:
-            Kc, Vc = self.K, self.V
-            self.valid[:, :P] = key_ok[src]
-        self.finished.zero_()
-        self.out.fill_(self.pad)
-        # prefill each prompt once, in row chunks, into cache rows 0..u-1; pad queries attend to
-        # themselves (finite, never read)
-        causal = ar[None, :] <= ar[:, None]
-        eye = torch.eye(P, dtype=torch.bool, device=self.dev)
-        rows_per = max(1, PREFILL_TOKENS // P)
-        hs = []
-        for r0 in range(0, u, rows_per):
-            r1 = min(u, r0 + rows_per)
-            pos = (ar[None, :] - pad_len[r0:r1, None]).clamp(min=0)
-            mask = ((causal[None] & key_ok[r0:r1, None, :]) | eye[None])[:, None]
-            hs.append(self.dec.forward(ids[r0:r1], pos, ar, Kc, Vc, mask, rows=slice(r0, r1)))
-        if not shared and b < self.B:  # spare rows: row 0's K/V (finite; their tokens are dropped)
-            for K, V in zip(self.K, self.V):
-                K[b:, :, :P] = K[:1, :, :P]
-                V[b:, :, :P] = V[:1, :, :P]
-        nxt = self.after_choice(self.choose(self.dec.head(torch.cat(hs))[src]))
-        self.out[:, 0] = nxt
-        self.tok.copy_(nxt)
-        self.pos.copy_(n_real[src])
-        self.slot.fill_(0 if shared else P)
-        self.t.fill_(1)
-        first = 0 if shared else P  # the slot decode step 1 writes
-        for j in range(1, max_new):
-            att = self.att_len(first + j - 1)
-            if self.graphs:
-                self.graphs[att].replay()
-            else:
-                self.step(att)
-            if self.eos is not None and j % CHECK_EVERY == 0 and bool(self.finished[:b].all()):
-                break
-        return self.out[:b, :max_new].cpu()

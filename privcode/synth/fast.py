@@ -1,25 +1,39 @@
-"""Fast transformers-weights backend: static KV cache, one CUDA graph per decode step.
+"""Fast transformers-weights backend: static KV cache, one CUDA graph per decode step, continuous batching.
 
     backend = FastHFBackend("results/models/smollm2/base", batch_size=256, dtype="bfloat16")
     backend.generate(prompts, SamplingParams(max_new_tokens=256))
+    FastHFBackend(model_ref, batch_size=0, continuous=False)   # batch after batch (the reference schedule)
+    FastHFBackend(model_ref, batch_size=1280, prompt_rows=20)  # a prompt's n = 20 samples start together
 
-Same interface and outputs as HFBackend (prompts sorted by length, left padding, greedy when
-temperature == 0, otherwise temperature + top-p sampling with `n` samples per prompt, stop on
-EOS per sequence), but decoding does not go through `model.generate`:
+Same interface and outputs as HFBackend (greedy when temperature == 0, otherwise temperature +
+top-p sampling with `n` samples per prompt, stop on EOS per sequence), but decoding does not go
+through `model.generate`:
 
-- prefill runs the model's own layers over the prompt once and writes K/V into a
-  preallocated cache [batch, kv heads, slots, head dim] per layer;
+- prefill runs the model's own layers over a prompt once and writes its K/V into a preallocated
+  cache [rows, kv heads, slots, head dim] per layer;
 - one decode step (embedding, layers, head, token choice, EOS bookkeeping, cache write, position
   advance) only touches fixed buffers, so on CUDA it is captured once as a CUDA graph and
   replayed: one launch per token instead of ~1000 kernel launches from Python;
+- continuous batching (`continuous`, on by default; privcode.synth.batching): every row has its
+  own write slot, position and token count, and a row that ends (EOS or max_new_tokens) is given
+  the next waiting prompt or sample between two steps (a prefill into its freed cache row), so the
+  batch stays full when outputs end at EOS instead of running until its longest row ends. Checked
+  every REFILL_EVERY steps (one host sync). Prompts start longest first; with a prompt cache a
+  call runs in `length_segments` (one prompt-cache length each, at most twice a prompt's own);
+- each row draws its tokens from its own random stream, a function of (seed, prompt index, sample
+  index, token index) (`sampling.row_exponential`), so its tokens do not depend on the batch
+  size, on which row or step computes them, or on `continuous`;
 - attention of the single new query reads only the cache slots written so far (rounded up to
-  SLOT_BUCKET: one graph per such length), with a validity mask for left padding; grouped-query
-  heads are folded into the query axis so no K/V is repeated;
+  SLOT_BUCKET: one graph per such length, for the highest slot a live row writes), with a
+  validity mask per row; grouped-query heads are folded into the query axis so no K/V is repeated;
 - optionally (`compile_layers`) one decode layer runs under torch.compile, one graph for every
   layer, which fuses the element-wise work between the GEMMs;
 - `batch_size` 0 sizes the batch from the free GPU memory (`rows_for_memory`);
 - with `n` samples per prompt each prompt is prefilled once and its K/V kept once, in a prompt
-  cache that its n rows' queries read together; each row's own cache holds its generated slots;
+  cache that a group of rows reads together; each row's own cache holds its generated slots. A
+  group of `prompt_rows` rows (default: n / GROUP_SPLIT rounded up with continuous batching, else n)
+  decodes one prompt's n samples, a freed row starting the next sample, and takes the next prompt
+  once all its rows are free: smaller groups refill sooner, larger ones read prompt caches less;
 - top-p sampling does not sort the vocabulary (`top_p_sample`: an exponential race, exact but
   for an event of probability <= 1e-12 per token, where it takes the most probable token).
 
@@ -36,7 +50,9 @@ from collections import OrderedDict
 import torch
 
 from privcode.synth.base import Backend, SamplingParams, cut_at_stop
-from privcode.synth.decoder import SLOT_BUCKET, Decoder, Runner, bucket
+from privcode.synth.batching import decode
+from privcode.synth.decoder import Decoder, bucket
+from privcode.synth.runner import Runner
 from privcode.synth.sampling import top_p_sample
 
 log = logging.getLogger(__name__)
@@ -44,19 +60,21 @@ log = logging.getLogger(__name__)
 MEM_FRACTION = 0.8      # batch_size 0: rows fill this share of the free GPU memory (the rest: allocator slack)
 MAX_AUTO_ROWS = 4096    # ... and at most this many rows (past ~1-2k rows decoding is compute-bound anyway)
 CPU_AUTO_ROWS = 32      # batch_size 0 without a GPU
+GROUP_SPLIT = 4         # continuous batching: rows per prompt = n / this (rounded up), unless prompt_rows is set
 
 
 def rows_for_memory(free_bytes: int, *, layers: int, kv: int, head_dim: int, dtype_bytes: int, vocab: int,
-                    hidden: int, prompt_len: int, new_tokens: int, reps: int = 1) -> int:
+                    hidden: int, prompt_len: int, new_tokens: int, reps: int = 1, shared: bool | None = None) -> int:
     """The most rows (sequences) whose decoding state fits in MEM_FRACTION of `free_bytes`, rounded down
-    to a power of two (graphs are reused across batches), then to a multiple of `reps` (a prompt's
-    samples share a batch); at least `reps`.
-    Per row: its own K/V cache (generated slots only when `reps` > 1 share a prompt cache, else prompt
-    + generated), its share of the prompt cache, four fp32 vocabulary-sized buffers (logits,
-    probabilities, the sampler's keys and one temporary) and a few hidden-sized activations."""
-    own = bucket(new_tokens) if reps > 1 else bucket(prompt_len + new_tokens)
+    to a power of two (graphs are reused across batches), then to a multiple of `reps` (the rows that
+    share a prompt cache); at least `reps`.
+    Per row: its own K/V cache (generated slots only with a prompt cache, `shared`, default reps > 1;
+    else prompt + generated), its share of the prompt cache, four fp32 vocabulary-sized buffers
+    (logits, probabilities, the sampler's keys and its noise) and a few hidden-sized activations."""
+    shared = reps > 1 if shared is None else shared
+    own = bucket(new_tokens) if shared else bucket(prompt_len + new_tokens)
     kv_row = 2 * layers * kv * head_dim * dtype_bytes
-    per_row = kv_row * own + (kv_row * bucket(prompt_len) / reps if reps > 1 else 0) \
+    per_row = kv_row * own + (kv_row * bucket(prompt_len) / reps if shared else 0) \
         + 4 * 4 * vocab + 16 * hidden * dtype_bytes
     rows = int(MEM_FRACTION * free_bytes // per_row)
     rows = min(rows, MAX_AUTO_ROWS)
@@ -64,12 +82,25 @@ def rows_for_memory(free_bytes: int, *, layers: int, kv: int, head_dim: int, dty
     return max(reps, rows - rows % reps)
 
 
+def length_segments(order: list[int], prompts: list[list[int]]) -> list[list[int]]:
+    """`order` (longest prompt first) cut where the prompt cache could halve: a segment's prompts are
+    longer than half its first one's bucketed length, so the prompt cache its steps read (that many
+    slots for every prompt) is at most twice a prompt's own."""
+    segs: list[list[int]] = []
+    for i in order:
+        if not segs or 2 * bucket(len(prompts[i])) <= bucket(len(prompts[segs[-1][0]])):
+            segs.append([])
+        segs[-1].append(i)
+    return segs
+
+
 class FastHFBackend(Backend):
     name = "fast"
 
     def __init__(self, model_ref: str | None = None, batch_size: int = 64, dtype: str = "bfloat16",
                  cuda_graphs: bool = True, *, model=None, tokenizer=None, eos_token_id=None, pad_token_id=None,
-                 sampler=top_p_sample, share_prefix: bool = True, compile_layers: bool = False):
+                 sampler=top_p_sample, share_prefix: bool = True, compile_layers: bool = False,
+                 continuous: bool = True, prompt_rows: int = 0):
         if model is None:
             from privcode.models import default_device, load_model, load_tokenizer
 
@@ -85,6 +116,8 @@ class FastHFBackend(Backend):
         self.cuda_graphs = cuda_graphs
         self.sampler = sampler            # top_p_sample, or sort_top_p_sample (the reference)
         self.share_prefix = share_prefix  # n samples of a prompt: one prefill (False: n copies, the reference)
+        self.continuous = continuous      # refill finished rows (False: batch after batch; same tokens)
+        self.prompt_rows = prompt_rows    # rows decoding one prompt's samples at a time (0: group_rows' default)
         # compile_layers: torch.compile one decode layer (fused element-wise work; one compile of
         # ~1 layer's graph per process and batch shape): for long GPU jobs, off for short ones
         self.dec = Decoder(model, compile_layers) if Decoder.supports(model) else None
@@ -113,7 +146,7 @@ class FastHFBackend(Backend):
         self._runners[key] = r
         return r
 
-    def auto_rows(self, prompt_len: int, new_tokens: int, reps: int) -> int:
+    def auto_rows(self, prompt_len: int, new_tokens: int, reps: int, shared: bool = False) -> int:
         """batch_size 0: rows from the free memory of the model's GPU (rows_for_memory)."""
         p = next(self.model.parameters())
         if p.device.type != "cuda" or self.dec is None:
@@ -124,7 +157,7 @@ class FastHFBackend(Backend):
         rows = rows_for_memory(torch.cuda.mem_get_info(p.device)[0], layers=len(self.dec.layers), kv=self.dec.kv,
                                head_dim=self.dec.hd, dtype_bytes=p.element_size(), vocab=cfg.vocab_size,
                                hidden=cfg.hidden_size, prompt_len=prompt_len, new_tokens=new_tokens,
-                               reps=reps if self.share_prefix else 1)
+                               reps=reps, shared=shared)
         log.info("batch_size 0: %d rows fit in the free GPU memory", rows)
         return rows
 
@@ -144,40 +177,58 @@ class FastHFBackend(Backend):
             return self.model.generate(input_ids=ids, attention_mask=am, **kw)[:, P:].cpu()
 
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, progress=None,
-                     ignore_eos: bool = False) -> list[list[list[int]]]:
+                     ignore_eos: bool = False, lengths=None) -> list[list[list[int]]]:
         """Token-level generate: per prompt, `n` (1 when greedy) lists of new token ids, cut
-        after EOS (kept whole with ignore_eos, for benchmarks on random weights)."""
+        after EOS (kept whole with ignore_eos, for benchmarks on random weights). lengths[i][j]
+        (benchmarks): sample j of prompt i stops after that many tokens, as if it drew EOS there."""
         k = params.n if params.temperature > 0 else 1
-        out: list = [None] * len(prompt_ids)
-        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-        max_rows = self.batch_size if self.batch_size > 0 else self.auto_rows(
-            max((len(x) for x in prompt_ids), default=1), params.max_new_tokens, k)
+        if not prompt_ids:
+            return []
+        prompts = [list(x) or [self.pad] for x in prompt_ids]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        P, new = len(prompts[order[0]]), params.max_new_tokens
+        shared = self.share_prefix and k > 1
+        g = self.group_rows(k) if shared else 1
+        max_rows = self.batch_size if self.batch_size > 0 else self.auto_rows(P, new, g, shared)
+        S = bucket(new) if shared else bucket(P + new)
+        if self.dec is None or (self.dec.window is not None and bucket(P + new) > self.dec.window):
+            out = self._batched_hf(prompts, order, params, k, max_rows, ignore_eos, progress)
+            return out if lengths is None else [[r[:max(1, n)] for r, n in zip(per, ns)]
+                                                for per, ns in zip(out, lengths)]
+        out: list = [None] * len(prompts)
+        for seg in (length_segments(order, prompts) if shared else [order]):
+            units = len(seg) if shared else len(seg) * k  # groups (shared) or rows that can run at once
+            cap = max(1, max_rows // g)
+            U = min(1 << (min(units, cap) - 1).bit_length(), cap)  # a power of two where it fits: few graph sizes
+            r = self._runner(U * g, S, params.temperature, params.top_p, ignore_eos, g,
+                             bucket(len(prompts[seg[0]])) if shared else 0)
+            for i, per in decode(r, prompts, seg, k=k, max_new=new, seed=params.seed, continuous=self.continuous,
+                                 lengths=lengths, progress=progress).items():
+                out[i] = self._cut(per, ignore_eos)
+        return out
+
+    def _cut(self, rows, ignore_eos):
+        """Each row up to and with its first EOS."""
+        if self.eos is None or ignore_eos:
+            return rows
+        return [row[: row.index(self.eos) + 1] if self.eos in row else row for row in rows]
+
+    def group_rows(self, k: int) -> int:
+        """Rows that decode one prompt's k samples at a time (they share its prompt cache)."""
+        if self.prompt_rows > 0:
+            return min(self.prompt_rows, k)
+        return -(-k // GROUP_SPLIT) if self.continuous else k
+
+    def _batched_hf(self, prompts, order, params, k, max_rows, ignore_eos, progress):
+        """model.generate, batch after batch (architectures the decoder does not drive)."""
+        out: list = [None] * len(prompts)
         bs = max(1, max_rows // k)
         for s in range(0, len(order), bs):
             idx = order[s:s + bs]
-            batch = [list(prompt_ids[i]) or [self.pad] for i in idx for _ in range(k)]
             if params.temperature > 0:
                 torch.manual_seed(params.seed + s)
-            P = max(map(len, batch))
-            S = -(-(P + params.max_new_tokens) // SLOT_BUCKET) * SLOT_BUCKET
-            if self.dec is not None and (self.dec.window is None or S <= self.dec.window):
-                reps = k if self.share_prefix else 1
-                uniq = batch[::reps]
-                U = 1 << (len(uniq) - 1).bit_length()  # few distinct graph sizes
-                U = len(uniq) if U * reps > max(max_rows, len(batch)) else U
-                if reps > 1:  # a prompt cache of P (bucketed) slots + max_new generated slots per row
-                    r = self._runner(U * reps, -(-params.max_new_tokens // SLOT_BUCKET) * SLOT_BUCKET,
-                                     params.temperature, params.top_p, ignore_eos, reps,
-                                     -(-P // SLOT_BUCKET) * SLOT_BUCKET)
-                else:
-                    r = self._runner(U, S, params.temperature, params.top_p, ignore_eos)
-                ids = torch.tensor([[self.pad] * (P - len(x)) + x for x in uniq])
-                gen = r.run(ids, torch.tensor([len(x) for x in uniq]), params.max_new_tokens)
-            else:
-                gen = self._hf_generate_ids(batch, params, ignore_eos)
-            rows = gen.tolist()
-            if self.eos is not None and not ignore_eos:
-                rows = [row[: row.index(self.eos) + 1] if self.eos in row else row for row in rows]
+            rows = self._cut(self._hf_generate_ids([prompts[i] for i in idx for _ in range(k)], params,
+                                                   ignore_eos).tolist(), ignore_eos)
             for j, i in enumerate(idx):
                 out[i] = rows[j * k:(j + 1) * k]
             if progress is not None:

@@ -1,0 +1,103 @@
+"""Continuous batching for the fast backend: which (prompt, sample) each row of a Runner decodes, and
+when a finished row takes a waiting one.
+
+    outs = decode(runner, prompt_ids, order, k=20, max_new=200, seed=0, continuous=True)
+    outs[i][j]  # the tokens of sample j of prompt i in `order` (up to and with EOS, or max_new of them)
+
+With a prompt cache (runner.prefix) the rows come in groups of `runner.reps` that share a holder:
+a group decodes one prompt's k samples, a freed row starting the prompt's next sample (no prefill),
+and takes the next waiting prompt (one prefill into its holder) once all its rows are free. Without
+one, every row is its own holder and takes the next waiting (prompt, sample) pair (a prefill each).
+`continuous=False` refills only when every row is free: batch after batch, each running until its
+longest row ends (what the backend did before). Either way a row's tokens depend only on its prompt
+and its identity (prompt index * k + sample index: its random stream), not on its row or step.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+REFILL_EVERY = 8   # decode steps between polls while rows can be refilled (each poll is one host sync)
+CHECK_EVERY = 32   # ... once nothing waits (the polls only end the run early)
+
+
+def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_new: int, seed: int,
+           continuous: bool = True, lengths=None, progress=None) -> dict[int, list[list[int]]]:
+    """Decode `k` samples of every prompt in `order` (indices into `prompts`, non-empty token lists)
+    on `runner`: {prompt index: its k token lists}. lengths[i][j]: at most this many tokens for that
+    sample (benchmarks: rows that stop as if they drew EOS there). progress(m): m more prompts have
+    all their samples."""
+    R, B = runner, runner.B
+    shared = R.prefix is not None
+    g = R.reps if shared else 1
+    out = {i: [None] * k for i in order}
+    left = dict.fromkeys(order, k)
+    busy = np.zeros(B, dtype=bool)
+    who = [(-1, -1)] * B                        # (prompt, sample) of each row
+    off = np.zeros(B, dtype=np.int64)           # its write slot minus the step count
+    cap = np.zeros(B, dtype=np.int64)           # its last write slot (token limit reached)
+    grp = [[-1, k] for _ in range(B // g)]      # shared: (prompt, next sample) of each group
+    waiting = deque(order) if shared else deque((i, j) for i in order for j in range(k))
+    steps = 0
+    R.begin(seed)
+
+    def lim(i, j):
+        return max(1, min(max_new, lengths[i][j])) if lengths is not None else max_new
+
+    def fill():
+        free = np.flatnonzero(~busy).tolist()
+        loads, starts = [], []
+        if shared:
+            for u in dict.fromkeys(r // g for r in free):
+                rows = [r for r in range(u * g, (u + 1) * g) if not busy[r]]
+                if grp[u][1] >= k and len(rows) == g and waiting:  # the group's prompt is done: the next one
+                    grp[u] = [waiting.popleft(), 0]
+                    loads.append((u, grp[u][0]))
+                for r in rows:
+                    if grp[u][0] < 0 or grp[u][1] >= k:
+                        break
+                    starts.append((r, u, grp[u][0], grp[u][1]))
+                    grp[u][1] += 1
+        else:
+            for r in free:
+                if not waiting:
+                    break
+                i, j = waiting.popleft()
+                loads.append((r, i))
+                starts.append((r, r, i, j))
+        if loads:
+            R.load([h for h, _ in loads], [prompts[i] for _, i in loads])
+        if starts:
+            rows = [r for r, _, _, _ in starts]
+            R.start(rows, [h for _, h, _, _ in starts], [i * k + j for _, _, i, j in starts],
+                    [len(prompts[i]) for _, _, i, _ in starts], [lim(i, j) for _, _, i, j in starts], max_new)
+            for r, _, i, j in starts:
+                n = lim(i, j)
+                first = 0 if shared else len(prompts[i])  # the slot its first decode step writes
+                busy[r], who[r], off[r], cap[r] = True, (i, j), first - steps, first + n - 2
+        return bool(waiting) or (shared and any(p >= 0 and nx < k for p, nx in grp))
+
+    more = fill()
+    while busy.any():
+        b = np.flatnonzero(busy)
+        o, c = off[b], cap[b]
+        todo = int((c - o).max()) - steps + 1  # steps until every busy row has reached its token limit
+        todo = max(0, min(todo, REFILL_EVERY if (continuous and more) else CHECK_EVERY))
+        for _ in range(todo):  # attention covers the highest slot a live row writes in this step
+            R.replay(R.att_len(max(0, int(np.minimum(o + steps, c).max()))))
+            steps += 1
+        fin, cnt = R.poll()
+        done = [r for r in b.tolist() if fin[r]]
+        if done:
+            for r, toks in zip(done, R.harvest(done, [cnt[r] for r in done])):
+                i, j = who[r]
+                out[i][j] = toks
+                left[i] -= 1
+            busy[done] = False
+            complete = {who[r][0] for r in done if left[who[r][0]] == 0}
+            if complete and progress is not None:
+                progress(len(complete))
+        if more and (continuous or not busy.any()):
+            more = fill()
+    return out

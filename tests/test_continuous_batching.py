@@ -1,0 +1,196 @@
+"""Continuous batching in the fast backend: finished rows take waiting prompts and samples, and every row
+still gets exactly the tokens of an independent reference (the model's full forward over the whole
+sequence at every step, the sort-based sampler, the row's own random stream), greedy and sampled,
+with more prompts than rows and rows that end anywhere from their first token to max_new_tokens."""
+import pytest
+import torch
+
+from privcode.synth import runner
+from privcode.synth.base import SamplingParams
+from privcode.synth.fast import FastHFBackend
+from privcode.synth.sampling import row_exponential, row_keys, seed_key, sort_top_p_sample
+
+NEW = 24
+LENS = [17, 1, 5, 12, 3, 9, 2, 20, 7]  # 9 prompts, at most 4-6 rows at a time below
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                      initializer_range=0.1)  # peaked enough that some token ends rows at every length
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 64, (n,), generator=g).tolist() for n in LENS]
+
+
+@torch.inference_mode()
+def reference(model, prompts, p: SamplingParams, eos=None):
+    """Sample j of prompt i, token by token: the whole sequence through the model, then argmax or the sort
+    sampler with the noise of (seed, identity i * n + j, token index)."""
+    k = p.n if p.temperature > 0 else 1
+    out = []
+    for i, x in enumerate(prompts):
+        per = []
+        for j in range(k):
+            seq, toks = list(x), []
+            base = row_keys(torch.tensor([i * k + j]), p.max_new_tokens)
+            for t in range(p.max_new_tokens):
+                z = model(input_ids=torch.tensor([seq])).logits[:, -1]
+                if p.temperature > 0:
+                    nxt = int(sort_top_p_sample(z, p.temperature, p.top_p,
+                                                noise=row_exponential(base + t, seed_key(p.seed), z.shape[-1]))[0])
+                else:
+                    nxt = int(z.argmax(-1)[0])
+                toks.append(nxt)
+                seq.append(nxt)
+                if nxt == eos:
+                    break
+            per.append(toks)
+        out.append(per)
+    return out
+
+
+def _varied_eos(rows):
+    """The token that, as EOS, ends these rows at the most distinct lengths (first token .. never)."""
+    def lengths(e):
+        return [r.index(e) + 1 if e in r else NEW for r in rows]
+    e = max(range(1, 64), key=lambda e: (1 in lengths(e), NEW in lengths(e), len(set(lengths(e)))))
+    L = lengths(e)
+    assert 1 in L and NEW in L and len(set(L)) >= 5, L  # rows end at step 1, at max_new and in between
+    return e
+
+
+@pytest.fixture(scope="module")
+def cases(model, prompts):
+    """(params, eos, reference tokens) for greedy and for n = 3 samples."""
+    out = {}
+    for name, p in (("greedy", SamplingParams(max_new_tokens=NEW)),
+                    ("sampled", SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.9, n=3, seed=5))):
+        eos = _varied_eos([r for per in reference(model, prompts, p) for r in per])
+        out[name] = (p, eos, reference(model, prompts, p, eos))
+    return out
+
+
+def _fast(model, eos, **kw):
+    return FastHFBackend(model=model, tokenizer=None, eos_token_id=eos, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(batch_size=4), dict(batch_size=2), dict(batch_size=4, continuous=False),
+                                dict(batch_size=64)])
+def test_greedy_rows_are_the_references_with_and_without_refill(model, prompts, cases, kw):
+    p, eos, want = cases["greedy"]
+    assert _fast(model, eos, **kw).generate_ids(prompts, p) == want
+
+
+@pytest.mark.parametrize("kw", [
+    dict(batch_size=4),                                    # one row per prompt at a time (n=3 / 4 rounded up)
+    dict(batch_size=4, prompt_rows=2),                     # groups of 2 rows: a freed row takes the next sample
+    dict(batch_size=6, prompt_rows=3),                     # a prompt's 3 samples start together
+    dict(batch_size=6, prompt_rows=3, continuous=False),   # batch after batch, the schedule before refills
+    dict(batch_size=5, share_prefix=False, sampler=sort_top_p_sample),  # n prefills, sort sampler: per-row refill
+    dict(batch_size=64),                                   # everything at once
+])
+def test_sampled_rows_are_the_references_whatever_the_schedule(model, prompts, cases, kw):
+    p, eos, want = cases["sampled"]
+    got = _fast(model, eos, **kw).generate_ids(prompts, p)
+    assert got == want
+    assert len({tuple(r) for per in got for r in per}) > 20  # 27 rows, really sampled
+
+
+def test_refilling_keeps_the_batch_full(model, prompts, cases, monkeypatch):
+    """With refills the same 4 rows (one per prompt at a time) take fewer decode steps than batch after
+    batch, and prompts are prefilled into rows freed mid-run (more load calls than batches)."""
+    p, eos, want = cases["sampled"]
+    counts = {}
+    for cont in (True, False):
+        calls = {"steps": 0, "loads": 0}
+        real_replay, real_load = runner.Runner.replay, runner.Runner.load
+        monkeypatch.setattr(runner.Runner, "replay", lambda self, att: calls.__setitem__("steps", calls["steps"] + 1)
+                            or real_replay(self, att))
+        monkeypatch.setattr(runner.Runner, "load", lambda self, h, x: calls.__setitem__("loads", calls["loads"] + 1)
+                            or real_load(self, h, x))
+        assert _fast(model, eos, batch_size=4, prompt_rows=1, continuous=cont).generate_ids(prompts, p) == want
+        monkeypatch.undo()
+        counts[cont] = calls
+    assert counts[True]["steps"] < counts[False]["steps"]
+    assert counts[True]["loads"] > counts[False]["loads"] >= 1
+
+
+def test_a_refill_that_kept_the_previous_prompts_kv_is_caught(model, prompts, cases, monkeypatch):
+    """The comparison has teeth: if a refill prefilled the new prompt's hidden state but left the freed rows'
+    cache with the previous prompt's K/V, the refilled rows' tokens differ from the reference."""
+    p, eos, want = cases["sampled"]
+    real_load = runner.Runner.load
+    calls = []
+
+    def stale_load(self, holders, xs):
+        shared = self.prefix is not None
+        Kc, Vc = (self.prefix[0], self.prefix[1]) if shared else (self.K, self.V)
+        before = [(K[holders].clone(), V[holders].clone()) for K, V in zip(Kc, Vc)]
+        real_load(self, holders, xs)
+        if calls:  # refills only: put the previous occupant's K/V back
+            with torch.inference_mode():
+                for (k, v), K, V in zip(before, Kc, Vc):
+                    K[holders], V[holders] = k, v
+        calls.append(holders)
+
+    monkeypatch.setattr(runner.Runner, "load", stale_load)
+    got = _fast(model, eos, batch_size=4, prompt_rows=2).generate_ids(prompts, p)
+    assert len(calls) > 1
+    first = {0, 7}  # the two longest prompts fill the 2 groups first: their K/V were not tampered with
+    assert all(got[i] == want[i] for i in first)
+    assert any(got[i] != want[i] for i in range(len(prompts)) if i not in first)
+
+
+def test_rows_stop_at_given_lengths_with_the_same_tokens(model, prompts, cases):
+    """lengths[i][j] (benchmarks on random weights): the row stops there as if it drew EOS; its tokens are
+    the start of the unconstrained row (its random stream does not depend on the other rows)."""
+    p, _, _ = cases["sampled"]
+    full = _fast(model, None, batch_size=6).generate_ids(prompts, p, ignore_eos=True)
+    lengths = [[(3 * i + 7 * j) % (NEW + 5) for j in range(3)] for i in range(len(prompts))]  # 0 .. NEW + 4
+    for cont in (True, False):
+        got = _fast(model, None, batch_size=6, continuous=cont).generate_ids(prompts, p, ignore_eos=True,
+                                                                             lengths=lengths)
+        for i, per in enumerate(got):
+            for j, row in enumerate(per):
+                assert row == full[i][j][:max(1, min(NEW, lengths[i][j]))]
+
+
+def test_prompts_of_very_different_lengths_run_in_segments_with_the_references_tokens(model):
+    """A prompt cache is as long as the longest prompt it holds: a call is cut where that length could halve,
+    each segment on its own runner, and the rows are still the reference's."""
+    from privcode.synth.fast import length_segments
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (150, 3, 70, 20, 130, 66)]
+    p = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, n=2, seed=1)
+    order = sorted(range(6), key=lambda i: -len(prompts[i]))
+    assert length_segments(order, prompts) == [[0, 4, 2, 5], [3, 1]]  # 192 slots, then 64 (20 and 3 tokens)
+    fb = _fast(model, None, batch_size=4, prompt_rows=1)
+    assert fb.generate_ids(prompts, p) == reference(model, prompts, p)
+    assert sorted(key[-1] for key in fb._runners) == [64, 192]  # the prompt cache of each segment
+
+
+def test_row_noise_is_uniform_and_independent_across_identities_and_tokens():
+    E = row_exponential(row_keys(torch.arange(400), 50) + 3, seed_key(7), 4096)
+    assert E.min() > 0 and torch.isfinite(E).all()
+    u = torch.exp(-E)  # Exp(1) -> U(0, 1)
+    counts = torch.histc(u, 50, 0, 1)
+    chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert chi2 < 49 + 5 * (2 * 49) ** 0.5  # 49 degrees of freedom, 5 sigma
+    c = u - 0.5
+    for a, b in ((c[1:], c[:-1]), (c[:, 1:], c[:, :-1])):  # neighbouring identities, neighbouring tokens
+        assert abs(float((a * b).mean() / c.var())) < 5 / a.numel() ** 0.5
+    again = row_exponential(row_keys(torch.arange(400), 50) + 3, seed_key(7), 4096)
+    assert torch.equal(E, again)
+    for other in (8, 7 + (1 << 32)):  # another seed, also one that differs above bit 32 (the round trip's rounds)
+        assert not torch.equal(E, row_exponential(row_keys(torch.arange(400), 50) + 3, seed_key(other), 4096))
+    assert not torch.equal(E[1:], E[:-1])
