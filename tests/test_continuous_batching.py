@@ -194,3 +194,14 @@ def test_row_noise_is_uniform_and_independent_across_identities_and_tokens():
     for other in (8, 7 + (1 << 32)):  # another seed, also one that differs above bit 32 (the round trip's rounds)
         assert not torch.equal(E, row_exponential(row_keys(torch.arange(400), 50) + 3, seed_key(other), 4096))
     assert not torch.equal(E[1:], E[:-1])
+
+
+def test_compiled_row_noise_is_the_eager_noise():
+    """On CUDA the runner computes the noise with torch.compile (one fused kernel): the same integers, the
+    same Exp(1) values up to float rounding of the log."""
+    counters, seed = row_keys(torch.arange(16), 200) + 5, torch.tensor([seed_key(3)])
+    with torch.inference_mode():
+        fused = torch.compile(row_exponential, dynamic=False)(counters, seed, 1000)
+    eager = row_exponential(counters, seed, 1000)
+    torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-6)
+    assert (fused.argsort(-1) == eager.argsort(-1)).float().mean() > 0.999  # the same race order
