@@ -7,8 +7,8 @@ attributed to the Python frames that were running on the CPU at the time.
 Profiles `--steps` steps after `--warmup` (torch.profiler with Python stacks), then lists the
 gaps longer than `--min-gap-us` between GPU kernels, summed by the innermost frames alive at each
 gap's midpoint. A GPU-bound step shows small, scattered gaps; one frame with a large total is
-CPU work the GPU waits for (docs/measurements/profiles/privsa_gaps_*.txt: PEFT's
-disable_adapter(), 268 ms over two steps). CUDA only; random weights (no hub access needed).
+CPU work the GPU waits for (an example and what it found: docs/performance.md, the profiles in
+docs/measurements/profiles/). CUDA only; random weights (no hub access needed).
 """
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """`privcode bench exec`: execution-filter throughput, snippets per second (and per core).
 
+    privcode bench exec [--backends auto|all|bwrap,rlimit] [--workers N] [--n-trivial 400]
+                        [--n-real 200] [--langs] [--modes fork-server,per-snippet] [--no-peer]
+                        [--out results/bench_exec.json]
+
 For every sandbox backend that works here (or those named with --backends), with the fork server
 (`pool.run`: long-lived sandboxes, one forked child per snippet) and without it (`Backend.run`:
 one sandbox and one interpreter per snippet), on two workloads:
@@ -13,10 +17,6 @@ runs with --workers parallel workers (default: all cores); "per core" divides th
 min(workers, cores). All snippets must succeed (a failed one is reported, the figure kept).
 `--langs` adds one line per language: mean seconds per hello-world snippet (compile + run) on
 the strongest backend with the fork server.
-
-    privcode bench exec [--backends auto|all|bwrap,rlimit] [--workers N] [--n-trivial 400]
-                        [--n-real 200] [--langs] [--modes fork-server,per-snippet] [--no-peer]
-                        [--out results/bench_exec.json]
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ cannot say (data sizes, mean lengths, pass and keep rates) is an assumption with
 overridable (`privcode bench pipeline --assume key=value`). One column = stage 1 (DP + PrivSA on
 the junior), generation, the exec filter, the round trip, stage 6 (one premium model) and its
 evaluation. GPU-hours are one card's seconds of work; a job on N GPUs costs its scaling loss on top
-(docs/scaling.md: 3.95/4 for stage 1, 2.61/4 for stage 6). Merges, model loads and the tests'
-execution inside the evaluations are not counted.
+(measured per stage in docs/scaling.md). Merges, model loads and the tests' execution inside the
+evaluations are not counted.
 """
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def load_tasks(subset: str, override: str | None) -> dict[str, dict]:
 
 
 def _check_samples(samples_path: Path, expected: set[str] | None) -> int:
-    """Validate the samples (privcode.evaluate.samples); returns how many there are."""
+    """Validate the samples (privcode.evaluate.harness.check_samples); returns how many there are."""
     return sum(harness.check_samples(samples_path, expected, tool="BigCodeBench").values())
 
 

@@ -45,7 +45,7 @@ os._exit(0)  # skip the 20 s sleep of evalplus's non-daemon watchdog thread
 
 
 def check_samples(samples_path, task_ids: set[str] | None = None) -> dict[str, int]:
-    """Validate an EvalPlus samples JSONL; samples per task (privcode.evaluate.samples)."""
+    """Validate an EvalPlus samples JSONL; samples per task (privcode.evaluate.harness.check_samples)."""
     return harness.check_samples(samples_path, task_ids, tool="EvalPlus")
 
 

@@ -1,5 +1,9 @@
 """Execution filter: keep only generated samples whose code runs to exit status 0 in the sandbox.
 
+    privcode exec-filter --input results/synth/smollm2/privsa/eps4/generated/samples.jsonl \
+        --out results/synth/smollm2/privsa/eps4/exec --workers 2 --params '{"backend": "auto", "wall_s": 10}'
+    privcode exec-filter --help                     # every option (ExecFilterConfig fields in --params)
+
 Input: JSONL of generated samples, each with `id` (string or integer, unique), `problem`, `lang`
 (field name `lang_field`) and either ready `code` (field `code_field`, default "code") or the model
 output `raw`, from which the code is taken with `privcode.data.prompts.extract_code`.

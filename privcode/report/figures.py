@@ -7,8 +7,8 @@
   and are drawn as dashed horizontal reference lines. With --table5, its ε-sweep rows (`sweep` =
   epsilon: PrivCode at more ε) are more points on their method's line. Where the table has a score's 95% interval
   (`<column>_lo`, `<column>_hi`), DP points carry it as error bars and reference lines as a band.
-- funnel.png: for each synthesis run `results/synth/<model>/<tag>/`, how many programs survive each
-  step: generated (generated/stats.json `prompts`) → with code (`with_code`) → executed OK
+- funnel.png: for each synthesis run `results/synth/<junior>/<variant>/eps<ε>/`, how many programs
+  survive each step: generated (generated/stats.json `prompts`) → with code (`with_code`) → executed OK
   (exec/stats.json `n_kept`) → round-trip kept (roundtrip/stats.json `kept`). A missing stage is
   left out of that run's bars.
 """
@@ -194,7 +194,8 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table3", type=Path, help="results/table3.csv")
     ap.add_argument("--table5", type=Path, help="results/table5.csv: its ε-sweep rows join the utility curves")
-    ap.add_argument("--synth", type=Path, help="results/synth (runs <model>/<tag>/{generated,exec,roundtrip})")
+    ap.add_argument("--synth", type=Path,
+                    help="results/synth (runs <model>/<variant>/eps<ε>/{generated,exec,roundtrip})")
     ap.add_argument("--out", required=True, type=Path, help="output directory for the PNGs")
     a = ap.parse_args(argv)
     if not (a.table3 or a.synth):
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
     if a.synth:
         runs = find_synth_runs(a.synth)
         if not runs:
-            raise PrivcodeError("no synthesis runs (<model>/<tag>/<stage>/stats.json)", path=a.synth)
+            raise PrivcodeError("no synthesis runs (<model>/<variant>/eps<ε>/<stage>/stats.json)", path=a.synth)
         made.append(funnel(runs, a.out / "funnel.png"))
     for p in made:
         print(p)

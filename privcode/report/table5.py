@@ -12,7 +12,7 @@ as in table3 (pass@1, %, each with its 95% interval `<column>_lo`, `<column>_hi`
 `ablation` has the values of `sweeps.ablations` (none = PrivCode as configured; no_privsa,
 constant_lambda, no_exec_filter, no_roundtrip, no_filters: workflow/rules/common.smk ABLATIONS).
 
-The τ sweep's round-trip runs come from `privcode rethreshold` (privcode.filters.rethreshold).
+The τ sweep's round-trip runs come from `privcode rethreshold` (privcode.filters.threshold).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Stage 3: the DP model answers public prompts (resumable; raw text kept beside the code).
 
-    privcode generate --model results/dp/smollm2/eps4/model --prompts results/data/public/prompts.jsonl \
-        --out results/synth/smollm2/eps4/generated --params '{"max_new_tokens": 256, "batch_size": 16}'
+    privcode generate --model results/dp/smollm2/privsa/eps4/model --prompts results/data/public/prompts.jsonl \
+        --out results/synth/smollm2/privsa/eps4/generated --params '{"max_new_tokens": 256, "batch_size": 16}'
 
 Post-processing only: the inputs are a DP model and public prompts, so the output inherits the
 model's (ε, δ). Progress is appended to a sibling `.<out>.progress.jsonl`; a killed run resumes.
