@@ -50,12 +50,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 EXPORT=${OUT:-gpu_small_out}; mkdir -p "$EXPORT"
 t0=$(date +%s)
 set +e
-timeout "$LIMIT" python3 -m snakemake --cores all --rerun-incomplete --keep-going --configfile=config/gpu-small.yaml \
-  > "$EXPORT/snakemake.log" 2>&1
+# TARGETS (optional): only these outputs, e.g. TARGETS=results/synth/smollm2/privsa/eps4/roundtrip
+timeout "$LIMIT" python3 -m snakemake ${TARGETS:-} --cores all --rerun-incomplete --keep-going \
+  --configfile=config/gpu-small.yaml > "$EXPORT/snakemake.log" 2>&1
 rc=$?
 set -e
 echo "snakemake rc=$rc after $(( $(date +%s) - t0 )) s"; grep -E "steps \(|Error|error:" "$EXPORT/snakemake.log" | tail -5
-if [ $rc -eq 0 ]; then python3 -m snakemake --report "$EXPORT/report.html" --configfile=config/gpu-small.yaml > /dev/null 2>&1 || true; fi
+if [ $rc -eq 0 ] && [ -z "${TARGETS:-}" ]; then python3 -m snakemake --report "$EXPORT/report.html" --configfile=config/gpu-small.yaml > /dev/null 2>&1 || true; fi
 # Exported: tables, figures, logs, the public benchmarks and the synthetic sets (the DP release) with their
 # filter stats. private/benchmarks (the training jobs' wall time) only because this config's "private" records
 # are generated stand-ins (data.source_is_public): never export the private zone of a run on real data.

@@ -56,7 +56,7 @@ class EvalConfig(Params):
     accept_unisolated: bool = False
     timeout_s: float = 10.0        # wall and CPU seconds of one test program
     mem_mb: int = 1024             # memory of one test program
-    compile_layers: bool = False   # backend fast: one torch.compile graph for every decoder layer
+    compile_layers: bool = False   # backend fast: torch.compile of the decoder layers, shared by all of them
 
     def __post_init__(self):
         if not (isinstance(self.shards, int) and self.shards >= 0):

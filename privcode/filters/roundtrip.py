@@ -81,7 +81,7 @@ class RoundTripConfig(Params):
     early_stop_round: int = 0            # > 0: describe this many at a time, stop a program once one
                                          # passes early_stop_threshold (privcode.filters.early_stop); 0: off
     early_stop_threshold: float | None = None  # τ_s, exact for every τ ≤ τ_s (None: threshold)
-    compile_layers: bool = False         # backend fast: one torch.compile graph for every decoder layer
+    compile_layers: bool = False         # backend fast: torch.compile of the decoder layers, shared by all of them
 
     def __post_init__(self):
         def need(ok, field, msg):

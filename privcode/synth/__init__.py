@@ -17,7 +17,7 @@ def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str =
                 compile_layers: bool = False) -> Backend:
     """hf: plain batched transformers; fast: static KV cache + CUDA graphs (privcode.synth.fast);
     vllm: vLLM when installed; auto: vLLM, else fast on a GPU, else hf. `compile_layers` (fast only:
-    one torch.compile graph for every decoder layer) is refused by the others, auto's choice included."""
+    torch.compile of the decoder layers, shared by all of them) is refused by the others, auto's choice included."""
     asked = name
     if name == "auto":
         import torch

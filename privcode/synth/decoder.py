@@ -26,16 +26,21 @@ class Decoder:
 
     def __init__(self, model, compile_layers: bool = False):
         self.model = model
-        # one decode layer (L == 1) as a function of the layer's module and tensors: every layer
-        # has the same shapes, so torch.compile makes one graph for all of them (regional
-        # compilation) and fuses the element-wise work between the GEMMs
+        # compile_layers: the two halves of a decode layer around its attention -- norm, q/k/v and rotary
+        # before it; o_proj, residuals and MLP after it -- as functions of the layer's module and tensors:
+        # every layer and every attention length has the same shapes there, so torch.compile makes one
+        # graph for each half (regional compilation) and fuses the element-wise work between the GEMMs.
+        # The attention stays eager: it reads a slice of the cache whose length changes with the step,
+        # and a compiled SDPA would copy that slice to a contiguous buffer every step.
         self.decode_layer = self._decode_layer
+        self.qkv, self.finish_layer = self._qkv, self._finish_layer
         if compile_layers:
             import torch._dynamo
 
-            # one specialization per (batch, cache length) bucket, a few per job: room for all of them
+            # one specialization per (batch, prefill length) shape: room for a job's few of them
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.decode_layer = torch.compile(self._decode_layer, dynamic=False)
+            self.qkv = torch.compile(self._qkv, dynamic=False)
+            self.finish_layer = torch.compile(self._finish_layer, dynamic=False)
         m = model.get_decoder()
         self.embed, self.layers, self.norm, self.rotary = m.embed_tokens, m.layers, m.norm, m.rotary_emb
         self.head = model.get_output_embeddings()
@@ -119,7 +124,7 @@ class Decoder:
         layer's output hidden states."""
         b = h.shape[0]
         G = self.nh // self.kv
-        q, k, v = self._qkv(layer, h, cos, sin, b, 1)
+        q, k, v = self.qkv(layer, h, cos, sin, b, 1)
         Ki.scatter_(2, idx, k.to(Ki.dtype))
         Vi.scatter_(2, idx, v.to(Vi.dtype))
         Ki, Vi = Ki[:, :, :att], Vi[:, :, :att]
@@ -128,7 +133,7 @@ class Decoder:
         else:  # [b, kv, G, d] queries against [b, kv, S, d]: no K/V repeat
             o = F.scaled_dot_product_attention(q.reshape(b, self.kv, G, self.hd), Ki, Vi, attn_mask=mask,
                                                scale=self.scaling)
-        return self._finish_layer(layer, h, o.reshape(b, 1, self.nh * self.hd))
+        return self.finish_layer(layer, h, o.reshape(b, 1, self.nh * self.hd))
 
     def _shared(self, q, Ks, Vs, smask, Kp, Vp, pvalid, reps):
         """Attention of q [B, kv, G, d] over a prompt cache shared by `reps` consecutive rows (read

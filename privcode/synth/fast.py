@@ -26,8 +26,8 @@ through `model.generate`:
 - attention of the single new query reads only the cache slots written so far (rounded up to
   SLOT_BUCKET: one graph per such length, for the highest slot a live row writes), with a
   validity mask per row; grouped-query heads are folded into the query axis so no K/V is repeated;
-- optionally (`compile_layers`) one decode layer runs under torch.compile, one graph for every
-  layer, which fuses the element-wise work between the GEMMs;
+- optionally (`compile_layers`) the two halves of a decode layer around its attention run under
+  torch.compile, one graph each for every layer, which fuses the element-wise work between the GEMMs;
 - `batch_size` 0 sizes the batch from the free GPU memory (`rows_for_memory`);
 - with `n` samples per prompt each prompt is prefilled once and its K/V kept once, in a prompt
   cache that a group of rows reads together; each row's own cache holds its generated slots. A
@@ -118,8 +118,8 @@ class FastHFBackend(Backend):
         self.share_prefix = share_prefix  # n samples of a prompt: one prefill (False: n copies, the reference)
         self.continuous = continuous      # refill finished rows (False: batch after batch; same tokens)
         self.prompt_rows = prompt_rows    # rows decoding one prompt's samples at a time (0: group_rows' default)
-        # compile_layers: torch.compile one decode layer (fused element-wise work; one compile of
-        # ~1 layer's graph per process and batch shape): for long GPU jobs, off for short ones
+        # compile_layers: torch.compile the decode layers' halves around the attention (fused element-wise
+        # work; two compiles per process and batch shape): for long GPU jobs, off for short ones
         self.dec = Decoder(model, compile_layers) if Decoder.supports(model) else None
         self._runners: OrderedDict = OrderedDict()
         self._fallback = None

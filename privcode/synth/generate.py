@@ -35,7 +35,7 @@ class GenerateConfig(Params):
     dtype: str = "float32"
     seed: int = 0
     shards: int = 0                # processes, one per GPU: 0 = one per device in CUDA_VISIBLE_DEVICES
-    compile_layers: bool = False   # backend fast: one torch.compile graph for every decoder layer (others refuse it)
+    compile_layers: bool = False   # backend fast: torch.compile of the decoder layers, shared by all of them (others refuse it)
 
 
 
