@@ -69,22 +69,23 @@ def to_solution(completion: str, task: dict, fmt: str | None = None) -> str:
     return code
 
 
-def _answer(tasks, key, done, model_ref, cfg, gen, total, what):
+def _answer(todo, key, done, model_ref, cfg, gen, total, what):
+    """Complete `todo` ([(index in the benchmark, task)]) into `done`, one checkpoint per backend call
+    (privcode.synth.calls: calls of several batches; batch_size 0: rows from the free GPU memory, fast)."""
     from tqdm import tqdm
 
     from privcode.synth import SamplingParams, get_backend
+    from privcode.synth.calls import in_calls
 
     backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype,
                           compile_layers=cfg.compile_layers)
     tok = getattr(backend, "tokenizer", None)
-    bar = tqdm(total=total, initial=total - len(tasks), desc=f"evaluate {what}", unit="task")
-    chunk = max(cfg.batch_size * 2, 1)  # checkpoint granularity
-    for s in range(0, len(tasks), chunk):
-        part = tasks[s:s + chunk]
-        outs = backend.generate([task_prompt(t[key], cfg.prompt_format, tok) for t in part],
-                                SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=tuple(gen["stop"])),
-                                progress=bar.update)
-        for t, o in zip(part, outs):
+    bar = tqdm(total=total, initial=total - len(todo), desc=f"evaluate {what}", unit="task")
+    prompts = [task_prompt(t[key], cfg.prompt_format, tok) for _, t in todo]
+    sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=tuple(gen["stop"]))
+    for s, outs in in_calls(backend, prompts, sp, batch_size=cfg.batch_size, streams=[i for i, _ in todo],
+                            progress=bar.update):
+        for (_, t), o in zip(todo[s:s + len(outs)], outs):
             done.add({"id": t["task_id"], "gen": gen, "raw": o[0]})
     bar.close()
 
@@ -108,7 +109,8 @@ def completions(model_ref: str, benchmark: str, tasks: list[dict], key: str, out
         mine, seen = shard.child_progress(out, me)
         with ResumableJsonl(mine) as done:
             check(done, mine)
-            todo = [t for t in shard.part(tasks, me) if t["task_id"] not in done and t["task_id"] not in seen]
+            todo = [(i, t) for i, t in shard.part(list(enumerate(tasks)), me)
+                    if t["task_id"] not in done and t["task_id"] not in seen]
             if todo:
                 _answer(todo, key, done, model_ref, cfg, gen, len(todo), f"{benchmark} {shard_spec}")
         return None
@@ -126,7 +128,7 @@ def completions(model_ref: str, benchmark: str, tasks: list[dict], key: str, out
                 with ResumableJsonl(f) as other:
                     done.done.update(other.done)
         check(done, progress)
-        todo = [t for t in tasks if t["task_id"] not in done]
+        todo = [(i, t) for i, t in enumerate(tasks) if t["task_id"] not in done]
         if todo:
             _answer(todo, key, done, model_ref, cfg, gen, len(tasks), benchmark)
         return [done.done[t["task_id"]]["raw"] for t in tasks]

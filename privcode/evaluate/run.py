@@ -44,7 +44,7 @@ class EvalConfig(Params):
     override: str | None = None    # EvalPlus-format dataset file (HUMANEVAL/MBPP_OVERRIDE_PATH) or BigCodeBench file
     prompt_format: str = "qa"
     backend: str = "hf"
-    batch_size: int = 16
+    batch_size: int = 16           # rows per batch; 0: from the free GPU memory (backend fast)
     max_new_tokens: int = 384
     limit: int | None = None       # first `limit` tasks only (smoke runs); None = the whole benchmark
     dtype: str = "float32"

@@ -34,8 +34,8 @@ import math
 
 from privcode.errors import PrivcodeError
 
-# round r of a chunk samples with seed + r * ROUND_SEED_STRIDE: a fresh stream per round, and round 0
-# uses the seed a run without early stop uses, for chunks that start at the same program
+# round r samples with seed + r * ROUND_SEED_STRIDE, program i of the input from its stream i in it
+# (privcode.synth.calls): no (seed, program) pair is drawn twice in a run, whatever the chunks
 ROUND_SEED_STRIDE = 1 << 32
 
 
@@ -49,7 +49,8 @@ def round_sizes(n: int, k: int) -> list[int]:
 def describe_in_rounds(todo, n: int, k: int, tau: float, chunk: int, seed: int, describe, score, done) -> int:
     """Describe the programs of `todo` ([(index, record)]) in rounds, `chunk` programs at a time.
 
-    `describe(records, m, seed)` → m texts per record; `score(records, texts)` → one F1 list per
+    `describe(part, m, seed)` → m texts per record of `part` ([(index, record)]: the index is the
+    record's random stream, the seed is `seed` + round * ROUND_SEED_STRIDE); `score(records, texts)` → one F1 list per
     record (None for an answer that is no valid description); `done(record, texts, f1s, stopped_after)`
     is called once per program when it is finished (a killed run loses at most one chunk). Returns
     the number of descriptions made."""
@@ -61,7 +62,7 @@ def describe_in_rounds(todo, n: int, k: int, tau: float, chunk: int, seed: int, 
         f1s: dict = {i: [] for i, _ in part}
         active = list(part)
         for r, m in enumerate(sizes):
-            new = describe([rec for _, rec in active], m, seed + part[0][0] + r * ROUND_SEED_STRIDE)
+            new = describe(active, m, seed + r * ROUND_SEED_STRIDE)
             got = score([rec for _, rec in active], new)
             still = []
             for (i, rec), t, f in zip(active, new, got):

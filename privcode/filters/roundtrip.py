@@ -23,9 +23,13 @@ Outputs (in `--out`): kept.jsonl (Magicoder records for fine-tuning: id, problem
 best_description, score), dropped.jsonl (id, reason, score), scores.jsonl (every description and
 every F1, so `apply_threshold` re-applies another τ without generating again), stats.json and
 privacy.json. Post-processing only: the inputs are DP outputs and public prompts/models.
-Descriptions are appended to a sibling `.<out>.progress.jsonl`, so a killed run resumes; if no
-program passes, nothing is written to `--out`, the scores go to `.<out>.failed/` and the progress
-file is kept, so a re-run with a lower τ does not generate again.
+Descriptions are appended to a sibling `.<out>.progress.jsonl` after every describer call
+(privcode.synth.calls: calls of several batches; `batch_size: 0` sizes a batch from the free GPU
+memory with backend fast), so a killed run resumes; if no program passes, nothing is written to
+`--out`, the scores go to `.<out>.failed/` and the progress file is kept, so a re-run with a lower τ
+does not generate again. Description j of program i of the input samples from its own random stream
+(seed, i, j): with backend fast the descriptions for a seed do not depend on the calls, on resuming
+or on sharding.
 `early_stop_round` (off by default) describes in rounds and stops a program once a description
 passes `early_stop_threshold`: the same keep decisions for every τ up to it, fewer descriptions
 (privcode.filters.early_stop says why and what it means for `apply_threshold`).
@@ -62,7 +66,8 @@ _GEN_KEYS = ("n", "temperature", "top_p", "max_new_tokens", "prompt_format", "pr
 class RoundTripConfig(Params):
     _what = "roundtrip-filter"
     backend: str = "hf"                  # hf | vllm | auto (the describer)
-    batch_size: int = 16                 # sequences per generate call (HF: batch_size // n prompts)
+    batch_size: int = 16                 # rows (sequences) per batch: batch_size // n programs; 0: from
+                                         # the free GPU memory (backend fast)
     n: int = 20                          # descriptions per program (paper: 20)
     temperature: float = 0.8
     top_p: float = 1.0
@@ -89,7 +94,8 @@ class RoundTripConfig(Params):
                 raise PrivcodeError(msg, path="--params", field=field)
 
         need(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 0, "batch_size",
+             "must be an integer >= 0 (0: rows from the free GPU memory, backend fast)")
         need(isinstance(self.scorer_batch_size, int) and self.scorer_batch_size >= 1, "scorer_batch_size",
              "must be an integer >= 1")
         need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
@@ -162,20 +168,31 @@ def _check_progress(done, samples, gen, path):
             raise PrivcodeError(f"progress file holds {what} for id '{r['id']}': delete it to start over", path=path)
 
 
-def _describe(backend, records, cfg, n, seed, progress=None) -> list[list[str]]:
-    """`n` descriptions of each record's code (PREFILL put back in front)."""
+def _params(cfg, n, seed):
     from privcode.synth.base import SamplingParams
 
-    sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        n=n, seed=seed)
+    return SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                          n=n, seed=seed)
+
+
+def _prompts(backend, records, cfg) -> list[str]:
+    """The describer's prompt for each record's code (PREFILL at its end when `prefill`)."""
     pre = PREFILL if cfg.prefill else ""
     lead = " " if pre and cfg.prompt_format == "qa" else ""  # "Answer: **You are tasked with"
     tok = getattr(backend, "tokenizer", None)
-    prompts = [render_prompt(describe_prompt(r["code"]), cfg.prompt_format, tok) + lead + pre for r in records]
-    texts = backend.generate(prompts, sp, progress=progress)
-    if len(texts) != len(records):
-        raise RuntimeError(f"backend returned {len(texts)} results for {len(records)} prompts")
-    return [[_join(pre, x) for x in t] for t in texts]
+    return [render_prompt(describe_prompt(r["code"]), cfg.prompt_format, tok) + lead + pre for r in records]
+
+
+def _describe(backend, part, cfg, n, seed, progress=None, size=None):
+    """`n` descriptions of the code of each record of `part` ([(index in the input: its random stream,
+    record)]), PREFILL put back in front: yields (position in `part` of a call's first record, its
+    descriptions), one call of privcode.synth.calls at a time (`size` records each; default its size)."""
+    from privcode.synth.calls import in_calls
+
+    pre = PREFILL if cfg.prefill else ""
+    for s, texts in in_calls(backend, _prompts(backend, [r for _, r in part], cfg), _params(cfg, n, seed),
+                             batch_size=cfg.batch_size, streams=[i for i, _ in part], progress=progress, size=size):
+        yield s, [[_join(pre, x) for x in t] for t in texts]
 
 
 def _f1_lists(scorer, records, texts) -> list[list[float | None]]:
@@ -190,12 +207,13 @@ def _f1_lists(scorer, records, texts) -> list[list[float | None]]:
 
 def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge=(), scorer=None):
     """Descriptions for every sample, resumable: returns ({id: progress record}, n generated now,
-    seconds). `index`: each sample's position in the whole input (the sampling seed of its chunk),
-    default its position here; `merge`: other progress files (of shards) whose descriptions count as
+    seconds). `index`: each sample's position in the whole input (its random stream), default its
+    position here; `merge`: other progress files (of shards) whose descriptions count as
     done; `scorer`: scores each round when early stop is on (the F1s are kept in the record)."""
     from tqdm import tqdm
 
     from privcode.synth import get_backend
+    from privcode.synth.calls import call_size
 
     t0 = time.time()
     gen = _gen_settings(model_ref, cfg)
@@ -213,12 +231,9 @@ def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge
                                       compile_layers=cfg.compile_layers)
             bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="roundtrip: describe",
                        unit="program")
-            if cfg.stop_threshold is None:
-                chunk = cfg.batch_size  # checkpoint granularity (programs per generate call)
-                for s in range(0, len(todo), chunk):
-                    part = todo[s:s + chunk]
-                    texts = _describe(backend, [r for _, r in part], cfg, cfg.n, cfg.seed + part[0][0], bar.update)
-                    for (_, r), t in zip(part, texts):
+            if cfg.stop_threshold is None:  # a checkpoint after every call
+                for s, texts in _describe(backend, todo, cfg, cfg.n, cfg.seed, bar.update):
+                    for (_, r), t in zip(todo[s:s + len(texts)], texts):
                         done.add({"id": r["id"], "code": r["code"], "gen": gen, "descriptions": t})
                         generated += len(t)
             else:
@@ -227,10 +242,14 @@ def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge
                               "stopped_after": stopped_after})
                     bar.update(1)
 
-                rounds = len(early_stop.round_sizes(cfg.n, cfg.early_stop_round))  # round 1: as many rows as
-                generated = early_stop.describe_in_rounds(                           # a call without early stop
-                    todo, cfg.n, cfg.early_stop_round, cfg.stop_threshold, cfg.batch_size * rounds, cfg.seed,
-                    lambda recs, m, seed: _describe(backend, recs, cfg, m, seed),
+                # programs per chunk of rounds: its first round is one call's worth of sequences
+                first = early_stop.round_sizes(cfg.n, cfg.early_stop_round)[0]
+                chunk = call_size(backend, _prompts(backend, [r for _, r in todo], cfg), _params(cfg, first, cfg.seed),
+                                  cfg.batch_size)
+                generated = early_stop.describe_in_rounds(
+                    todo, cfg.n, cfg.early_stop_round, cfg.stop_threshold, chunk, cfg.seed,
+                    lambda part, m, seed: [t for _, ts in _describe(backend, part, cfg, m, seed, size=len(part))
+                                           for t in ts],
                     lambda recs, texts: _f1_lists(scorer, recs, texts), finish)
             bar.close()
         recs = {r["id"]: done.done[r["id"]] for r in samples}

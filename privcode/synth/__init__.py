@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from privcode.errors import PrivcodeError
 from privcode.synth.base import Backend, SamplingParams, cut_at_stop
+from privcode.synth.calls import check_batch_size
 
 __all__ = ["Backend", "SamplingParams", "cut_at_stop", "get_backend"]
 
@@ -17,7 +18,8 @@ def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str =
                 compile_layers: bool = False) -> Backend:
     """hf: plain batched transformers; fast: static KV cache + CUDA graphs (privcode.synth.fast);
     vllm: vLLM when installed; auto: vLLM, else fast on a GPU, else hf. `compile_layers` (fast only:
-    torch.compile of the decoder layers, shared by all of them) is refused by the others, auto's choice included."""
+    torch.compile of the decoder layers, shared by all of them) is refused by the others, auto's choice included;
+    so is `batch_size` 0 (rows from the free GPU memory: fast; vllm sizes its own) by hf."""
     asked = name
     if name == "auto":
         import torch
@@ -31,8 +33,9 @@ def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str =
                 name = "fast"
         else:
             name = "hf"
+    chose = " (what backend auto chose here)" if asked == "auto" else ""
+    check_batch_size(name, batch_size, chose)
     if compile_layers and name != "fast":
-        chose = " (what backend auto chose here)" if asked == "auto" else ""
         raise PrivcodeError(f"true needs backend fast; backend '{name}'{chose} has no compiled decoder layers: "
                             "set compile_layers: false or backend: fast", field="compile_layers")
     if name == "fast":

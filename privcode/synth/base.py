@@ -2,8 +2,9 @@
 their factory `privcode.synth.get_backend` import this module, never the other way round).
 
 A backend turns rendered prompts into completions. Greedy when temperature == 0; with
-temperature > 0 it draws `n` samples per prompt. It never sees private data: stages feed
-it public prompts (generate, evaluate) or already-DP outputs (round trip).
+temperature > 0 it draws `n` samples per prompt, each prompt from its own random stream
+(`SamplingParams.streams`; privcode.synth.calls feeds a stage's prompts in calls). It never sees
+private data: stages feed it public prompts (generate, evaluate) or already-DP outputs (round trip).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ class SamplingParams:
     n: int = 1                 # samples per prompt (round trip: paper n=20)
     seed: int = 0
     stop: tuple[str, ...] = ()  # a completion ends before the first of these strings (EvalPlus: "```")
+    # the random stream of each prompt of the call (default: its position in the call): stages pass each
+    # prompt's index in the whole input, so no two prompts of a run share a stream, however it is cut
+    # into calls (fast: sample j of prompt i draws from (seed, streams[i] * n + j); hf, vllm: seeds)
+    streams: tuple[int, ...] | None = None
 
 
 def cut_at_stop(text: str, stop) -> str:

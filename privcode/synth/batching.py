@@ -10,7 +10,7 @@ and takes the next waiting prompt (one prefill into its holder) once all its row
 one, every row is its own holder and takes the next waiting (prompt, sample) pair (a prefill each).
 `continuous=False` refills only when every row is free: batch after batch, each running until its
 longest row ends (what the backend did before). Either way a row's tokens depend only on its prompt
-and its identity (prompt index * k + sample index: its random stream), not on its row or step.
+and its identity (stream index * k + sample index: its random stream), not on its row or step.
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ CHECK_EVERY = 32   # ... once nothing waits (the polls only end the run early)
 
 
 def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_new: int, seed: int,
-           continuous: bool = True, lengths=None, progress=None) -> dict[int, list[list[int]]]:
+           continuous: bool = True, lengths=None, progress=None, streams=None) -> dict[int, list[list[int]]]:
     """Decode `k` samples of every prompt in `order` (indices into `prompts`, non-empty token lists)
     on `runner`: {prompt index: its k token lists}. lengths[i][j]: at most this many tokens for that
     sample (benchmarks: rows that stop as if they drew EOS there). progress(m): m more prompts have
-    all their samples."""
+    all their samples. streams[i]: prompt i's stream index (default i): its sample j draws from
+    identity streams[i] * k + j."""
     R, B = runner, runner.B
     shared = R.prefix is not None
     g = R.reps if shared else 1
@@ -39,6 +40,7 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
     cap = np.zeros(B, dtype=np.int64)           # its last write slot (token limit reached)
     grp = [[-1, k] for _ in range(B // g)]      # shared: (prompt, next sample) of each group
     waiting = deque(order) if shared else deque((i, j) for i in order for j in range(k))
+    sid = range(len(prompts)) if streams is None else streams
     steps = 0
     R.begin(seed)
 
@@ -70,7 +72,7 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
             R.load([h for h, _ in loads], [prompts[i] for _, i in loads])
         if starts:
             rows = [r for r, _, _, _ in starts]
-            R.start(rows, [h for _, h, _, _ in starts], [i * k + j for _, _, i, j in starts],
+            R.start(rows, [h for _, h, _, _ in starts], [sid[i] * k + j for _, _, i, j in starts],
                     [len(prompts[i]) for _, _, i, _ in starts], [lim(i, j) for _, _, i, j in starts], max_new)
             for r, _, i, j in starts:
                 n = lim(i, j)

@@ -22,13 +22,17 @@ through `model.generate`:
   call runs in `length_segments` (one prompt-cache length each, at most twice a prompt's own);
 - each row draws its tokens from its own random stream, a function of (seed, prompt index, sample
   index, token index) (`sampling.row_exponential`), so its tokens do not depend on the batch
-  size, on which row or step computes them, or on `continuous`;
+  size, on which row or step computes them, or on `continuous`; the prompt index is
+  `SamplingParams.streams[i]` when given (a stage passes each prompt's index in its whole input, so
+  its outputs do not depend on how it cuts the input into calls either);
 - attention of the single new query reads only the cache slots written so far (rounded up to
   SLOT_BUCKET: one graph per such length, for the highest slot a live row writes), with a
   validity mask per row; grouped-query heads are folded into the query axis so no K/V is repeated;
 - optionally (`compile_layers`) the two halves of a decode layer around its attention run under
   torch.compile, one graph each for every layer, which fuses the element-wise work between the GEMMs;
-- `batch_size` 0 sizes the batch from the free GPU memory (`rows_for_memory`);
+- `batch_size` 0 sizes the batch from the free GPU memory (`rows_for_memory`, measured once per
+  shape and reused by later calls with prompts no longer than it was measured for); without a GPU
+  (or an architecture the decoder does not drive) it is CPU_AUTO_ROWS rows;
 - with `n` samples per prompt each prompt is prefilled once and its K/V kept once, in a prompt
   cache that a group of rows reads together; each row's own cache holds its generated slots. A
   group of `prompt_rows` rows (default: n / GROUP_SPLIT rounded up with continuous batching, else n)
@@ -122,6 +126,7 @@ class FastHFBackend(Backend):
         # work; two compiles per process and batch shape): for long GPU jobs, off for short ones
         self.dec = Decoder(model, compile_layers) if Decoder.supports(model) else None
         self._runners: OrderedDict = OrderedDict()
+        self._sized: dict = {}  # batch_size 0: (new tokens, reps, shared) -> (prompt length bucket, rows)
         self._fallback = None
         if self.dec is None:
             log.warning("FastHFBackend: %s is not a supported architecture; using model.generate",
@@ -147,10 +152,16 @@ class FastHFBackend(Backend):
         return r
 
     def auto_rows(self, prompt_len: int, new_tokens: int, reps: int, shared: bool = False) -> int:
-        """batch_size 0: rows from the free memory of the model's GPU (rows_for_memory)."""
+        """batch_size 0: rows from the free memory of the model's GPU (rows_for_memory), measured once
+        per (new_tokens, reps, shared) and reused for prompts up to the bucketed length it was measured
+        for (a stage's later calls keep their runners and graphs); CPU_AUTO_ROWS (a multiple of `reps`)
+        without a GPU or a supported architecture."""
         p = next(self.model.parameters())
         if p.device.type != "cuda" or self.dec is None:
             return max(reps, CPU_AUTO_ROWS - CPU_AUTO_ROWS % reps)
+        key = (new_tokens, reps, shared)
+        if key in self._sized and self._sized[key][0] >= bucket(prompt_len):
+            return self._sized[key][1]
         self._runners.clear()  # their caches would be counted as used
         torch.cuda.empty_cache()
         cfg = self.model.config
@@ -159,7 +170,17 @@ class FastHFBackend(Backend):
                                hidden=cfg.hidden_size, prompt_len=prompt_len, new_tokens=new_tokens,
                                reps=reps, shared=shared)
         log.info("batch_size 0: %d rows fit in the free GPU memory", rows)
+        self._sized[key] = (bucket(prompt_len), rows)
         return rows
+
+    def rows(self, prompt_len: int, params: SamplingParams) -> int:
+        """Rows (sequences) a call whose longest prompt has `prompt_len` tokens decodes at once:
+        batch_size, or with batch_size 0 what auto_rows sizes (privcode.synth.calls sizes a stage's
+        calls from it)."""
+        k = params.n if params.temperature > 0 else 1
+        shared = self.share_prefix and k > 1
+        g = self.group_rows(k) if shared else 1
+        return self.batch_size if self.batch_size > 0 else self.auto_rows(prompt_len, params.max_new_tokens, g, shared)
 
     def _hf_generate_ids(self, batch, params, ignore_eos):
         dev = next(self.model.parameters()).device
@@ -180,19 +201,22 @@ class FastHFBackend(Backend):
                      ignore_eos: bool = False, lengths=None) -> list[list[list[int]]]:
         """Token-level generate: per prompt, `n` (1 when greedy) lists of new token ids, cut
         after EOS (kept whole with ignore_eos, for benchmarks on random weights). lengths[i][j]
-        (benchmarks): sample j of prompt i stops after that many tokens, as if it drew EOS there."""
+        (benchmarks): sample j of prompt i stops after that many tokens, as if it drew EOS there.
+        Sample j of prompt i draws from the stream of identity streams[i] * n + j (params.streams,
+        default i)."""
         k = params.n if params.temperature > 0 else 1
         if not prompt_ids:
             return []
+        streams = self._streams(params, len(prompt_ids), k)
         prompts = [list(x) or [self.pad] for x in prompt_ids]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         P, new = len(prompts[order[0]]), params.max_new_tokens
         shared = self.share_prefix and k > 1
         g = self.group_rows(k) if shared else 1
-        max_rows = self.batch_size if self.batch_size > 0 else self.auto_rows(P, new, g, shared)
+        max_rows = self.rows(P, params)
         S = bucket(new) if shared else bucket(P + new)
         if self.dec is None or (self.dec.window is not None and bucket(P + new) > self.dec.window):
-            out = self._batched_hf(prompts, order, params, k, max_rows, ignore_eos, progress)
+            out = self._batched_hf(prompts, order, params, k, max_rows, ignore_eos, progress, streams)
             return out if lengths is None else [[r[:max(1, n)] for r, n in zip(per, ns)]
                                                 for per, ns in zip(out, lengths)]
         out: list = [None] * len(prompts)
@@ -203,9 +227,22 @@ class FastHFBackend(Backend):
             r = self._runner(U * g, S, params.temperature, params.top_p, ignore_eos, g,
                              bucket(len(prompts[seg[0]])) if shared else 0)
             for i, per in decode(r, prompts, seg, k=k, max_new=new, seed=params.seed, continuous=self.continuous,
-                                 lengths=lengths, progress=progress).items():
+                                 lengths=lengths, progress=progress, streams=streams).items():
                 out[i] = self._cut(per, ignore_eos)
         return out
+
+    @staticmethod
+    def _streams(params: SamplingParams, count: int, k: int) -> list[int]:
+        """params.streams (default 0..count-1), checked: one per prompt, and with sampling every
+        (identity, token) counter below 2**32 (`sampling.row_keys`) so no two rows share noise."""
+        streams = list(range(count)) if params.streams is None else [int(x) for x in params.streams]
+        if len(streams) != count:
+            raise ValueError(f"SamplingParams.streams has {len(streams)} entries for {count} prompts")
+        if params.temperature > 0 and streams and (min(streams) < 0 or
+                                                   (max(streams) + 1) * k * params.max_new_tokens > 1 << 32):
+            raise ValueError(f"stream indices 0..{max(streams)} x n={k} x max_new_tokens={params.max_new_tokens} "
+                             "exceed the 2**32 counters of the sampling noise (sampling.row_keys)")
+        return streams
 
     def _cut(self, rows, ignore_eos):
         """Each row up to and with its first EOS."""
@@ -219,14 +256,15 @@ class FastHFBackend(Backend):
             return min(self.prompt_rows, k)
         return -(-k // GROUP_SPLIT) if self.continuous else k
 
-    def _batched_hf(self, prompts, order, params, k, max_rows, ignore_eos, progress):
-        """model.generate, batch after batch (architectures the decoder does not drive)."""
+    def _batched_hf(self, prompts, order, params, k, max_rows, ignore_eos, progress, streams):
+        """model.generate, batch after batch (architectures the decoder does not drive); a batch samples
+        from torch's stream seeded with seed + the stream index of its first prompt (one per batch)."""
         out: list = [None] * len(prompts)
         bs = max(1, max_rows // k)
         for s in range(0, len(order), bs):
             idx = order[s:s + bs]
             if params.temperature > 0:
-                torch.manual_seed(params.seed + s)
+                torch.manual_seed(params.seed + streams[idx[0]])
             rows = self._cut(self._hf_generate_ids([prompts[i] for i in idx for _ in range(k)], params,
                                                    ignore_eos).tolist(), ignore_eos)
             for j, i in enumerate(idx):

@@ -4,7 +4,11 @@
         --out results/synth/smollm2/privsa/eps4/generated --params '{"max_new_tokens": 256, "batch_size": 16}'
 
 Post-processing only: the inputs are a DP model and public prompts, so the output inherits the
-model's (ε, δ). Progress is appended to a sibling `.<out>.progress.jsonl`; a killed run resumes.
+model's (ε, δ). Progress is appended to a sibling `.<out>.progress.jsonl` after every backend call
+(privcode.synth.calls: calls of several batches, `batch_size: 0` sizes a batch from the free GPU memory
+with backend fast); a killed run resumes. With `temperature` > 0 prompt i of the input samples from its
+own random stream (seed, i): with backend fast the answers for a seed do not depend on the calls, on
+resuming or on sharding.
 With several GPUs in CUDA_VISIBLE_DEVICES (`privcode gpu-run --gpus N`), one process per GPU answers its
 slice of the prompts and the results are merged in prompt order (privcode.shard; `shards` below).
 """
@@ -27,7 +31,7 @@ from privcode.io import ResumableJsonl, atomic_dir, iter_jsonl, write_json, writ
 class GenerateConfig(Params):
     _what = "generate"
     backend: str = "hf"            # hf | fast | vllm | auto
-    batch_size: int = 16           # prompts per generate call (CPU: ~90 tok/s at 32 for 135M)
+    batch_size: int = 16           # rows per batch (CPU: ~90 tok/s at 32 for 135M); 0: from GPU memory (fast)
     max_new_tokens: int = 256
     temperature: float = 0.0       # greedy by default: one answer per prompt
     prompt_format: str = "qa"
@@ -39,22 +43,23 @@ class GenerateConfig(Params):
 
 
 
-def _answer(todo: list[dict], done: ResumableJsonl, model_ref: str, cfg: GenerateConfig, total: int) -> None:
+def _answer(todo: list[tuple[int, dict]], done: ResumableJsonl, model_ref: str, cfg: GenerateConfig,
+            total: int) -> None:
+    """Answer `todo` ([(index in the input, prompt record)]) into `done`, one checkpoint per call."""
     from tqdm import tqdm
 
     from privcode.synth import SamplingParams, get_backend
+    from privcode.synth.calls import in_calls
 
     backend = get_backend(cfg.backend, model_ref, batch_size=cfg.batch_size, dtype=cfg.dtype,
                           compile_layers=cfg.compile_layers)
     tok = getattr(backend, "tokenizer", None)
     sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     bar = tqdm(total=total, initial=total - len(todo), desc="generate", unit="prompt")
-    chunk = max(cfg.batch_size * 2, 1)
-    for s in range(0, len(todo), chunk):  # checkpoint granularity
-        part = todo[s:s + chunk]
-        texts = backend.generate([render_prompt(r["problem"], cfg.prompt_format, tok) for r in part], sp,
-                                 progress=bar.update)
-        for r, t in zip(part, texts):
+    prompts = [render_prompt(r["problem"], cfg.prompt_format, tok) for _, r in todo]
+    for s, texts in in_calls(backend, prompts, sp, batch_size=cfg.batch_size, streams=[i for i, _ in todo],
+                             progress=bar.update):
+        for (_, r), t in zip(todo[s:s + len(texts)], texts):
             done.add({"id": r["id"], "problem": r["problem"], "lang": r.get("lang", "python"), "raw": t[0]})
     bar.close()
 
@@ -72,7 +77,8 @@ def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig, shard
     if me is not None:  # a child: answer this slice into its own progress file, write no output
         mine, seen = shard.child_progress(out, me)
         with ResumableJsonl(mine, key="id") as done:
-            todo = [r for r in shard.part(prompts, me) if r["id"] not in done and r["id"] not in seen]
+            todo = [(i, r) for i, r in shard.part(list(enumerate(prompts)), me)
+                    if r["id"] not in done and r["id"] not in seen]
             if todo:
                 _answer(todo, done, model_ref, cfg, len(todo))
         return {"prompts": len(todo), "shard": shard_spec}
@@ -86,7 +92,7 @@ def run(model_ref: str, prompts_path: str, out: Path, cfg: GenerateConfig, shard
             if f != progress:
                 with ResumableJsonl(f, key="id") as other:
                     done.done.update(other.done)
-        todo = [r for r in prompts if r["id"] not in done]
+        todo = [(i, r) for i, r in enumerate(prompts) if r["id"] not in done]
         if todo:
             _answer(todo, done, model_ref, cfg, len(prompts))
         results = [done.done[r["id"]] for r in prompts]

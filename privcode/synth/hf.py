@@ -1,5 +1,7 @@
 """transformers backend: batched `generate`, prompts sorted by length, stop on EOS (and on
-`SamplingParams.stop` strings) per row; a batch ends when all its rows have stopped."""
+`SamplingParams.stop` strings) per row; a batch ends when all its rows have stopped. A sampled batch
+draws from torch's stream seeded with seed + the stream index of its first prompt (SamplingParams.streams,
+default its position), so batches of one stage run never share a seed; its draws depend on the batch."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +30,7 @@ class HFBackend(Backend):
         lens = [len(self.tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -lens[i])  # similar lengths -> less padding
         bs = max(1, self.batch_size // max(1, params.n))
+        streams = list(range(len(prompts))) if params.streams is None else list(params.streams)
         for s in range(0, len(order), bs):
             idx = order[s:s + bs]
             enc = self.tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
@@ -37,7 +40,7 @@ class HFBackend(Backend):
             if params.stop:  # transformers' StopStringCriteria: a row stops once its text holds a stop string
                 kw.update(stop_strings=list(params.stop), tokenizer=self.tok)
             if params.temperature > 0:
-                torch.manual_seed(params.seed + s)
+                torch.manual_seed(params.seed + streams[idx[0]])
                 kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                           num_return_sequences=params.n)
             else:

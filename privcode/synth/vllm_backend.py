@@ -1,4 +1,6 @@
-"""vLLM backend, selectable where vLLM is installed (GPU machines). Not installed by default."""
+"""vLLM backend, selectable where vLLM is installed (GPU machines). Not installed by default.
+Each prompt samples with its own seed, seed + its stream index (SamplingParams.streams, default its
+position): vLLM seeds a generator per request, so one seed for every prompt would give them all one stream."""
 from __future__ import annotations
 
 from privcode.synth.base import Backend, SamplingParams, cut_at_stop
@@ -20,9 +22,10 @@ class VLLMBackend(Backend):
     def generate(self, prompts, params: SamplingParams, progress=None):
         from vllm import SamplingParams as VSP
 
-        sp = VSP(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                 max_tokens=params.max_new_tokens, seed=params.seed, stop=list(params.stop) or None)
-        outs = self.llm.generate(prompts, sp)
+        streams = range(len(prompts)) if params.streams is None else params.streams
+        sps = [VSP(n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
+                   seed=params.seed + s, stop=list(params.stop) or None) for s in streams]
+        outs = self.llm.generate(prompts, sps)
         if progress is not None:
             progress(len(prompts))
         return [[cut_at_stop(o.text, params.stop) for o in r.outputs] for r in outs]
