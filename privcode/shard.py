@@ -8,7 +8,8 @@ sets to the job's GPUs), 1 means this process alone. The parent starts `privcode
 once per device with CUDA_VISIBLE_DEVICES set to that one device; shard i answers items i, i+n, i+2n, …
 and appends them to its own progress file; the parent then merges the shards' progress in input order.
 A killed job resumes: each shard skips what its progress file holds. Items are independent and each
-shard uses the same sampling seed, so greedy outputs do not depend on n.
+shard uses the same sampling seed; greedy outputs do not depend on n, nor do sampled ones with the fast
+backend (each item samples from its own stream, keyed by its index in the whole input).
 """
 from __future__ import annotations
 
