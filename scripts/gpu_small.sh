@@ -58,9 +58,10 @@ set -e
 echo "snakemake rc=$rc after $(( $(date +%s) - t0 )) s"; grep -E "steps \(|Error|error:" "$EXPORT/snakemake.log" | tail -5
 if [ $rc -eq 0 ] && [ -z "${TARGETS:-}" ]; then python3 -m snakemake --report "$EXPORT/report.html" --configfile=config/gpu-small.yaml > /dev/null 2>&1 || true; fi
 # Exported: tables, figures, logs, the public benchmarks and the synthetic sets (the DP release) with their
-# filter stats. private/benchmarks (the training jobs' wall time) only because this config's "private" records
-# are generated stand-ins (data.source_is_public): never export the private zone of a run on real data.
-tar -czf "$EXPORT/results.tgz" results/*.csv results/figures benchmarks logs private/benchmarks \
+# filter stats. private/benchmarks (the training jobs' wall time) only while the config's "private" records
+# are generated stand-ins (data.source_is_public: true): never export the private zone of a run on real data.
+PRIV=""; grep -Eq '^\s*source_is_public:\s*true' config/gpu-small.yaml && PRIV=private/benchmarks
+tar -czf "$EXPORT/results.tgz" results/*.csv results/figures benchmarks logs $PRIV \
   $(ls -d results/synth/*/*/*/*/stats.json results/synth/*/*/*/generated/samples.jsonl \
     results/synth/*/*/*/{exec,roundtrip*}/{kept,dropped}.jsonl results/eval/*/*/*/*/*.json 2>/dev/null) 2>/dev/null || true
 ls -la "$EXPORT"
