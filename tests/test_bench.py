@@ -256,6 +256,20 @@ def test_bench_generate_small_cpu_writes_every_field(tmp_path):
     assert r["new_tokens"] == 6 and r["info"]["card"] == "cpu" and "target" in r
 
 
+def test_bench_generate_batch_0_takes_the_rows_a_stage_would(tmp_path):
+    """--batches 0 (what `privcode bench pipeline` passes for a config's batch_size 0): the rows the fast
+    backend's auto_rows gives a stage (CPU: CPU_AUTO_ROWS), then whole prompts as for any batch."""
+    from privcode.bench import generate_bench
+    from privcode.synth.fast import CPU_AUTO_ROWS
+
+    out = tmp_path / "gen.json"
+    generate_bench.main(["--shape", "small", "--device", "cpu", "--batches", "0,2", "--prompt-len", "4",
+                         "--new-tokens", "3", "--n", "3", "--temperature", "0.8", "--peers", "", "--out", str(out)])
+    got = [(x["backend"], x["batch"]) for x in json.loads(out.read_text())["results"] if "tok_s" in x]
+    # rows are whole prompts' n samples: 32 -> 30, 2 -> 3
+    assert got == [("fast", CPU_AUTO_ROWS - CPU_AUTO_ROWS % 3), ("fast", 3)]
+
+
 def test_bench_generate_rows_of_given_lengths_with_and_without_refill(tmp_path):
     """--lengths/--waves/--no-refill: rows end at lengths drawn once (tokens = their sum), the continuous and the
     batch-after-batch runs and the reference peer give the same rows (fp32 on CPU), and bad specs are refused."""

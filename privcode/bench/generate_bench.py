@@ -123,6 +123,13 @@ def run(a) -> dict:
     g = torch.Generator().manual_seed(0)
     P, N = a.prompt_len, a.new_tokens
     k = a.n if a.temperature > 0 else 1
+    if 0 in batches:  # rows from the free memory, as a stage's `batch_size: 0` (FastHFBackend.auto_rows)
+        probe = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
+                              batch_size=0, prompt_rows=a.prompt_rows)
+        shared = probe.share_prefix and k > 1
+        auto = probe.auto_rows(P, N, probe.group_rows(k) if shared else 1, shared)
+        batches = [auto if B == 0 else B for B in batches]
+        print(f"batch 0: {auto} rows (free memory, FastHFBackend.auto_rows)")
     most = max([max(1, B // k) * a.waves for B in batches] + peer_batches + static_batches)
     prompts = torch.randint(1, shape.vocab - 2, (most, a.prompt_len), generator=g)
     lengths = row_lengths(a.lengths, most, k, N, g)
@@ -247,7 +254,8 @@ def main(argv=None) -> None:
     ap = parser("generate", __doc__)
     ap.add_argument("--shape", default=None, help="1.5b | 7b | small (default: 1.5b on GPU, small on CPU)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--batches", default=None, help="fast backend batch sizes (default 64,128,256; CPU 2)")
+    ap.add_argument("--batches", default=None, help="fast backend batch sizes, 0: rows from the free memory as a "
+                    "stage's batch_size 0 (default 64,128,256; CPU 2)")
     ap.add_argument("--peer-batches", default=None, help="peer batch sizes (default: 64,256; CPU: --batches)")
     ap.add_argument("--peers", default="dynamic", help="comma list of dynamic,static (greedy) or reference "
                     "(sampling) (empty: none)")
