@@ -123,13 +123,12 @@ def run(a) -> dict:
     g = torch.Generator().manual_seed(0)
     P, N = a.prompt_len, a.new_tokens
     k = a.n if a.temperature > 0 else 1
-    if 0 in batches:  # rows from the free memory, as a stage's `batch_size: 0` (FastHFBackend.auto_rows)
-        probe = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
-                              batch_size=0, prompt_rows=a.prompt_rows)
-        shared = probe.share_prefix and k > 1
-        auto = probe.auto_rows(P, N, probe.group_rows(k) if shared else 1, shared)
+    params = SamplingParams(max_new_tokens=N, temperature=a.temperature, top_p=a.top_p, n=k, seed=0)
+    if 0 in batches:  # rows from the free memory, as a stage's `batch_size: 0` (FastHFBackend.rows)
+        auto = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
+                             batch_size=0, prompt_rows=a.prompt_rows).rows(P, params)
         batches = [auto if B == 0 else B for B in batches]
-        print(f"batch 0: {auto} rows (free memory, FastHFBackend.auto_rows)")
+        print(f"batch 0: {auto} rows (free memory, FastHFBackend.rows)")
     most = max([max(1, B // k) * a.waves for B in batches] + peer_batches + static_batches)
     prompts = torch.randint(1, shape.vocab - 2, (most, a.prompt_len), generator=g)
     lengths = row_lengths(a.lengths, most, k, N, g)
@@ -153,7 +152,6 @@ def run(a) -> dict:
               + (f"  (first call {first:.2f} s)" if first is not None else ""), flush=True)
 
     sampling = a.temperature > 0
-    params = SamplingParams(max_new_tokens=N, temperature=a.temperature, top_p=a.top_p, n=k, seed=0)
 
     def fast_run(name, B, **kw):
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
