@@ -298,6 +298,29 @@ def test_bench_generate_rows_of_given_lengths_with_and_without_refill(tmp_path):
             generate_bench.main(["--shape", "small", "--device", "cpu", "--lengths", bad, "--out", str(out)])
 
 
+def test_bench_generate_profile_walks_a_calls_steps_by_attention_length(tmp_path):
+    """--profile: at every attention length a call's steps read, the step's time by section (attention,
+    sampling, the layers' halves...), weighted by how many steps read that length; the profiled and timed
+    steps leave the runner where a call would be (every row ends at --new-tokens)."""
+    from privcode.bench import generate_bench
+    from privcode.bench.decode_profile import SECTIONS
+
+    out = tmp_path / "gen.json"
+    generate_bench.main(["--shape", "small", "--device", "cpu", "--batches", "4", "--prompt-len", "8", "--new-tokens",
+                         "70", "--n", "2", "--temperature", "0.8", "--top-p", "0.9", "--prompt-rows", "2",
+                         "--peers", "", "--profile", "--profile-steps", "2", "--out", str(out)])
+    p = json.loads(out.read_text())["profile"]
+    assert (p["rows"], p["prompt_rows"], p["new_tokens"]) == (4, 2, 70)
+    # own caches (shared prompt cache): 69 decode steps write slots 0..68 -> lengths 64 and 128
+    assert {a: v["steps_of_a_call"] for a, v in p["lengths"].items()} == {"64": 64, "128": 5}
+    for v in p["lengths"].values():
+        assert set(v["sections"]) <= set(SECTIONS) and v["graph_ms"] > 0
+        assert {"attention", "sampling", "norm, q/k/v, rotary", "o_proj, MLP", "head"} <= set(v["sections"])
+    mean = p["mean"]
+    want = (64 * p["lengths"]["64"]["graph_ms"] + 5 * p["lengths"]["128"]["graph_ms"]) / 69
+    assert mean["graph_ms"] == pytest.approx(want) and mean["tok_s_at_graph_ms"] == pytest.approx(4e3 / want)
+
+
 def test_hook_free_per_record_gradients_equal_batch_of_one():
     pm = _tiny_peft()
     leanlora.lean_lora(pm)

@@ -28,7 +28,7 @@ def test_fast_backend_gets_compiled_decoder_layers(tiny_model):
     compiled = get_backend("fast", str(tiny_model), batch_size=2, dtype="float32", compile_layers=True)
     # torch.compile's wrappers around the two halves of a layer; the attention between them stays eager
     assert compiled.dec.qkv != compiled.dec._qkv and compiled.dec.finish_layer != compiled.dec._finish_layer
-    assert compiled.dec.decode_layer == compiled.dec._decode_layer
+    assert compiled.dec.merge is not plain.dec.merge
 
 
 def _stage_inputs(tmp_path):

@@ -83,9 +83,10 @@ def test_stop_strings_end_a_completion_where_the_full_text_first_holds_one(tiny_
 
 
 def test_compiled_decode_layers_give_the_eager_tokens_with_one_graph_for_all_layers(tiny_model):
-    """compile_layers: torch.compile of the two halves of a decode layer around its attention, reused by
-    every layer (regional compilation): the tokens are the eager decoder's, greedy and sampled (shared
-    prompt cache), and the layers share compiled graphs (fewer graphs than layers x shapes)."""
+    """compile_layers: torch.compile of the two halves of a decode layer around its attention (and of the
+    merge with the shared prompt's attention), reused by every layer (regional compilation): the tokens
+    are the eager decoder's, greedy and sampled (shared prompt cache), and the layers share compiled
+    graphs (fewer graphs than layers x shapes)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -98,16 +99,15 @@ def test_compiled_decode_layers_give_the_eager_tokens_with_one_graph_for_all_lay
     torch._dynamo.reset()
     counters.clear()
     assert len(model.get_decoder().layers) == 2
-    for p in (SamplingParams(max_new_tokens=8),  # one batch of 4 rows
-              SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, n=2, seed=4)):
+    for p, graphs in ((SamplingParams(max_new_tokens=8), 2),  # one batch of 4 rows
+                      (SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, n=2, seed=4), 3)):
         eager = FastHFBackend(model=model, tokenizer=tok, batch_size=4).generate(prompts, p)
         compiled = FastHFBackend(model=model, tokenizer=tok, batch_size=4, compile_layers=True).generate(prompts, p)
         assert compiled == eager
-        # one graph per decode shape (greedy; then 2 batches of 2 prompts x 2 rows with a shared prompt
-        # cache), not one per layer
         # two graphs (the halves around the attention), shared by both layers and by both runs (4 rows
-        # each: the halves do not see the cache length or the shared prompt cache), not one per layer
-        assert counters["stats"]["unique_graphs"] == 2
+        # each: the halves do not see the cache length or the shared prompt cache), not one per layer;
+        # sampling with a shared prompt cache adds the merge of the two attentions (one graph)
+        assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_rows_for_memory_fill_the_free_memory_and_keep_a_prompts_samples_together():

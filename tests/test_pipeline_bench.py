@@ -153,3 +153,24 @@ def test_what_a_config_leaves_out_is_what_the_workflow_and_the_stages_would_use(
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(PrivcodeError, match=r"c\.yaml.*field 'exec_filter'.*workerz"):
         Plan.from_config(path)
+
+
+@slow
+def test_with_units_takes_earlier_units_and_refuses_another_card(result, tmp_path):
+    """--with-units: a projection measured over two runs of one card has the first run's units as they were
+    (not measured again) and the second's; a JSON from another card is refused."""
+    from privcode.bench import pipeline_bench
+
+    res, out = result
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps({**res, "units": {k: v for k, v in res["units"].items() if k in ("stage1", "exec")}}))
+    both = tmp_path / "both.json"
+    pipeline_bench.main(["--shape", "small", "--device", "cpu", "--config", PAPER, "--with-units", str(first),
+                         "--stages", "generate", "--out", str(both)])
+    got = json.loads(both.read_text())["units"]
+    assert set(got) == {"stage1", "exec", "generate"}
+    assert got["stage1"] == res["units"]["stage1"] and got["exec"] == res["units"]["exec"]  # taken, not re-measured
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**res, "info": {**res["info"], "card": "NVIDIA H200"}}))
+    with pytest.raises(SystemExit, match="measured on NVIDIA H200"):
+        pipeline_bench.main(["--shape", "small", "--device", "cpu", "--with-units", str(other), "--out", str(both)])

@@ -133,6 +133,7 @@ def run(a) -> dict:
     prompts = torch.randint(1, shape.vocab - 2, (most, a.prompt_len), generator=g)
     lengths = row_lengths(a.lengths, most, k, N, g)
     res = {"info": device_info(device), "command": "privcode bench generate " + " ".join(a.argv),
+           "attention": a.attention,
            "shape": shape.name, "dtype": str(dtype).split(".")[-1], "prompt_len": P, "new_tokens": N,
            "sampling": {"n": a.n, "temperature": a.temperature, "top_p": a.top_p} if a.temperature > 0 else None,
            "lengths": a.lengths, "waves": a.waves, "prompt_rows": a.prompt_rows, "results": []}
@@ -155,7 +156,7 @@ def run(a) -> dict:
 
     def fast_run(name, B, **kw):
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
-                           batch_size=B, prompt_rows=a.prompt_rows, **kw)
+                           batch_size=B, prompt_rows=a.prompt_rows, **{"attention": a.attention, **kw})
         m = max(1, B // k) * a.waves
         ids, want = prompts[:m].tolist(), [[N] * k] * m if lengths is None else lengths[:m]
         try:
@@ -180,7 +181,7 @@ def run(a) -> dict:
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
-    fast_tokens = {B: fast_run("fast", B) for B in batches}
+    fast_tokens = {} if a.compile and a.compiled_only else {B: fast_run("fast", B) for B in batches}
     if a.compile:  # the same backend with each decode layer under torch.compile (first call: the compile)
         for B in batches:
             got = fast_run("fast-compiled", B, compile_layers=True)
@@ -229,6 +230,15 @@ def run(a) -> dict:
                 res["results"].append({"backend": peer, "batch": B, "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 print(f"{peer:8s} batch {B:4d}: FAILED {type(e).__name__}: {e}", flush=True)
 
+    if a.profile:  # where a step's time goes, at the largest batch (compiled layers with --compile)
+        from privcode.bench.decode_profile import print_profile, profile_decode
+
+        fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
+                           batch_size=max(batches), prompt_rows=a.prompt_rows, compile_layers=a.compile,
+                           attention=a.attention)
+        res["profile"] = profile_decode(fb, prompts.tolist(), params, max(batches), a.profile_steps)
+        print_profile(res["profile"])
+
     tok = {(r["backend"], r["batch"]): r["tok_s"] for r in res["results"] if "tok_s" in r}
     res["ratios"] = {f"fast / {p} @ batch {B}": tok[("fast", B)] / tok[(p, B)]
                      for p in {b for b, _ in tok} - {"fast", "fast-compiled", "fast-norefill", "fast-compiled-norefill"}
@@ -265,12 +275,20 @@ def main(argv=None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--compile", action="store_true", help="also time the fast backend with compiled decode layers")
+    ap.add_argument("--compiled-only", action="store_true", help="with --compile: time only the compiled fast backend "
+                    "(no eager run; saves device time)")
     ap.add_argument("--lengths", default="max", help="row lengths: max | uniform:LO | geometric:MEAN (rows end there "
                     "as if they drew EOS)")
     ap.add_argument("--waves", type=int, default=1, help="prompts per call = this x batch / n (fast backends)")
     ap.add_argument("--no-refill", action="store_true", help="also time the fast backend without continuous batching")
     ap.add_argument("--prompt-rows", type=int, default=0, help="rows decoding one prompt's samples at a time "
                     "(0: the backend's default)")
+    ap.add_argument("--attention", default="auto", choices=("auto", "efficient", "math"), help="the fast backend's "
+                    "decode attention (decoder.attend): auto = the memory-efficient kernel on CUDA; math = matmul, "
+                    "softmax, matmul (for comparisons)")
+    ap.add_argument("--profile", action="store_true", help="profile decode steps at the largest batch "
+                    "(privcode.bench.decode_profile: ms per step by section at each attention length)")
+    ap.add_argument("--profile-steps", type=int, default=3, help="eager steps profiled per attention length")
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/bench_generate_<shape>.json)")
     a = ap.parse_args(argv)
     import torch

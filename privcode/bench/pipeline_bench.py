@@ -6,6 +6,8 @@ PrivCode column of a config (privcode.bench.pipeline_plan: counts, assumptions, 
     privcode bench pipeline --early-stop-scores results/.../roundtrip-scores/scores.jsonl  # measured saving
     privcode bench pipeline --shape small --device cpu                             # every code path, CPU
     privcode bench pipeline --from benchmarks/bench_pipeline.json                 # the markdown table again
+    privcode bench pipeline --stages stage1,stage6 --out a.json                    # over two runs of one card:
+    privcode bench pipeline --with-units a.json --out b.json                       # b: a's units + the others
 
 Units, each measured with the other benches' own machinery (random weights in the published shapes:
 junior Qwen2.5-Coder-1.5B, describer Llama-3.1-8B, premium Qwen2.5-Coder-7B; `small` on CPU):
@@ -170,9 +172,9 @@ def _measure(plan: Plan, shapes: dict, device: str, small: bool, a) -> dict:
                                      cap(plan.eval_prompt_tokens, 8), cap(plan.eval_answer_tokens, 8),
                                      compile=a.compile),
     }
-    units = {}
+    units = dict(a.units)
     for stage, job in jobs.items():
-        if a.stages and stage not in a.stages:
+        if (a.stages and stage not in a.stages) or stage in units:
             continue
         t0 = time.perf_counter()
         try:
@@ -193,6 +195,24 @@ def measured_early_stop(scores_path, plan: Plan, tau: float) -> float:
 
     recs = read_jsonl(scores_path)
     return sum(descriptions_needed(r, tau, plan.n, plan.early_stop_round) for r in recs) / len(recs)
+
+
+def earlier_units(paths: str | None, device: str) -> dict:
+    """The units of earlier `bench pipeline` JSONs (later files win), refused unless they were measured on
+    this device's card."""
+    from privcode.bench.shapes import device_info
+
+    units, card = {}, device_info(device).get("card")
+    for path in filter(None, (paths or "").split(",")):
+        try:
+            res = json.loads(Path(path).read_text())
+            got = res["info"].get("card")
+            units.update({k: v for k, v in res["units"].items() if "error" not in v})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"privcode bench pipeline: --with-units {path}: not a bench pipeline JSON ({e})")
+        if got != card:
+            raise SystemExit(f"privcode bench pipeline: --with-units {path} was measured on {got}, this is {card}")
+    return units
 
 
 def run(a) -> dict:
@@ -228,6 +248,8 @@ def main(argv=None) -> None:
     ap.add_argument("--early-stop-scores", default=None, help="a full-n round-trip scores.jsonl: measure the "
                     "early-stop saving on it instead of the model")
     ap.add_argument("--compile", action="store_true", help="generation units also with compiled decode layers")
+    ap.add_argument("--with-units", default=None, help="comma list of earlier JSONs of this command on the same "
+                    "card: their units are taken, not measured again (a projection measured over several runs)")
     ap.add_argument("--from", dest="src", default=None, help="print the table of an earlier JSON and exit")
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/bench_pipeline_<shape>.json)")
     a = ap.parse_args(argv)
@@ -240,6 +262,7 @@ def main(argv=None) -> None:
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.shape = a.shape or ("paper" if a.device.startswith("cuda") else "small")
     a.stages = set(a.stages.split(",")) if a.stages else None
+    a.units = earlier_units(a.with_units, a.device)
     res = run(a)
     print("\n" + table(res))
     for k, t in res["targets"].items():

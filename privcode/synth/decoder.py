@@ -4,6 +4,8 @@ privcode.synth.runner holds one batch shape's buffers and captured steps, privco
 decides what each row decodes; privcode.synth.fast explains the design and is the interface."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -21,19 +23,58 @@ def _rot(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+ATTENTION = ("auto", "efficient", "math")
+_UNMARKED = contextlib.nullcontext()
+
+
+def unmarked(name: str):
+    """The default `Decoder.mark`: no section marks (a profiler sets torch.profiler.record_function)."""
+    return _UNMARKED
+
+
+def additive(mask, dtype):
+    """A bool mask (True: attend) as an additive bias in `dtype`: 0 where True, -inf where False."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def attend(q, K, V, bias, scale: float, kernel: str = "auto"):
+    """softmax(q K^T * scale + bias) V and its log-sum-exp: q [b, h, m, d], K/V [b, h, n, d] (any
+    strides with the last one 1), bias additive in q's dtype, broadcastable to [b, h, m, n] (every
+    query must attend to some key). Returns (o [b, h, m, d] in q's dtype, lse [b, h, m] fp32).
+    kernel "efficient": PyTorch's memory-efficient attention kernel (CUDA, fp16/bf16: one pass over K/V,
+    scores never leave the chip); "math": matmul, fp32 softmax, matmul; "auto": efficient where it runs."""
+    if kernel == "efficient" or (kernel == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        b, h, m, _ = q.shape
+        o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, K, V, bias.expand(b, h, m, K.shape[2]), True, scale=scale)[:2]
+        return o, lse[..., :m].float()
+    s = torch.matmul(q, K.transpose(-1, -2)).float() * scale + bias
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul((s - lse[..., None]).exp().to(q.dtype), V), lse
+
+
+def merge_attention(o1, l1, o2, l2):
+    """Attention over two disjoint key sets from each one's output and log-sum-exp (the softmax over
+    their union): o_i [..., d], l_i [...] fp32; in o1's dtype."""
+    l = torch.logaddexp(l1, l2)
+    return (o1.float() * (l1 - l).exp()[..., None] + o2.float() * (l2 - l).exp()[..., None]).to(o1.dtype)
+
+
 class Decoder:
     """The model's own modules, driven with an explicit static cache."""
 
-    def __init__(self, model, compile_layers: bool = False):
+    def __init__(self, model, compile_layers: bool = False, attention: str = "auto"):
         self.model = model
         # compile_layers: the two halves of a decode layer around its attention -- norm, q/k/v and rotary
-        # before it; o_proj, residuals and MLP after it -- as functions of the layer's module and tensors:
-        # every layer and every attention length has the same shapes there, so torch.compile makes one
-        # graph for each half (regional compilation) and fuses the element-wise work between the GEMMs.
-        # The attention stays eager: it reads a slice of the cache whose length changes with the step,
-        # and a compiled SDPA would copy that slice to a contiguous buffer every step.
-        self.decode_layer = self._decode_layer
-        self.qkv, self.finish_layer = self._qkv, self._finish_layer
+        # before it; o_proj, residuals and MLP after it -- and the merge of the shared-prompt attention, as
+        # functions of the layer's module and tensors: every layer and every attention length has the same
+        # shapes there, so torch.compile makes one graph for each (regional compilation) and fuses the
+        # element-wise work between the GEMMs. The attention itself is one kernel call (`attend`).
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
+        self.attention = attention
+        self.mark = unmarked  # sections of a decode step, for profiles (privcode.bench.decode_profile)
+        self.qkv, self.finish_layer, self.merge = self._qkv, self._finish_layer, merge_attention
         if compile_layers:
             import torch._dynamo
 
@@ -41,6 +82,7 @@ class Decoder:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.qkv = torch.compile(self._qkv, dynamic=False)
             self.finish_layer = torch.compile(self._finish_layer, dynamic=False)
+            self.merge = torch.compile(merge_attention, dynamic=False)
         m = model.get_decoder()
         self.embed, self.layers, self.norm, self.rotary = m.embed_tokens, m.layers, m.norm, m.rotary_emb
         self.head = model.get_output_embeddings()
@@ -79,17 +121,24 @@ class Decoder:
         queries attend to the L new tokens only (`slots` is unused).
         Returns final-norm hidden states [b, H] of the last position (`last` [b]: of these positions)."""
         b, L = ids.shape
-        h = self.embed(ids)
-        cos, sin = self.rotary(h, pos)
-        cos, sin = cos[:, None], sin[:, None]
         decode = rows is None
-        idx = slots.view(b, 1, 1, 1).expand(b, self.kv, 1, self.hd) if decode else None
-        for i, layer in enumerate(self.layers):
-            if decode:
-                pre = (prefix[0][i], prefix[1][i], prefix[2]) if prefix is not None else None
-                h = self.decode_layer(layer, h, cos, sin, idx, K[i], V[i], mask, pre, prefix[3] if prefix else 1,
+        with self.mark("embed, rotary, masks"):
+            h = self.embed(ids)
+            cos, sin = self.rotary(h, pos)
+            cos, sin = cos[:, None], sin[:, None]
+            if decode:  # the masks as additive biases, once for all layers
+                idx = slots.view(b, 1, 1, 1).expand(b, self.kv, 1, self.hd)
+                bias = additive(mask, h.dtype)
+                pre = None if prefix is None else (prefix[0], prefix[1],
+                                                   additive(prefix[2][:, None, None, :], h.dtype), prefix[3])
+        if decode:
+            for i, layer in enumerate(self.layers):
+                h = self.decode_layer(layer, h, cos, sin, idx, K[i], V[i], bias,
+                                      None if pre is None else (pre[0][i], pre[1][i], pre[2], pre[3]),
                                       att or K[i].shape[2])
-                continue
+            with self.mark("final norm"):
+                return self.norm(h[:, -1])
+        for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin, b, L)
             K[i][rows, :, :L] = k.to(K[i].dtype)
             V[i][rows, :, :L] = v.to(V[i].dtype)
@@ -117,36 +166,34 @@ class Decoder:
         h = h + layer.self_attn.o_proj(o)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _decode_layer(self, layer, h, cos, sin, idx, Ki, Vi, mask, pre, reps: int, att: int):
+    def decode_layer(self, layer, h, cos, sin, idx, Ki, Vi, bias, pre, att: int):
         """One layer for one new token per row: writes its K/V into the row caches Ki/Vi at the
         row's slot (`idx`: the slots expanded to [B, kv, 1, d]), attends to their first `att` slots
-        (after the shared prompt cache `pre` = (Kp, Vp, pvalid), when given) and returns the
-        layer's output hidden states."""
+        (`bias` [B, 1, 1, att] additive) and, when given, to the shared prompt cache
+        `pre` = (Kp, Vp, pbias, reps), and returns the layer's output hidden states. Grouped-query heads
+        are folded into the query axis ([B, kv, G, d] queries), so no K/V is repeated."""
         b = h.shape[0]
         G = self.nh // self.kv
-        q, k, v = self.qkv(layer, h, cos, sin, b, 1)
-        Ki.scatter_(2, idx, k.to(Ki.dtype))
-        Vi.scatter_(2, idx, v.to(Vi.dtype))
-        Ki, Vi = Ki[:, :, :att], Vi[:, :, :att]
-        if pre is not None:
-            o = self._shared(q.reshape(b, self.kv, G, self.hd), Ki, Vi, mask, pre[0], pre[1], pre[2], reps)
-        else:  # [b, kv, G, d] queries against [b, kv, S, d]: no K/V repeat
-            o = F.scaled_dot_product_attention(q.reshape(b, self.kv, G, self.hd), Ki, Vi, attn_mask=mask,
-                                               scale=self.scaling)
-        return self.finish_layer(layer, h, o.reshape(b, 1, self.nh * self.hd))
+        with self.mark("norm, q/k/v, rotary"):
+            q, k, v = self.qkv(layer, h, cos, sin, b, 1)
+        with self.mark("cache write"):
+            Ki.scatter_(2, idx, k.to(Ki.dtype))
+            Vi.scatter_(2, idx, v.to(Vi.dtype))
+        with self.mark("attention"):
+            q = q.reshape(b, self.kv, G, self.hd)
+            o, lse = attend(q, Ki[:, :, :att], Vi[:, :, :att], bias, self.scaling, self.attention)
+            if pre is not None:
+                o = self.merge(*self._prompt_attention(q, *pre), o, lse)
+        with self.mark("o_proj, MLP"):
+            return self.finish_layer(layer, h, o.reshape(b, 1, self.nh * self.hd))
 
-    def _shared(self, q, Ks, Vs, smask, Kp, Vp, pvalid, reps):
-        """Attention of q [B, kv, G, d] over a prompt cache shared by `reps` consecutive rows (read
-        once for all of them: their queries are stacked) and each row's own cache; one softmax."""
+    def _prompt_attention(self, q, Kp, Vp, pbias, reps: int):
+        """Attention of q [B, kv, G, d] over the prompt cache Kp/Vp [B / reps, kv, P, d] shared by `reps`
+        consecutive rows, read once for all of them (their queries stacked on the query axis):
+        (o [B, kv, G, d], lse [B, kv, G]), merged with the row's own attention by `merge_attention`."""
         B, kv, G, d = q.shape
-        U, P = Kp.shape[0], Kp.shape[2]
+        U = Kp.shape[0]
         qf = q.view(U, reps, kv, G, d).transpose(1, 2).reshape(U, kv, reps * G, d)
-        s1 = torch.matmul(qf, Kp.transpose(-1, -2)).float().masked_fill(~pvalid[:, None, None, :], float("-inf"))
-        s1 = s1.view(U, kv, reps, G, P).transpose(1, 2).reshape(B, kv, G, P)
-        s2 = torch.matmul(q, Ks.transpose(-1, -2)).float().masked_fill(~smask, float("-inf"))
-        w = (torch.cat([s1, s2], -1) * self.scaling).softmax(-1).to(q.dtype)
-        w1 = w[..., :P].reshape(U, reps, kv, G, P).transpose(1, 2).reshape(U, kv, reps * G, P)
-        o1 = torch.matmul(w1, Vp).view(U, kv, reps, G, d).transpose(1, 2).reshape(B, kv, G, d)
-        return o1 + torch.matmul(w[..., P:], Vs)
-
-
+        o, lse = attend(qf, Kp, Vp, pbias, self.scaling, self.attention)
+        return (o.view(U, kv, reps, G, d).transpose(1, 2).reshape(B, kv, G, d),
+                lse.view(U, kv, reps, G).transpose(1, 2).reshape(B, kv, G))

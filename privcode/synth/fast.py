@@ -28,8 +28,12 @@ through `model.generate`:
 - attention of the single new query reads only the cache slots written so far (rounded up to
   SLOT_BUCKET: one graph per such length, for the highest slot a live row writes), with a
   validity mask per row; grouped-query heads are folded into the query axis so no K/V is repeated;
-- optionally (`compile_layers`) the two halves of a decode layer around its attention run under
-  torch.compile, one graph each for every layer, which fuses the element-wise work between the GEMMs;
+  on CUDA it is PyTorch's memory-efficient attention kernel (`decoder.attend`: scores stay on chip),
+  and a row's attention over the shared prompt cache and over its own cache are merged by their
+  log-sum-exps (one softmax over both);
+- optionally (`compile_layers`) the two halves of a decode layer around its attention and that merge
+  run under torch.compile, one graph each for every layer, which fuses the element-wise work between
+  the GEMMs;
 - `batch_size` 0 sizes the batch from the free GPU memory (`rows_for_memory`, measured once per
   shape and reused by later calls with prompts no longer than it was measured for); without a GPU
   (or an architecture the decoder does not drive) it is CPU_AUTO_ROWS rows;
@@ -39,7 +43,8 @@ through `model.generate`:
   decodes one prompt's n samples, a freed row starting the next sample, and takes the next prompt
   once all its rows are free: smaller groups refill sooner, larger ones read prompt caches less;
 - top-p sampling does not sort the vocabulary (`top_p_sample`: an exponential race, exact but
-  for an event of probability <= 1e-12 per token, where it takes the most probable token).
+  for an event of probability <= 1e-12 per token, where it takes the most probable token); on CUDA
+  the row noise, softmax and race run under torch.compile (fused passes over [rows, vocab]).
 
 Supported: decoder-only models whose layers look like Llama/Qwen2/Qwen3/Mistral
 (input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp) with full attention.
@@ -104,7 +109,7 @@ class FastHFBackend(Backend):
     def __init__(self, model_ref: str | None = None, batch_size: int = 64, dtype: str = "bfloat16",
                  cuda_graphs: bool = True, *, model=None, tokenizer=None, eos_token_id=None, pad_token_id=None,
                  sampler=top_p_sample, share_prefix: bool = True, compile_layers: bool = False,
-                 continuous: bool = True, prompt_rows: int = 0):
+                 continuous: bool = True, prompt_rows: int = 0, attention: str = "auto"):
         if model is None:
             from privcode.models import default_device, load_model, load_tokenizer
 
@@ -124,7 +129,8 @@ class FastHFBackend(Backend):
         self.prompt_rows = prompt_rows    # rows decoding one prompt's samples at a time (0: group_rows' default)
         # compile_layers: torch.compile the decode layers' halves around the attention (fused element-wise
         # work; two compiles per process and batch shape): for long GPU jobs, off for short ones
-        self.dec = Decoder(model, compile_layers) if Decoder.supports(model) else None
+        # attention: "auto" (the memory-efficient kernel on CUDA), "efficient" or "math" (decoder.attend)
+        self.dec = Decoder(model, compile_layers, attention) if Decoder.supports(model) else None
         self._runners: OrderedDict = OrderedDict()
         self._sized: dict = {}  # batch_size 0: (new tokens, reps, shared) -> (prompt length bucket, rows)
         self._fallback = None

@@ -35,11 +35,13 @@ class Runner:
     With a prompt cache (`prefix` > 0 slots) each of the B / reps holders keeps one prompt's K/V
     for its `reps` consecutive rows, and a row's own cache holds its S generated slots only;
     without one (reps 1) each row is its own holder: its cache holds its prompt in slots [0, len)
-    and its generated tokens after."""
+    and its generated tokens after. fused_sampler (default: on CUDA): the sampler and its noise under
+    torch.compile (one shape [B, vocab]; the first tokens of started rows are padded to it)."""
 
     @torch.inference_mode()
     def __init__(self, dec: Decoder, B: int, S: int, *, temperature: float, top_p: float, eos, pad: int,
-                 ignore_eos: bool, use_graph: bool, sampler=top_p_sample, reps: int = 1, prefix: int = 0):
+                 ignore_eos: bool, use_graph: bool, sampler=top_p_sample, reps: int = 1, prefix: int = 0,
+                 fused_sampler: bool | None = None):
         p = next(dec.model.parameters())
         dev, dt = p.device, p.dtype
         self.dec, self.B, self.S, self.dev, self.reps = dec, B, S, dev, reps
@@ -66,14 +68,14 @@ class Runner:
         self.out = torch.full((B, S + 1), self.pad, dtype=torch.long, device=dev)  # column S: finished rows' bin
         holders = B // reps if self.prefix else B
         self.hlast = torch.zeros((holders, dec.model.config.hidden_size), device=dev, dtype=dt)
-        self.noise = row_exponential
-        if dev.type == "cuda" and temperature > 0:  # one fused kernel instead of ~17 passes over [B, vocab]
-            try:
-                fused = torch.compile(row_exponential, dynamic=False)
-                fused(self.base, self.seed, dec.head.weight.shape[0])  # compiles now, not inside a capture
-                self.noise = fused
-            except Exception as e:  # noqa: BLE001 - no compiler: the same noise, eagerly
-                log.warning("compiling the sampling noise failed (%s); computing it eagerly", e)
+        self.draw = self._draw
+        if (dev.type == "cuda" if fused_sampler is None else fused_sampler) and temperature > 0:
+            try:  # noise, softmax and the race in fused kernels instead of ~30 passes over [B, vocab]
+                fused = torch.compile(self._draw, dynamic=False)
+                fused(torch.zeros((B, dec.head.weight.shape[0]), device=dev, dtype=dt), self.base)  # compiles now
+                self.draw = fused
+            except Exception as e:  # noqa: BLE001 - no compiler: the same draws, eagerly
+                log.warning("compiling the sampler failed (%s); sampling eagerly", e)
         self.graphs = {}  # attention length -> the captured decode step (CUDA)
         self.begin(0)
         if use_graph and dev.type == "cuda":
@@ -91,9 +93,14 @@ class Runner:
         if self.temperature <= 0:
             return logits.argmax(-1)
         b = counters.shape[0]
-        if self.noise is not row_exponential and b != self.B:  # the compiled noise: one shape [B, vocab]
+        if self.draw is not self._draw and b != self.B:  # the compiled sampler: one shape [B, vocab]
             counters = torch.cat([counters, counters.new_zeros(self.B - b)])
-        noise = self.noise(counters, self.seed, logits.shape[-1])[:b]
+            logits = torch.cat([logits, logits.new_zeros((self.B - b, logits.shape[1]))])
+        return self.draw(logits, counters)[:b]
+
+    def _draw(self, logits, counters):
+        """The sampler's tokens for `logits` [rows, vocab] with the rows' noise `row_exponential(counters)`."""
+        noise = row_exponential(counters, self.seed, logits.shape[-1])
         return self.sampler(logits, self.temperature, self.top_p, noise=noise)
 
     def att_len(self, slot: int) -> int:
@@ -104,10 +111,21 @@ class Runner:
     def step(self, att=None):
         """One decode step of every row (idle and finished rows compute too; their tokens are binned)."""
         att = att or self.S
-        self.valid.scatter_(1, self.slot[:, None], True)
+        mark = self.dec.mark
+        with mark("bookkeeping"):
+            self.valid.scatter_(1, self.slot[:, None], True)
         h = self.dec.forward(self.tok[:, None], self.pos[:, None], self.slot, self.K, self.V,
                              self.valid[:, None, None, :att], prefix=self.prefix, att=att)
-        nxt = self.choose(self.dec.head(h), self.base + self.cnt)
+        with mark("head"):
+            logits = self.dec.head(h)
+        with mark("sampling" if self.temperature > 0 else "argmax"):
+            nxt = self.choose(logits, self.base + self.cnt)
+        with mark("bookkeeping"):
+            self._advance(nxt)
+
+    def _advance(self, nxt):
+        """Store each live row's new token and move its slot, position and count; finish rows at EOS or
+        their limit."""
         live = ~self.fin
         self.out.scatter_(1, torch.where(live, self.cnt, self.S)[:, None], nxt[:, None])
         if self.eos is not None:

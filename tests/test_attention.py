@@ -1,0 +1,66 @@
+"""The fast backend's decode attention (privcode.synth.decoder.attend, merge_attention): the math path is
+softmax attention with its log-sum-exp; two key sets merged by their log-sum-exps are the attention over
+their union; on CUDA the memory-efficient kernel gives the math path's output on the decoder's real
+layouts (strided cache slices, expanded biases).
+
+    pytest tests/test_attention.py           # on a GPU machine: runs the cuda cases too
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from privcode.synth.decoder import additive, attend, merge_attention
+
+CUDA = torch.cuda.is_available()
+
+
+def _case(b=6, h=2, m=4, n=40, S=64, d=16, dtype=torch.float32, device="cpu", seed=0):
+    """Queries, a cache [b, h, S, d] read through its first n slots (a strided slice, as the decoder
+    reads it) and a per-row validity mask [b, 1, 1, n] with at least one valid slot per row."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, m, d, generator=g)
+    K, V = torch.randn(b, h, S, d, generator=g), torch.randn(b, h, S, d, generator=g)
+    valid = torch.rand(b, n, generator=g) < 0.6
+    valid[:, 0] = True
+    valid[1] = False  # a row that sees one slot only
+    valid[1, 0] = True
+    put = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return put(q), put(K)[:, :, :n], put(V)[:, :, :n], valid.to(device)[:, None, None, :]
+
+
+def test_math_attention_is_softmax_attention_with_its_log_sum_exp():
+    q, K, V, mask = _case()
+    o, lse = attend(q, K, V, additive(mask, q.dtype), 0.25, "math")
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=0.25))
+    s = (q @ K.transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+    assert lse.dtype == torch.float32 and o.shape == q.shape
+
+
+def test_two_key_sets_merged_by_log_sum_exp_are_attention_over_both():
+    """What the shared prompt cache relies on: prompt part and own part, each with its own mask."""
+    q, K1, V1, m1 = _case(seed=1)
+    _, K2, V2, m2 = _case(n=24, seed=2)
+    o1, l1 = attend(q, K1, V1, additive(m1, q.dtype), 0.3, "math")
+    o2, l2 = attend(q, K2, V2, additive(m2, q.dtype), 0.3, "math")
+    want = F.scaled_dot_product_attention(q, torch.cat([K1, K2], 2), torch.cat([V1, V2], 2),
+                                          attn_mask=torch.cat([m1, m2], -1), scale=0.3)
+    torch.testing.assert_close(merge_attention(o1, l1, o2, l2), want)
+    # a merge that ignored either part's weight, or either part, would not be the union's attention
+    assert not torch.allclose((o1 + o2) / 2, want, atol=1e-3)
+    assert not torch.allclose(o1, want, atol=1e-3) and not torch.allclose(o2, want, atol=1e-3)
+
+
+@pytest.mark.skipif(not CUDA, reason="the memory-efficient kernel runs on CUDA only")
+@pytest.mark.parametrize("m,n", [(4, 64), (80, 448), (6, 192)])
+def test_efficient_kernel_is_the_math_path_on_the_decoders_layouts(m, n):
+    """bf16, the decoder's shapes: own caches (m = G query heads per KV head) and stacked queries of a
+    group over a prompt cache (m = reps * G); strided cache slices; [b, 1, 1, n] biases expanded."""
+    q, K, V, mask = _case(b=16, h=8, m=m, n=n, S=n + 64, d=128, dtype=torch.bfloat16, device="cuda")
+    bias = additive(mask, q.dtype)
+    o, lse = attend(q, K, V, bias, 128 ** -0.5, "efficient")
+    ro, rl = attend(q.float(), K.float(), V.float(), additive(mask, torch.float32), 128 ** -0.5, "math")
+    assert o.dtype == torch.bfloat16 and lse.shape == rl.shape
+    torch.testing.assert_close(lse, rl, rtol=0, atol=2e-2)
+    torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
+    assert attend(q, K, V, bias, 128 ** -0.5, "auto")[0].equal(o)  # auto takes the kernel on CUDA
