@@ -9,28 +9,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privcode.synth.decoder import additive, attend, merge_attention
+from privcode.synth.decoder import attend, merge_attention, prefix_keys
 
 CUDA = torch.cuda.is_available()
 
 
 def _case(b=6, h=2, m=4, n=40, S=64, d=16, dtype=torch.float32, device="cpu", seed=0):
     """Queries, a cache [b, h, S, d] read through its first n slots (a strided slice, as the decoder
-    reads it) and a per-row validity mask [b, 1, 1, n] with at least one valid slot per row."""
+    reads it) and a per-row validity mask [b, 1, 1, n]: a prefix of each row (the decoder's caches), from
+    one slot (row 1) to all n (row 0)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, m, d, generator=g)
     K, V = torch.randn(b, h, S, d, generator=g), torch.randn(b, h, S, d, generator=g)
-    valid = torch.rand(b, n, generator=g) < 0.6
-    valid[:, 0] = True
-    valid[1] = False  # a row that sees one slot only
-    valid[1, 0] = True
+    lengths = torch.randint(1, n + 1, (b,), generator=g)
+    lengths[0], lengths[1] = n, 1
+    valid = torch.arange(n)[None, :] < lengths[:, None]
     put = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return put(q), put(K)[:, :, :n], put(V)[:, :, :n], valid.to(device)[:, None, None, :]
 
 
 def test_math_attention_is_softmax_attention_with_its_log_sum_exp():
     q, K, V, mask = _case()
-    o, lse = attend(q, K, V, additive(mask, q.dtype), 0.25, "math")
+    o, lse = attend(q, K, V, prefix_keys(mask, q.dtype), 0.25, "math")
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=0.25))
     s = (q @ K.transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(s, -1))
@@ -41,8 +41,8 @@ def test_two_key_sets_merged_by_log_sum_exp_are_attention_over_both():
     """What the shared prompt cache relies on: prompt part and own part, each with its own mask."""
     q, K1, V1, m1 = _case(seed=1)
     _, K2, V2, m2 = _case(n=24, seed=2)
-    o1, l1 = attend(q, K1, V1, additive(m1, q.dtype), 0.3, "math")
-    o2, l2 = attend(q, K2, V2, additive(m2, q.dtype), 0.3, "math")
+    o1, l1 = attend(q, K1, V1, prefix_keys(m1, q.dtype), 0.3, "math")
+    o2, l2 = attend(q, K2, V2, prefix_keys(m2, q.dtype), 0.3, "math")
     want = F.scaled_dot_product_attention(q, torch.cat([K1, K2], 2), torch.cat([V1, V2], 2),
                                           attn_mask=torch.cat([m1, m2], -1), scale=0.3)
     torch.testing.assert_close(merge_attention(o1, l1, o2, l2), want)
@@ -51,16 +51,29 @@ def test_two_key_sets_merged_by_log_sum_exp_are_attention_over_both():
     assert not torch.allclose(o1, want, atol=1e-3) and not torch.allclose(o2, want, atol=1e-3)
 
 
+def test_prefix_keys_count_each_rows_keys():
+    _, _, _, mask = _case()
+    bias, lengths = prefix_keys(mask, torch.float32)
+    assert lengths.dtype == torch.int32 and lengths.tolist() == mask.sum((1, 2, 3)).tolist()
+    assert lengths[0] == 40 and lengths[1] == 1 and bool((bias == 0).eq(mask).all())
+
+
 @pytest.mark.skipif(not CUDA, reason="the memory-efficient kernel runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m,n", [(4, 64), (80, 448), (6, 192)])
-def test_efficient_kernel_is_the_math_path_on_the_decoders_layouts(m, n):
-    """bf16, the decoder's shapes: own caches (m = G query heads per KV head) and stacked queries of a
-    group over a prompt cache (m = reps * G); strided cache slices; [b, 1, 1, n] biases expanded."""
-    q, K, V, mask = _case(b=16, h=8, m=m, n=n, S=n + 64, d=128, dtype=torch.bfloat16, device="cuda")
-    bias = additive(mask, q.dtype)
-    o, lse = attend(q, K, V, bias, 128 ** -0.5, "efficient")
-    ro, rl = attend(q.float(), K.float(), V.float(), additive(mask, torch.float32), 128 ** -0.5, "math")
-    assert o.dtype == torch.bfloat16 and lse.shape == rl.shape
-    torch.testing.assert_close(lse, rl, rtol=0, atol=2e-2)
-    torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
-    assert attend(q, K, V, bias, 128 ** -0.5, "auto")[0].equal(o)  # auto takes the kernel on CUDA
+def test_efficient_kernel_is_the_math_path_on_the_decoders_layouts(m, n, dtype):
+    """The decoder's shapes: own caches (m = G query heads per KV head) and stacked queries of a group
+    over a prompt cache (m = reps * G); strided cache slices; rows from one key to all n. Keys past a
+    row's count are filled with huge values: a kernel that read them would be far off."""
+    q, K, V, mask = _case(b=16, h=8, m=m, n=n, S=n + 64, d=128, dtype=dtype, device="cuda")
+    K.masked_fill_(~mask.view(16, 1, n, 1), 1e3)
+    V.masked_fill_(~mask.view(16, 1, n, 1), 1e3)
+    keys = prefix_keys(mask, q.dtype)
+    o, lse = attend(q, K, V, keys, 128 ** -0.5, "efficient")
+    ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), 128 ** -0.5, "math")
+    assert o.dtype == dtype and lse.shape == rl.shape
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(lse, rl, rtol=0, atol=tol)
+    torch.testing.assert_close(o.float(), ro, rtol=tol, atol=tol)
+    if dtype == torch.bfloat16:
+        assert attend(q, K, V, keys, 128 ** -0.5, "auto")[0].equal(o)  # auto takes the kernel on CUDA

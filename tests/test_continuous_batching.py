@@ -209,3 +209,16 @@ def test_the_compiled_sampler_draws_the_references_tokens(model, prompts, cases,
     fb = _fast(model, eos, batch_size=4)
     assert fb.generate_ids(prompts, p) == ref
     assert all(r.draw != r._draw for r in fb._runners.values())  # the compiled sampler ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.parametrize("name", ["greedy", "sampled"])
+def test_the_cuda_path_gives_the_references_tokens(model, prompts, cases, name):
+    """CUDA graphs, compiled layers and sampler, the memory-efficient attention kernel reading each row's
+    own key count, refills: in fp32 the rows are still the (CPU) reference's."""
+    import copy
+
+    p, eos, ref = cases[name]
+    fb = _fast(copy.deepcopy(model).cuda(), eos, batch_size=4, attention="efficient", compile_layers=True)
+    assert fb.generate_ids(prompts, p) == ref
+    assert all(r.graphs for r in fb._runners.values())

@@ -86,8 +86,9 @@ def _after_eos(t, eos, new):
 
 
 def _fast_samples(model, prompts, n, new, eos, temperature=T, top_p=TOP_P, **kw):
+    cuda = model.device.type == "cuda"  # fp32: "auto" would take the math attention; test the kernel
     fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=eos, pad_token_id=0, batch_size=1024,
-                       compile_layers=model.device.type == "cuda", **kw)
+                       compile_layers=cuda, attention="efficient" if cuda else "auto", **kw)
     out = fb.generate_ids(prompts, SamplingParams(max_new_tokens=new, temperature=temperature, top_p=top_p, n=n,
                                                   seed=7))
     return torch.stack([torch.stack([_after_eos(torch.tensor([r]), eos, new)[0] for r in per]) for per in out])

@@ -37,18 +37,27 @@ def additive(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def attend(q, K, V, bias, scale: float, kernel: str = "auto"):
-    """softmax(q K^T * scale + bias) V and its log-sum-exp: q [b, h, m, d], K/V [b, h, n, d] (any
-    strides with the last one 1), bias additive in q's dtype, broadcastable to [b, h, m, n] (every
-    query must attend to some key). Returns (o [b, h, m, d] in q's dtype, lse [b, h, m] fp32).
-    kernel "efficient": PyTorch's memory-efficient attention kernel (CUDA, fp16/bf16: one pass over K/V,
-    scores never leave the chip); "math": matmul, fp32 softmax, matmul; "auto": efficient where it runs."""
+def prefix_keys(mask, dtype):
+    """What `attend` needs of a decode mask [b, 1, 1, n] (True: attend) whose true slots are a prefix of
+    each row (the fast backend's caches: slots are written in order from 0): (the mask as an additive
+    bias in `dtype`, for the math path; the prefix lengths int32 [b], for the kernel)."""
+    return additive(mask, dtype), mask.reshape(mask.shape[0], -1).sum(-1, dtype=torch.int32)
+
+
+def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
+    """softmax(q K^T * scale + mask) V and its log-sum-exp, where row i of the batch attends to its
+    first keys[1][i] keys: q [b, h, m, d], K/V [b, h, n, d] (any strides with the last one 1),
+    keys = prefix_keys(mask) (every row attends to at least one key). Returns (o [b, h, m, d] in q's
+    dtype, lse [b, h, m] fp32).
+    kernel "efficient": PyTorch's memory-efficient attention kernel (CUDA) with per-row key counts: it
+    reads only a row's first keys[1][i] keys (rounded up to its key block) and keeps scores on chip;
+    "math": matmul, fp32 softmax, matmul with the additive mask; "auto": efficient on CUDA for fp16/bf16."""
     if kernel == "efficient" or (kernel == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
-        b, h, m, _ = q.shape
-        o, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, K, V, bias.expand(b, h, m, K.shape[2]), True, scale=scale)[:2]
-        return o, lse[..., :m].float()
-    s = torch.matmul(q, K.transpose(-1, -2)).float() * scale + bias
+        o, lse = torch.ops.aten._efficient_attention_forward(
+            q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), None, None, None, None, None, 0.0, 0, True,
+            scale=scale, seqlen_k=keys[1])[:2]
+        return o.transpose(1, 2), lse[..., :q.shape[2]].float()
+    s = torch.matmul(q, K.transpose(-1, -2)).float() * scale + keys[0]
     lse = torch.logsumexp(s, -1)
     return torch.matmul((s - lse[..., None]).exp().to(q.dtype), V), lse
 
@@ -126,14 +135,14 @@ class Decoder:
             h = self.embed(ids)
             cos, sin = self.rotary(h, pos)
             cos, sin = cos[:, None], sin[:, None]
-            if decode:  # the masks as additive biases, once for all layers
+            if decode:  # what attend needs of the masks, once for all layers
                 idx = slots.view(b, 1, 1, 1).expand(b, self.kv, 1, self.hd)
-                bias = additive(mask, h.dtype)
+                keys = prefix_keys(mask, h.dtype)
                 pre = None if prefix is None else (prefix[0], prefix[1],
-                                                   additive(prefix[2][:, None, None, :], h.dtype), prefix[3])
+                                                   prefix_keys(prefix[2][:, None, None, :], h.dtype), prefix[3])
         if decode:
             for i, layer in enumerate(self.layers):
-                h = self.decode_layer(layer, h, cos, sin, idx, K[i], V[i], bias,
+                h = self.decode_layer(layer, h, cos, sin, idx, K[i], V[i], keys,
                                       None if pre is None else (pre[0][i], pre[1][i], pre[2], pre[3]),
                                       att or K[i].shape[2])
             with self.mark("final norm"):
@@ -166,11 +175,11 @@ class Decoder:
         h = h + layer.self_attn.o_proj(o)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def decode_layer(self, layer, h, cos, sin, idx, Ki, Vi, bias, pre, att: int):
+    def decode_layer(self, layer, h, cos, sin, idx, Ki, Vi, keys, pre, att: int):
         """One layer for one new token per row: writes its K/V into the row caches Ki/Vi at the
         row's slot (`idx`: the slots expanded to [B, kv, 1, d]), attends to their first `att` slots
-        (`bias` [B, 1, 1, att] additive) and, when given, to the shared prompt cache
-        `pre` = (Kp, Vp, pbias, reps), and returns the layer's output hidden states. Grouped-query heads
+        (`keys`: prefix_keys of their mask) and, when given, to the shared prompt cache
+        `pre` = (Kp, Vp, its prefix_keys, reps), and returns the layer's output hidden states. Grouped-query heads
         are folded into the query axis ([B, kv, G, d] queries), so no K/V is repeated."""
         b = h.shape[0]
         G = self.nh // self.kv
@@ -181,19 +190,19 @@ class Decoder:
             Vi.scatter_(2, idx, v.to(Vi.dtype))
         with self.mark("attention"):
             q = q.reshape(b, self.kv, G, self.hd)
-            o, lse = attend(q, Ki[:, :, :att], Vi[:, :, :att], bias, self.scaling, self.attention)
+            o, lse = attend(q, Ki[:, :, :att], Vi[:, :, :att], keys, self.scaling, self.attention)
             if pre is not None:
                 o = self.merge(*self._prompt_attention(q, *pre), o, lse)
         with self.mark("o_proj, MLP"):
             return self.finish_layer(layer, h, o.reshape(b, 1, self.nh * self.hd))
 
-    def _prompt_attention(self, q, Kp, Vp, pbias, reps: int):
+    def _prompt_attention(self, q, Kp, Vp, pkeys, reps: int):
         """Attention of q [B, kv, G, d] over the prompt cache Kp/Vp [B / reps, kv, P, d] shared by `reps`
         consecutive rows, read once for all of them (their queries stacked on the query axis):
         (o [B, kv, G, d], lse [B, kv, G]), merged with the row's own attention by `merge_attention`."""
         B, kv, G, d = q.shape
         U = Kp.shape[0]
         qf = q.view(U, reps, kv, G, d).transpose(1, 2).reshape(U, kv, reps * G, d)
-        o, lse = attend(qf, Kp, Vp, pbias, self.scaling, self.attention)
+        o, lse = attend(qf, Kp, Vp, pkeys, self.scaling, self.attention)
         return (o.view(U, kv, reps, G, d).transpose(1, 2).reshape(B, kv, G, d),
                 lse.view(U, kv, reps, G).transpose(1, 2).reshape(B, kv, G))
