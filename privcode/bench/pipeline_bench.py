@@ -87,8 +87,8 @@ def gen_unit(shape_name, device, rows, prompt_len, new, n=1, temperature=0.0, to
                 "--prompt-len", str(prompt_len), "--new-tokens", str(new), "--out", f"{d}/g.json"]
         if temperature > 0:
             args += ["--n", str(n), "--temperature", str(temperature), "--top-p", str(top_p)]
-        if compile:
-            args.append("--compile")
+        if compile:  # the compiled backend only: the one a long GPU job would run
+            args += ["--compile", "--compiled-only"]
         generate_bench.main(args)
         res = json.loads(Path(d, "g.json").read_text())
     _free(device)
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
     ap.add_argument("--stages", default=None, help="comma list: measure only these units")
     ap.add_argument("--early-stop-scores", default=None, help="a full-n round-trip scores.jsonl: measure the "
                     "early-stop saving on it instead of the model")
-    ap.add_argument("--compile", action="store_true", help="generation units also with compiled decode layers")
+    ap.add_argument("--compile", action="store_true", help="generation units with compiled decode layers (only)")
     ap.add_argument("--with-units", default=None, help="comma list of earlier JSONs of this command on the same "
                     "card: their units are taken, not measured again (a projection measured over several runs)")
     ap.add_argument("--from", dest="src", default=None, help="print the table of an earlier JSON and exit")
