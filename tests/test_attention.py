@@ -77,3 +77,14 @@ def test_efficient_kernel_is_the_math_path_on_the_decoders_layouts(m, n, dtype):
     torch.testing.assert_close(o.float(), ro, rtol=tol, atol=tol)
     if dtype == torch.bfloat16:
         assert attend(q, K, V, keys, 128 ** -0.5, "auto")[0].equal(o)  # auto takes the kernel on CUDA
+
+
+def test_a_kernel_that_does_not_run_is_found_before_decoding(caplog):
+    """Decoder(attention="auto") probes the kernel on CUDA and decodes with the math path if it fails; the
+    probe reports a device where it cannot run (here: the CPU) instead of raising."""
+    from privcode.synth.decoder import kernel_runs
+
+    assert not kernel_runs(torch.zeros(1, dtype=torch.bfloat16))
+    assert "math attention" in caplog.text
+    if CUDA:
+        assert kernel_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"))

@@ -5,9 +5,12 @@ decides what each row decodes; privcode.synth.fast explains the design and is th
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = {"llama", "qwen2", "qwen3", "mistral"}
 SLOT_BUCKET = 64        # cache length rounded up to this, so graphs are reused across batches
@@ -62,6 +65,18 @@ def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
     return torch.matmul((s - lse[..., None]).exp().to(q.dtype), V), lse
 
 
+def kernel_runs(p) -> bool:
+    """Whether `attend`'s kernel runs on p's device and dtype (a tiny call; logs why not)."""
+    try:
+        q = torch.zeros((1, 1, 2, 64), device=p.device, dtype=p.dtype)
+        attend(q, q, q, prefix_keys(torch.ones((1, 1, 1, 2), dtype=torch.bool, device=p.device), p.dtype), 0.125,
+               "efficient")
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure: the math path, which runs everywhere
+        log.warning("the memory-efficient attention kernel failed (%s); decoding with the math attention", e)
+        return False
+
+
 def merge_attention(o1, l1, o2, l2):
     """Attention over two disjoint key sets from each one's output and log-sum-exp (the softmax over
     their union): o_i [..., d], l_i [...] fp32; in o1's dtype."""
@@ -82,6 +97,9 @@ class Decoder:
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
         self.attention = attention
+        p = next(model.parameters())
+        if attention == "auto" and p.is_cuda and p.dtype in (torch.float16, torch.bfloat16) and not kernel_runs(p):
+            self.attention = "math"
         self.mark = unmarked  # sections of a decode step, for profiles (privcode.bench.decode_profile)
         self.qkv, self.finish_layer, self.merge = self._qkv, self._finish_layer, merge_attention
         if compile_layers:
