@@ -88,3 +88,22 @@ def test_a_kernel_that_does_not_run_is_found_before_decoding(caplog):
     assert "math attention" in caplog.text
     if CUDA:
         assert kernel_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"))
+
+
+def test_the_probe_refuses_a_kernel_that_reads_past_each_rows_keys(monkeypatch, caplog):
+    """A kernel that ran but ignored the key counts would give wrong tokens silently: the probe compares it
+    with the math path on poisoned keys (here the "kernel" is the math path without the mask)."""
+    from privcode.synth import decoder
+
+    math = decoder.attend
+
+    def kernel(q, K, V, keys, scale, kernel="auto", reads_all=True):
+        if kernel == "efficient":
+            keys = (keys[0] * 0 if reads_all else keys[0], keys[1])
+        return math(q, K, V, keys, scale, "math")
+
+    monkeypatch.setattr(decoder, "attend", kernel)
+    assert not decoder.kernel_runs(torch.zeros(1))
+    assert "not the math path's" in caplog.text
+    monkeypatch.setattr(decoder, "attend", lambda *a, **k: kernel(*a, **k, reads_all=False))
+    assert decoder.kernel_runs(torch.zeros(1))

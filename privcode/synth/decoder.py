@@ -66,11 +66,20 @@ def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
 
 
 def kernel_runs(p) -> bool:
-    """Whether `attend`'s kernel runs on p's device and dtype (a tiny call; logs why not)."""
+    """Whether `attend`'s kernel runs on p's device and dtype and reads only each row's keys: a tiny call
+    whose rows attend to their first 1 and 3 keys of 4, the others poisoned, against the math path
+    (logs why not)."""
     try:
-        q = torch.zeros((1, 1, 2, 64), device=p.device, dtype=p.dtype)
-        attend(q, q, q, prefix_keys(torch.ones((1, 1, 1, 2), dtype=torch.bool, device=p.device), p.dtype), 0.125,
-               "efficient")
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, K, V = (torch.randn((2, 2, 3, 64), generator=g).to(p.device, p.dtype) for _ in range(3))
+        mask = (torch.arange(4)[None, :] < torch.tensor([[1], [3]]))[:, None, None, :].to(p.device)
+        K = torch.cat([K, K[:, :, :1]], 2).masked_fill(~mask.view(2, 1, 4, 1), 100.0)
+        V = torch.cat([V, V[:, :, :1]], 2).masked_fill(~mask.view(2, 1, 4, 1), 100.0)
+        keys = prefix_keys(mask, p.dtype)
+        o, lse = attend(q, K, V, keys, 0.125, "efficient")
+        ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), 0.125, "math")
+        if not (torch.allclose(o.float(), ro, atol=5e-2) and torch.allclose(lse, rl, atol=5e-2)):
+            raise RuntimeError("its output is not the math path's (keys past a row's count read?)")
         return True
     except Exception as e:  # noqa: BLE001 - any failure: the math path, which runs everywhere
         log.warning("the memory-efficient attention kernel failed (%s); decoding with the math attention", e)
