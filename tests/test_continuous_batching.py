@@ -208,7 +208,7 @@ def test_the_compiled_sampler_draws_the_references_tokens(model, prompts, cases,
     p, eos, ref = cases["sampled"]
     fb = _fast(model, eos, batch_size=4)
     assert fb.generate_ids(prompts, p) == ref
-    assert all(r.draw != r._draw for r in fb._runners.values())  # the compiled sampler ran
+    assert all(r.fused and r.draw != r._draw for r in fb._runners.values())  # the compiled sampler ran
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
@@ -222,3 +222,29 @@ def test_the_cuda_path_gives_the_references_tokens(model, prompts, cases, name):
     fb = _fast(copy.deepcopy(model).cuda(), eos, batch_size=4, attention="efficient", compile_layers=True)
     assert fb.generate_ids(prompts, p) == ref
     assert all(r.graphs for r in fb._runners.values())
+
+
+def test_a_failed_capture_retries_with_the_eager_sampler_then_decodes_eagerly(model, monkeypatch, caplog):
+    """If the CUDA graphs cannot be captured with the compiled sampler, the runner captures them with the eager
+    one (same tokens) before it gives up graphs altogether (decoding eagerly, slower, still right)."""
+    from privcode.synth.decoder import Decoder
+
+    r = runner.Runner(Decoder(model), 4, 64, temperature=0.8, top_p=0.9, eos=None, pad=0, ignore_eos=True,
+                      use_graph=False, fused_sampler=True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+
+    def capture(fail_first_only):
+        calls.append(r.fused)
+        if len(calls) == 1 or not fail_first_only:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        r.graphs = {64: "graph"}
+
+    monkeypatch.setattr(r, "_capture", lambda: capture(True))
+    r._capture_or_fall_back()
+    assert calls == [True, False] and r.graphs and r.draw == r._draw  # captured with the eager sampler
+    assert "sampling eagerly" in caplog.text
+    r.fused, calls[:] = True, []
+    monkeypatch.setattr(r, "_capture", lambda: capture(False))
+    r._capture_or_fall_back()
+    assert len(calls) == 2 and r.graphs == {} and "decoding eagerly" in caplog.text

@@ -68,24 +68,36 @@ class Runner:
         self.out = torch.full((B, S + 1), self.pad, dtype=torch.long, device=dev)  # column S: finished rows' bin
         holders = B // reps if self.prefix else B
         self.hlast = torch.zeros((holders, dec.model.config.hidden_size), device=dev, dtype=dt)
-        self.draw = self._draw
+        self.draw, self.fused = self._draw, False
         if (dev.type == "cuda" if fused_sampler is None else fused_sampler) and temperature > 0:
             try:  # noise, softmax and the race in fused kernels instead of ~30 passes over [B, vocab]
                 fused = torch.compile(self._draw, dynamic=False)
                 fused(torch.zeros((B, dec.head.weight.shape[0]), device=dev, dtype=dt), self.base)  # compiles now
-                self.draw = fused
+                self.draw, self.fused = fused, True
             except Exception as e:  # noqa: BLE001 - no compiler: the same draws, eagerly
                 log.warning("compiling the sampler failed (%s); sampling eagerly", e)
         self.graphs = {}  # attention length -> the captured decode step (CUDA)
         self.begin(0)
         if use_graph and dev.type == "cuda":
+            self._capture_or_fall_back()
+            self.begin(0)
+
+    def _capture_or_fall_back(self):
+        """Capture the decode steps; if that fails with the compiled sampler, again with the eager one;
+        if it fails still, decode eagerly (each step logged once)."""
+        for attempt in ("compiled sampler", "eager sampler"):
             try:
                 self._capture()
-            except Exception as e:  # noqa: BLE001 - any capture failure: decode eagerly instead
-                log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+                return
+            except Exception as e:  # noqa: BLE001 - any capture failure: a plainer step, then no graphs
                 self.graphs = {}
-                torch.cuda.synchronize(dev)
-            self.begin(0)
+                torch.cuda.synchronize(self.dev)
+                if attempt == "compiled sampler" and self.fused:
+                    log.warning("CUDA graph capture with the compiled sampler failed (%s); sampling eagerly", e)
+                    self.draw, self.fused = self._draw, False
+                    continue
+                log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+                return
 
     def choose(self, logits, counters):
         """The next token of each row: greedy, or the sampler with each row's own noise (`counters`:
@@ -93,7 +105,7 @@ class Runner:
         if self.temperature <= 0:
             return logits.argmax(-1)
         b = counters.shape[0]
-        if self.draw is not self._draw and b != self.B:  # the compiled sampler: one shape [B, vocab]
+        if self.fused and b != self.B:  # the compiled sampler: one shape [B, vocab]
             counters = torch.cat([counters, counters.new_zeros(self.B - b)])
             logits = torch.cat([logits, logits.new_zeros((self.B - b, logits.shape[1]))])
         return self.draw(logits, counters)[:b]
