@@ -248,3 +248,21 @@ def test_a_failed_capture_retries_with_the_eager_sampler_then_decodes_eagerly(mo
     monkeypatch.setattr(r, "_capture", lambda: capture(False))
     r._capture_or_fall_back()
     assert len(calls) == 2 and r.graphs == {} and "decoding eagerly" in caplog.text
+
+
+def test_smaller_groups_per_prompt_take_fewer_steps_when_rows_end_early():
+    """scripts/schedule_steps.py (the `prompt_rows` default): with rows ending at EOS-like lengths, groups of
+    n/4 rows per prompt refill sooner than groups of n and take fewer decode steps for the same work; at
+    fixed lengths the step counts are equal."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "schedule_steps.py"), "--n", "8", "--rows", "16",
+                          "--prompts", "8", "--new-tokens", "40", "--lengths", "uniform:4,max", "--prompt-rows", "2,8"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    steps = {(m[0], int(m[1])): int(m[2]) for m in re.findall(r"(\S+)\s+prompt_rows\s+(\d+):\s+(\d+) steps", out)}
+    assert steps[("uniform:4", 2)] < steps[("uniform:4", 8)]
+    assert steps[("max", 2)] == steps[("max", 8)]
