@@ -87,8 +87,8 @@ def profile_decode(fb, prompts: list[list[int]], params, rows: int, steps: int =
            "attention": fb.dec.attention, "lengths": {}}
     t = 0
     for att, ts in per_att.items():
-        while t < ts[0]:
-            r.replay(att if t in ts else r.att_len(first + t))
+        while t < ts[0]:  # steps the previous length's timing and profile did not take
+            r.replay(r.att_len(first + t))
             t += 1
         timed = min(len(ts), 8)
         if cuda:

@@ -156,7 +156,7 @@ def run(a) -> dict:
 
     def fast_run(name, B, **kw):
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
-                           batch_size=B, prompt_rows=a.prompt_rows, **{"attention": a.attention, **kw})
+                           batch_size=B, prompt_rows=a.prompt_rows, attention=a.attention, **kw)
         m = max(1, B // k) * a.waves
         ids, want = prompts[:m].tolist(), [[N] * k] * m if lengths is None else lengths[:m]
         try:
@@ -258,6 +258,8 @@ def run(a) -> dict:
 
 
 def main(argv=None) -> None:
+    from privcode.synth.decoder import ATTENTION
+
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = parser("generate", __doc__)
     ap.add_argument("--shape", default=None, help="1.5b | 7b | small (default: 1.5b on GPU, small on CPU)")
@@ -283,7 +285,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-refill", action="store_true", help="also time the fast backend without continuous batching")
     ap.add_argument("--prompt-rows", type=int, default=0, help="rows decoding one prompt's samples at a time "
                     "(0: the backend's default)")
-    ap.add_argument("--attention", default="auto", choices=("auto", "efficient", "math"), help="the fast backend's "
+    ap.add_argument("--attention", default="auto", choices=ATTENTION, help="the fast backend's "
                     "decode attention (decoder.attend): auto = the memory-efficient kernel on CUDA; math = matmul, "
                     "softmax, matmul (for comparisons)")
     ap.add_argument("--profile", action="store_true", help="profile decode steps at the largest batch "

@@ -84,7 +84,7 @@ class Runner:
 
     def _capture_or_fall_back(self):
         """Capture the decode steps; if that fails with the compiled sampler, again with the eager one;
-        if it fails still, decode eagerly (each step logged once)."""
+        if it fails still, decode eagerly (each fallback logged)."""
         for attempt in ("compiled sampler", "eager sampler"):
             try:
                 self._capture()
