@@ -183,14 +183,16 @@ def _prompts(backend, records, cfg) -> list[str]:
     return [render_prompt(describe_prompt(r["code"]), cfg.prompt_format, tok) + lead + pre for r in records]
 
 
-def _describe(backend, part, cfg, n, seed, progress=None, size=None):
+def _describe(backend, part, cfg, n, seed, progress=None, size=None, prompts=None):
     """`n` descriptions of the code of each record of `part` ([(index in the input: its random stream,
     record)]), PREFILL put back in front: yields (position in `part` of a call's first record, its
-    descriptions), one call of privcode.synth.calls at a time (`size` records each; default its size)."""
+    descriptions), one call of privcode.synth.calls at a time (`size` records each; default its size).
+    `prompts`: the records' prompts if already rendered (`_prompts`)."""
     from privcode.synth.calls import in_calls
 
     pre = PREFILL if cfg.prefill else ""
-    for s, texts in in_calls(backend, _prompts(backend, [r for _, r in part], cfg), _params(cfg, n, seed),
+    prompts = _prompts(backend, [r for _, r in part], cfg) if prompts is None else prompts
+    for s, texts in in_calls(backend, prompts, _params(cfg, n, seed),
                              batch_size=cfg.batch_size, streams=[i for i, _ in part], progress=progress, size=size):
         yield s, [[_join(pre, x) for x in t] for t in texts]
 
@@ -244,11 +246,12 @@ def _generate(samples, progress_path, model_ref, cfg, backend, index=None, merge
 
                 # programs per chunk of rounds: its first round is one call's worth of sequences
                 first = early_stop.round_sizes(cfg.n, cfg.early_stop_round)[0]
-                chunk = call_size(backend, _prompts(backend, [r for _, r in todo], cfg), _params(cfg, first, cfg.seed),
-                                  cfg.batch_size)
+                rendered = dict(zip((i for i, _ in todo), _prompts(backend, [r for _, r in todo], cfg)))
+                chunk = call_size(backend, list(rendered.values()), _params(cfg, first, cfg.seed), cfg.batch_size)
                 generated = early_stop.describe_in_rounds(
                     todo, cfg.n, cfg.early_stop_round, cfg.stop_threshold, chunk, cfg.seed,
-                    lambda part, m, seed: [t for _, ts in _describe(backend, part, cfg, m, seed, size=len(part))
+                    lambda part, m, seed: [t for _, ts in _describe(backend, part, cfg, m, seed, size=len(part),
+                                                                    prompts=[rendered[i] for i, _ in part])
                                            for t in ts],
                     lambda recs, texts: _f1_lists(scorer, recs, texts), finish)
             bar.close()
