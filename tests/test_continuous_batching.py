@@ -164,6 +164,25 @@ def test_rows_stop_at_given_lengths_with_the_same_tokens(model, prompts, cases):
                 assert row == full[i][j][:max(1, min(NEW, lengths[i][j]))]
 
 
+def test_free_groups_take_unstarted_samples_of_others_once_nothing_waits(model, prompts, monkeypatch):
+    """One prompt, n = 8, four groups of 2 rows: without stealing one group decodes the 8 samples 2 at a time
+    (4 * NEW steps at fixed lengths) while three groups idle; with it the prompt is prefilled into every group,
+    each group starts 2 distinct samples, the run takes NEW steps, and every row is still the
+    reference's (a stolen sample started twice, or one never started, changes the rows)."""
+    p = SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.9, n=8, seed=2)
+    one = [prompts[0]]
+    calls = {"steps": 0, "loads": 0}
+    real_replay, real_load = runner.Runner.replay, runner.Runner.load
+    monkeypatch.setattr(runner.Runner, "replay", lambda self, att: calls.__setitem__("steps", calls["steps"] + 1)
+                        or real_replay(self, att))
+    monkeypatch.setattr(runner.Runner, "load", lambda self, h, x: calls.__setitem__("loads", calls["loads"] + len(h))
+                        or real_load(self, h, x))
+    got = _fast(model, None, batch_size=8, prompt_rows=2).generate_ids(one, p, ignore_eos=True)
+    monkeypatch.undo()
+    assert calls["loads"] == 4 and calls["steps"] <= NEW
+    assert got == reference(model, one, p)
+
+
 def test_prompts_of_very_different_lengths_run_in_segments_with_the_references_tokens(model):
     """A prompt cache is as long as the longest prompt it holds: a call is cut where that length could halve,
     each segment on its own runner, and the rows are still the reference's."""

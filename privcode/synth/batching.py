@@ -6,8 +6,11 @@ when a finished row takes a waiting one.
 
 With a prompt cache (runner.prefix) the rows come in groups of `runner.reps` that share a holder:
 a group decodes one prompt's k samples, a freed row starting the prompt's next sample (no prefill),
-and takes the next waiting prompt (one prefill into its holder) once all its rows are free. Without
-one, every row is its own holder and takes the next waiting (prompt, sample) pair (a prefill each).
+and takes the next waiting prompt (one prefill into its holder) once all its rows are free. Once no
+prompt waits, a free group takes as many samples as it has rows from the group with the most samples
+not yet started (one more prefill of that prompt): without it a call's end waits for the groups that
+drew the longest samples, every other row idle. Without a prompt cache every row is its own holder and takes
+the next waiting (prompt, sample) pair (a prefill each).
 `continuous=False` refills only when every row is free: batch after batch, each running until its
 longest row ends (what the backend did before). Either way a row's tokens depend only on its prompt
 and its identity (stream index * k + sample index: its random stream), not on its row or step.
@@ -38,7 +41,7 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
     who = [(-1, -1)] * B                        # (prompt, sample) of each row
     off = np.zeros(B, dtype=np.int64)           # its write slot minus the step count
     cap = np.zeros(B, dtype=np.int64)           # its last write slot (token limit reached)
-    grp = [[-1, k] for _ in range(B // g)]      # shared: (prompt, next sample) of each group
+    grp = [[-1, k, k] for _ in range(B // g)]   # shared: (prompt, next sample, end) of each group
     waiting = deque(order) if shared else deque((i, j) for i in order for j in range(k))
     sid = range(len(prompts)) if streams is None else streams
     steps = 0
@@ -50,17 +53,34 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
     def fill():
         free = np.flatnonzero(~busy).tolist()
         loads, starts = [], []
+
+        def start(u, rows):  # free rows of group u start its next samples
+            for r in rows:
+                if grp[u][0] < 0 or grp[u][1] >= grp[u][2]:
+                    break
+                starts.append((r, u, grp[u][0], grp[u][1]))
+                grp[u][1] += 1
         if shared:
-            for u in dict.fromkeys(r // g for r in free):
-                rows = [r for r in range(u * g, (u + 1) * g) if not busy[r]]
-                if grp[u][1] >= k and len(rows) == g and waiting:  # the group's prompt is done: the next one
-                    grp[u] = [waiting.popleft(), 0]
+            groups = {u: [r for r in range(u * g, (u + 1) * g) if not busy[r]]
+                      for u in dict.fromkeys(r // g for r in free)}
+            idle = []
+            for u, rows in groups.items():
+                if grp[u][1] >= grp[u][2] and len(rows) == g:  # the group's samples are all done
+                    if not waiting:
+                        idle.append(u)
+                        continue
+                    grp[u] = [waiting.popleft(), 0, k]
                     loads.append((u, grp[u][0]))
-                for r in rows:
-                    if grp[u][0] < 0 or grp[u][1] >= k:
-                        break
-                    starts.append((r, u, grp[u][0], grp[u][1]))
-                    grp[u][1] += 1
+                start(u, rows)
+            for u in idle if continuous else ():  # nothing waits: take what its rows start now
+                v = max(range(len(grp)), key=lambda v: grp[v][2] - grp[v][1])
+                left = grp[v][2] - grp[v][1]
+                if left <= 0:
+                    break
+                grp[u] = [grp[v][0], grp[v][2] - min(g, left), grp[v][2]]
+                grp[v][2] = grp[u][1]
+                loads.append((u, grp[u][0]))
+                start(u, groups[u])
         else:
             for r in free:
                 if not waiting:
@@ -78,7 +98,7 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
                 n = lim(i, j)
                 first = 0 if shared else len(prompts[i])  # the slot its first decode step writes
                 busy[r], who[r], off[r], cap[r] = True, (i, j), first - steps, first + n - 2
-        return bool(waiting) or (shared and any(p >= 0 and nx < k for p, nx in grp))
+        return bool(waiting) or (shared and any(p >= 0 and nx < end for p, nx, end in grp))
 
     more = fill()
     while busy.any():

@@ -227,7 +227,8 @@ class FastHFBackend(Backend):
                                                 for per, ns in zip(out, lengths)]
         out: list = [None] * len(prompts)
         for seg in (length_segments(order, prompts) if shared else [order]):
-            units = len(seg) if shared else len(seg) * k  # groups (shared) or rows that can run at once
+            # groups (shared: a prompt's samples can spread over k / g of them) or rows that can run at once
+            units = len(seg) * -(-k // g) if shared else len(seg) * k
             cap = max(1, max_rows // g)
             U = min(1 << (min(units, cap) - 1).bit_length(), cap)  # a power of two where it fits: few graph sizes
             r = self._runner(U * g, S, params.temperature, params.top_p, ignore_eos, g,
