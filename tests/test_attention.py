@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privcode.synth.decoder import attend, merge_attention, prefix_keys
+from privcode.synth.decoder import attend, merge_attention, packed, prefix_keys
 
 CUDA = torch.cuda.is_available()
 
@@ -56,6 +56,20 @@ def test_prefix_keys_count_each_rows_keys():
     bias, lengths = prefix_keys(mask, torch.float32)
     assert lengths.dtype == torch.int32 and lengths.tolist() == mask.sum((1, 2, 3)).tolist()
     assert lengths[0] == 40 and lengths[1] == 1 and bool((bias == 0).eq(mask).all())
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_packed_layout_addresses_each_rows_keys_without_a_copy(contiguous):
+    """The kernel honours per-row key counts only in its variable-length layout ([1, M, h, d] and where each
+    row's keys start): key t of head j of row i must be at view[0, start[i] + t, j], in the cache's memory."""
+    _, K, _, _ = _case(b=5, h=3, n=40, S=64, d=16)
+    K = K.contiguous() if contiguous else K  # the decoder's slices [:, :, :att] of [b, h, S, d], or whole
+    view, starts = packed(K)
+    assert starts.dtype == torch.int32 and starts.shape == (6,) and view.shape[0] == 1
+    assert view.data_ptr() == K.data_ptr()  # a view, no copy
+    for i in range(5):
+        torch.testing.assert_close(view[0, starts[i]:starts[i] + 40].transpose(0, 1), K[i], rtol=0, atol=0)
+    assert (starts[1:] - starts[:-1] >= 40).all()
 
 
 @pytest.mark.skipif(not CUDA, reason="the memory-efficient kernel runs on CUDA only")

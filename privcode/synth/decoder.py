@@ -56,13 +56,34 @@ def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
     reads only a row's first keys[1][i] keys (rounded up to its key block) and keeps scores on chip;
     "math": matmul, fp32 softmax, matmul with the additive mask; "auto": efficient on CUDA for fp16/bf16."""
     if kernel == "efficient" or (kernel == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        b, h, m, d = q.shape
+        (Kp, starts), (Vp, vstarts) = packed(K), packed(V)
+        if not torch.equal(starts, vstarts):
+            V, (Vp, _) = V.contiguous(), packed(V.contiguous())
+            K, (Kp, starts) = K.contiguous(), packed(K.contiguous())
+        qp = q.transpose(1, 2).reshape(1, b * m, h, d)  # [1, queries, heads, d]: the kernel's varlen layout
+        cq = torch.arange(0, (b + 1) * m, m, device=q.device, dtype=torch.int32)
         o, lse = torch.ops.aten._efficient_attention_forward(
-            q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), None, None, None, None, None, 0.0, 0, True,
-            scale=scale, seqlen_k=keys[1])[:2]
-        return o.transpose(1, 2), lse[..., :q.shape[2]].float()
+            qp, Kp, Vp, None, cq, starts, m, K.shape[2], 0.0, 0, True, scale=scale, seqlen_k=keys[1])[:2]
+        return o.view(b, m, h, d).transpose(1, 2), lse[..., :m].float()
     s = torch.matmul(q, K.transpose(-1, -2)).float() * scale + keys[0]
     lse = torch.logsumexp(s, -1)
     return torch.matmul((s - lse[..., None]).exp().to(q.dtype), V), lse
+
+
+def packed(K):
+    """K [b, h, n, d] (a slice of a cache: any strides with the last one 1 and the batch stride a multiple
+    of the slot stride) as the memory-efficient kernel's variable-length layout, without a copy: (a view
+    [1, M, h, d] of the same memory, int32 [b + 1] where row i's keys start on its slot axis). The kernel
+    honours per-row key counts (`seqlen_k`) only in this layout: in the batched one it reads all n keys."""
+    b, h, n, d = K.shape
+    sb, sh, sn, sd = K.stride()
+    if sd != 1 or sb % sn or (b > 1 and sb < sn * n):
+        K = K.contiguous()
+        sb, sh, sn, sd = K.stride()
+    step = sb // sn
+    view = K.as_strided((1, (b - 1) * step + n, h, d), (0, sn, sh, 1))
+    return view, torch.arange(0, b * step + 1, step, device=K.device, dtype=torch.int32)[:b + 1]
 
 
 def kernel_runs(p) -> bool:
@@ -112,10 +133,10 @@ class Decoder:
         self.mark = unmarked  # sections of a decode step, for profiles (privcode.bench.decode_profile)
         self.qkv, self.finish_layer, self.merge = self._qkv, self._finish_layer, merge_attention
         if compile_layers:
-            import torch._dynamo
+            import torch._dynamo as dynamo  # (not `import torch._dynamo`: that makes `torch` local here)
 
             # one specialization per (batch, prefill length) shape: room for a job's few of them
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
             self.qkv = torch.compile(self._qkv, dynamic=False)
             self.finish_layer = torch.compile(self._finish_layer, dynamic=False)
             self.merge = torch.compile(merge_attention, dynamic=False)
