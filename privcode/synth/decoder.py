@@ -52,15 +52,14 @@ def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
     first keys[1][i] keys: q [b, h, m, d], K/V [b, h, n, d] (any strides with the last one 1),
     keys = prefix_keys(mask) (every row attends to at least one key). Returns (o [b, h, m, d] in q's
     dtype, lse [b, h, m] fp32).
-    kernel "efficient": PyTorch's memory-efficient attention kernel (CUDA) with per-row key counts: it
+    kernel "efficient": PyTorch's memory-efficient attention kernel (CUDA; `packed` layout), per-row key counts: it
     reads only a row's first keys[1][i] keys (rounded up to its key block) and keeps scores on chip;
     "math": matmul, fp32 softmax, matmul with the additive mask; "auto": efficient on CUDA for fp16/bf16."""
     if kernel == "efficient" or (kernel == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         b, h, m, d = q.shape
-        (Kp, starts), (Vp, vstarts) = packed(K), packed(V)
-        if not torch.equal(starts, vstarts):
-            V, (Vp, _) = V.contiguous(), packed(V.contiguous())
-            K, (Kp, starts) = K.contiguous(), packed(K.contiguous())
+        if K.stride() != V.stride():  # one start per row for both (strides only: no sync in a graph capture)
+            K, V = K.contiguous(), V.contiguous()
+        (Kp, starts), (Vp, _) = packed(K), packed(V)
         qp = q.transpose(1, 2).reshape(1, b * m, h, d)  # [1, queries, heads, d]: the kernel's varlen layout
         cq = torch.arange(0, (b + 1) * m, m, device=q.device, dtype=torch.int32)
         o, lse = torch.ops.aten._efficient_attention_forward(
