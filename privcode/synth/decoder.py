@@ -98,6 +98,8 @@ def kernel_runs(p) -> bool:
         keys = prefix_keys(mask, p.dtype)
         o, lse = attend(q, K, V, keys, 0.125, "efficient")
         ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), 0.125, "math")
+        if o.shape != ro.shape or lse.shape != rl.shape:  # (allclose would broadcast)
+            raise RuntimeError(f"its output shapes {tuple(o.shape)}, {tuple(lse.shape)} are not the math path's")
         if not (torch.allclose(o.float(), ro, atol=5e-2) and torch.allclose(lse, rl, atol=5e-2)):
             raise RuntimeError("its output is not the math path's (keys past a row's count read?)")
         return True
