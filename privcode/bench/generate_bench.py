@@ -40,6 +40,7 @@ equal to the continuous run's (same random streams; bf16 near-ties aside).
 """
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
@@ -178,6 +179,7 @@ def run(a) -> dict:
             print(f"{name:8s} batch {B:4d}: FAILED {type(e).__name__}: {e}", flush=True)
         finally:
             fb._runners.clear()
+            gc.collect()  # a runner and its compiled sampler (a bound method) are a reference cycle
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
@@ -233,6 +235,11 @@ def run(a) -> dict:
     if a.profile:  # where a step's time goes, at the largest batch (compiled layers with --compile)
         from privcode.bench.decode_profile import print_profile, profile_decode
 
+        if device.startswith("cuda"):  # the measured runners' memory back (compiled code may still hold them)
+            torch._dynamo.reset()
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(f"profile: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated before its runner", flush=True)
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
                            batch_size=max(batches), prompt_rows=a.prompt_rows, compile_layers=a.compile,
                            attention=a.attention)
