@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privcode.synth.decoder import attend, merge_attention, packed, prefix_keys
+from privcode.synth.decoder import attend, flex_attend, flex_mask, merge_attention, packed, prefix_keys
 
 CUDA = torch.cuda.is_available()
 
@@ -70,6 +70,24 @@ def test_packed_layout_addresses_each_rows_keys_without_a_copy(contiguous):
     for i in range(5):
         torch.testing.assert_close(view[0, starts[i]:starts[i] + 40].transpose(0, 1), K[i], rtol=0, atol=0)
     assert (starts[1:] - starts[:-1] >= 40).all()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+def test_flex_attention_with_its_block_mask_is_the_math_path(device):
+    """attention="flex" for the own caches: flex_attention over a strided cache slice with the block mask of
+    each row's key count (one key to all 300: partial and whole 128-key blocks) is the math path, keys past
+    a row's count poisoned; on CUDA compiled, in bf16."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, K, V, mask = _case(b=5, h=2, m=4, n=300, S=320, d=64, dtype=dtype, device=device)
+    K.masked_fill_(~mask.view(5, 1, 300, 1), 1e3)
+    V.masked_fill_(~mask.view(5, 1, 300, 1), 1e3)
+    keys = prefix_keys(mask, q.dtype)
+    o, lse = flex_attend(q, K, V, flex_mask(keys[1], 300), 0.125)
+    ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), 0.125, "math")
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert o.shape == ro.shape and lse.shape == rl.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, rl, rtol=0, atol=tol)
+    torch.testing.assert_close(o.float(), ro, rtol=tol, atol=tol)
 
 
 @pytest.mark.skipif(not CUDA, reason="the memory-efficient kernel runs on CUDA only")

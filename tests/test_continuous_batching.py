@@ -230,15 +230,27 @@ def test_the_compiled_sampler_draws_the_references_tokens(model, prompts, cases,
     assert all(r.fused and r.draw != r._draw for r in fb._runners.values())  # the compiled sampler ran
 
 
+def test_flex_attention_decodes_the_references_rows(model, prompts, cases):
+    """attention="flex" (own caches through flex_attention and its block mask, eager on CPU; the prompt
+    cache through the same path as "auto"), refills and shared prompts: the reference's rows."""
+    p, eos, want = cases["sampled"]
+    fb = _fast(model, eos, batch_size=4, prompt_rows=2, attention="flex")
+    assert fb.dec.attention == "flex"
+    assert fb.generate_ids(prompts, p) == want
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.parametrize("attention", ["efficient", "flex"])
 @pytest.mark.parametrize("name", ["greedy", "sampled"])
-def test_the_cuda_path_gives_the_references_tokens(model, prompts, cases, name):
-    """CUDA graphs, compiled layers and sampler, the memory-efficient attention kernel reading each row's
-    own key count, refills: in fp32 the rows are still the (CPU) reference's."""
+def test_the_cuda_path_gives_the_references_tokens(model, prompts, cases, name, attention):
+    """CUDA graphs, compiled layers and sampler, the memory-efficient attention kernel (or compiled
+    flex_attention) reading each row's own key count, refills: in fp32 the rows are still the (CPU)
+    reference's."""
     import copy
 
     p, eos, ref = cases[name]
-    fb = _fast(copy.deepcopy(model).cuda(), eos, batch_size=4, attention="efficient", compile_layers=True)
+    fb = _fast(copy.deepcopy(model).cuda(), eos, batch_size=4, attention=attention, compile_layers=True)
+    assert fb.dec.attention == attention
     assert fb.generate_ids(prompts, p) == ref
     assert all(r.graphs for r in fb._runners.values())
 

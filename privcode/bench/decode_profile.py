@@ -49,7 +49,8 @@ def _profile_steps(r, att: int, steps: int, cuda: bool) -> dict:
     kind = "device_time_total" if cuda else "cpu_time_total"
     sections = {e.key: _ms(e, kind) / steps for e in avg if e.key in SECTIONS}
     if cuda:
-        kernels = [e for e in avg if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        # the sections' record_function ranges show up on the device too (gpu_user_annotation): not kernels
+        kernels = [e for e in avg if str(getattr(e, "device_type", "")).endswith("CUDA") and e.key not in SECTIONS]
         total = sum(_ms(e, "self_device_time_total") for e in kernels) / steps
         top = sorted(kernels, key=lambda e: -_ms(e, "self_device_time_total"))[:12]
         top = [{"kernel": e.key[:120], "ms": _ms(e, "self_device_time_total") / steps, "calls": e.count // steps}

@@ -26,7 +26,8 @@ def _rot(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-ATTENTION = ("auto", "efficient", "math")
+ATTENTION = ("auto", "efficient", "flex", "math")
+FLEX_BLOCK = 128        # flex_attention's key block (its default)
 _UNMARKED = contextlib.nullcontext()
 
 
@@ -108,6 +109,56 @@ def kernel_runs(p) -> bool:
         return False
 
 
+def flex_mask(lengths, att: int):
+    """flex_attention's BlockMask for one query per row attending to its first lengths[b] (int32 [B]) of
+    `att` keys: each row's key blocks up to its count, the last one masked inside; tensor ops only (no host
+    sync, so it is built inside a captured decode step)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, nb = lengths.shape[0], -(-att // FLEX_BLOCK)
+    count = ((lengths + FLEX_BLOCK - 1) // FLEX_BLOCK).to(torch.int32).view(B, 1, 1)
+    index = torch.arange(nb, dtype=torch.int32, device=lengths.device).expand(B, 1, 1, nb).contiguous()
+    return BlockMask.from_kv_blocks(count, index, BLOCK_SIZE=FLEX_BLOCK, seq_lengths=(1, att),
+                                    mask_mod=lambda b, h, q, k: k < lengths[b])
+
+
+_FLEX = {}
+
+
+def flex_attend(q, K, V, block_mask, scale: float):
+    """Own-cache decode attention with flex_attention (torch.compile'd on CUDA: its decoding kernel packs a
+    KV head's G query heads into one tile and splits the keys over the SMs): q [B, kv, G, d], K/V
+    [B, kv, n, d], `block_mask` = flex_mask(key counts, n). Returns (o [B, kv, G, d], lse [B, kv, G] fp32)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type not in _FLEX:
+        _FLEX[q.device.type] = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
+    B, kv, G, d = q.shape
+    o, lse = _FLEX[q.device.type](q.reshape(B, kv * G, 1, d), K, V, block_mask=block_mask, scale=scale,
+                                  enable_gqa=True, return_lse=True)
+    return o.view(B, kv, G, d), lse.view(B, kv, G).float()
+
+
+def flex_runs(p) -> bool:
+    """Whether `flex_attend` runs on p's device and dtype and gives the math path's attention (rows seeing 1
+    and 130 of 200 keys, the others poisoned); logs why not."""
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn((2, 2, 4, 64), generator=g).to(p.device, p.dtype)
+        K, V = (torch.randn((2, 2, 200, 64), generator=g).to(p.device, p.dtype) for _ in range(2))
+        mask = (torch.arange(200)[None, :] < torch.tensor([[1], [130]]))[:, None, None, :].to(p.device)
+        K, V = (t.masked_fill(~mask.view(2, 1, 200, 1), 100.0) for t in (K, V))
+        keys = prefix_keys(mask, p.dtype)
+        o, lse = flex_attend(q, K, V, flex_mask(keys[1], 200), 0.125)
+        ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), 0.125, "math")
+        if o.shape != ro.shape or not (torch.allclose(o.float(), ro, atol=5e-2) and torch.allclose(lse, rl, atol=5e-2)):
+            raise RuntimeError("its output is not the math path's")
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure: the kernel (or math) path
+        log.warning("flex_attention failed (%s); decoding with attention 'auto'", e)
+        return False
+
+
 def merge_attention(o1, l1, o2, l2):
     """Attention over two disjoint key sets from each one's output and log-sum-exp (the softmax over
     their union): o_i [..., d], l_i [...] fp32; in o1's dtype."""
@@ -129,6 +180,8 @@ class Decoder:
             raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
         self.attention = attention
         p = next(model.parameters())
+        if attention == "flex" and not flex_runs(p):
+            self.attention = attention = "auto"
         if attention == "auto" and p.is_cuda and p.dtype in (torch.float16, torch.bfloat16) and not kernel_runs(p):
             self.attention = "math"
         self.mark = unmarked  # sections of a decode step, for profiles (privcode.bench.decode_profile)
@@ -187,6 +240,8 @@ class Decoder:
             if decode:  # what attend needs of the masks, once for all layers
                 idx = slots.view(b, 1, 1, 1).expand(b, self.kv, 1, self.hd)
                 keys = prefix_keys(mask, h.dtype)
+                if self.attention == "flex":  # own caches: one block mask for all layers
+                    keys = (*keys, flex_mask(keys[1], mask.shape[-1]))
                 pre = None if prefix is None else (prefix[0], prefix[1],
                                                    prefix_keys(prefix[2][:, None, None, :], h.dtype), prefix[3])
         if decode:
@@ -239,7 +294,10 @@ class Decoder:
             Vi.scatter_(2, idx, v.to(Vi.dtype))
         with self.mark("attention"):
             q = q.reshape(b, self.kv, G, self.hd)
-            o, lse = attend(q, Ki[:, :, :att], Vi[:, :, :att], keys, self.scaling, self.attention)
+            if self.attention == "flex":
+                o, lse = flex_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[2], self.scaling)
+            else:
+                o, lse = attend(q, Ki[:, :, :att], Vi[:, :, :att], keys, self.scaling, self.attention)
             if pre is not None:
                 o = self.merge(*self._prompt_attention(q, *pre), o, lse)
         with self.mark("o_proj, MLP"):
@@ -252,6 +310,6 @@ class Decoder:
         B, kv, G, d = q.shape
         U = Kp.shape[0]
         qf = q.view(U, reps, kv, G, d).transpose(1, 2).reshape(U, kv, reps * G, d)
-        o, lse = attend(qf, Kp, Vp, pkeys, self.scaling, self.attention)
+        o, lse = attend(qf, Kp, Vp, pkeys, self.scaling, "auto" if self.attention == "flex" else self.attention)
         return (o.view(U, kv, reps, G, d).transpose(1, 2).reshape(B, kv, G, d),
                 lse.view(U, kv, reps, G).transpose(1, 2).reshape(B, kv, G))

@@ -129,7 +129,8 @@ class FastHFBackend(Backend):
         self.prompt_rows = prompt_rows    # rows decoding one prompt's samples at a time (0: group_rows' default)
         # compile_layers: torch.compile the decode layers' halves around the attention (fused element-wise
         # work; two compiles per process and batch shape): for long GPU jobs, off for short ones
-        # attention: "auto" (the memory-efficient kernel on CUDA), "efficient" or "math" (decoder.attend)
+        # attention: "auto" (the memory-efficient kernel on CUDA), "efficient", "flex" (own caches through
+        # flex_attention: experimental, unmeasured) or "math" (decoder.attend, decoder.flex_attend)
         self.dec = Decoder(model, compile_layers, attention) if Decoder.supports(model) else None
         self._runners: OrderedDict = OrderedDict()
         self._sized: dict = {}  # batch_size 0: (new tokens, reps, shared) -> (prompt length bucket, rows)
