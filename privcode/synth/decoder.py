@@ -118,8 +118,11 @@ def flex_mask(lengths, att: int):
     B, nb = lengths.shape[0], -(-att // FLEX_BLOCK)
     count = ((lengths + FLEX_BLOCK - 1) // FLEX_BLOCK).to(torch.int32).view(B, 1, 1)
     index = torch.arange(nb, dtype=torch.int32, device=lengths.device).expand(B, 1, 1, nb).contiguous()
-    return BlockMask.from_kv_blocks(count, index, BLOCK_SIZE=FLEX_BLOCK, seq_lengths=(1, att),
-                                    mask_mod=lambda b, h, q, k: k < lengths[b])
+    kw = dict(BLOCK_SIZE=FLEX_BLOCK, seq_lengths=(1, att), mask_mod=lambda b, h, q, k: k < lengths[b])
+    try:  # the q-side blocks serve the backward only (torch < 2.7 computes them always)
+        return BlockMask.from_kv_blocks(count, index, compute_q_blocks=False, **kw)
+    except TypeError:
+        return BlockMask.from_kv_blocks(count, index, **kw)
 
 
 _FLEX = {}
