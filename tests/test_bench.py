@@ -254,6 +254,7 @@ def test_bench_generate_small_cpu_writes_every_field(tmp_path):
     assert got[("dynamic", 2)]["rows_identical"] == 1.0 and got[("dynamic", 3)]["rows_identical"] == 1.0
     assert set(r["ratios"]) == {"fast / dynamic @ batch 2", "fast / dynamic @ batch 3"}
     assert r["new_tokens"] == 6 and r["info"]["card"] == "cpu" and "target" in r
+    assert got[("fast", 2)]["attention"] == "auto"  # the attention path that ran (after any probe's fallback)
 
 
 def test_bench_generate_batch_0_takes_the_rows_a_stage_would(tmp_path):

@@ -151,7 +151,8 @@ def run(a) -> dict:
         r.update(extra or {})
         res["results"].append(r)
         print(f"{backend:8s} batch {B:4d}: {dt:7.2f} s  {tokens / dt:9.0f} tok/s"
-              + (f"  (first call {first:.2f} s)" if first is not None else ""), flush=True)
+              + (f"  (first call {first:.2f} s)" if first is not None else "")
+              + (f"  [attention {r['attention']}]" if "attention" in r else ""), flush=True)
 
     sampling = a.temperature > 0
 
@@ -172,7 +173,9 @@ def run(a) -> dict:
             dt = time.perf_counter() - t0
             assert [[len(x) for x in o] for o in out] == want, f"{name}: wrong number of tokens"
             graphs = all(bool(r.graphs) for r in fb._runners.values()) if device.startswith("cuda") else False
-            record(name, max(1, B // k) * k, dt, first, {"cuda_graph": graphs}, tokens=sum(map(sum, want)))
+            used = fb.dec.attention if fb.dec is not None else None  # after the probes' fallbacks
+            record(name, max(1, B // k) * k, dt, first, {"cuda_graph": graphs, "attention": used},
+                   tokens=sum(map(sum, want)))
             return [x for o in out for x in o]
         except Exception as e:  # noqa: BLE001
             res["results"].append({"backend": name, "batch": B, "error": f"{type(e).__name__}: {str(e)[:300]}"})
