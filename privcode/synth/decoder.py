@@ -62,7 +62,7 @@ def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
             K, V = K.contiguous(), V.contiguous()
         (Kp, starts), (Vp, _) = packed(K), packed(V)
         qp = q.transpose(1, 2).reshape(1, b * m, h, d)  # [1, queries, heads, d]: the kernel's varlen layout
-        cq = torch.arange(0, (b + 1) * m, m, device=q.device, dtype=torch.int32)
+        cq = offsets(b, m, q.device)
         o, lse = torch.ops.aten._efficient_attention_forward(
             qp, Kp, Vp, None, cq, starts, m, K.shape[2], 0.0, 0, True, scale=scale, seqlen_k=keys[1])[:2]
         return o.view(b, m, h, d).transpose(1, 2), lse[..., :m].float()
@@ -83,30 +83,52 @@ def packed(K):
         sb, sh, sn, sd = K.stride()
     step = sb // sn
     view = K.as_strided((1, (b - 1) * step + n, h, d), (0, sn, sh, 1))
-    return view, torch.arange(0, b * step + 1, step, device=K.device, dtype=torch.int32)[:b + 1]
+    return view, offsets(b, step, K.device)
 
 
-def kernel_runs(p) -> bool:
-    """Whether `attend`'s kernel runs on p's device and dtype and reads only each row's keys: a tiny call
-    whose rows attend to their first 1 and 3 keys of 4, the others poisoned, against the math path
-    (logs why not)."""
+_OFFSETS: dict = {}
+
+
+def offsets(b: int, step: int, device):
+    """int32 [0, step, ..., b * step]: where each of b sequences starts in the kernel's variable-length
+    layout. The same for every layer and step of a shape, so made once (not inside a graph capture, where
+    a new tensor is only filled on replay)."""
+    key = (b, step, str(device))
+    if key not in _OFFSETS:
+        t = torch.arange(0, (b + 1) * step, step, device=device, dtype=torch.int32)
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return t
+        _OFFSETS[key] = t
+    return _OFFSETS[key]
+
+
+def _matches_math(p, m: int, n: int, counts, run, what: str, instead: str) -> bool:
+    """Whether run(q, K, V, keys) -> (o, lse) works on p's device and dtype and gives the math path's
+    attention on a tiny case (2 rows, 2 heads, m queries, n keys; row i sees its first counts[i] keys, the
+    others poisoned); logs `what` failed, decoding with `instead`, if not."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        q, K, V = (torch.randn((2, 2, 3, 64), generator=g).to(p.device, p.dtype) for _ in range(3))
-        mask = (torch.arange(4)[None, :] < torch.tensor([[1], [3]]))[:, None, None, :].to(p.device)
-        K = torch.cat([K, K[:, :, :1]], 2).masked_fill(~mask.view(2, 1, 4, 1), 100.0)
-        V = torch.cat([V, V[:, :, :1]], 2).masked_fill(~mask.view(2, 1, 4, 1), 100.0)
-        keys = prefix_keys(mask, p.dtype)
-        o, lse = attend(q, K, V, keys, 0.125, "efficient")
+        q = torch.randn((2, 2, m, 64), generator=g).to(p.device, p.dtype)
+        K, V = (torch.randn((2, 2, n, 64), generator=g).to(p.device, p.dtype) for _ in range(2))
+        mask = (torch.arange(n)[None, :] < torch.tensor(counts)[:, None])[:, None, None, :].to(p.device)
+        K, V = (t.masked_fill(~mask.view(2, 1, n, 1), 100.0) for t in (K, V))
+        o, lse = run(q, K, V, prefix_keys(mask, p.dtype))
         ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), 0.125, "math")
         if o.shape != ro.shape or lse.shape != rl.shape:  # (allclose would broadcast)
             raise RuntimeError(f"its output shapes {tuple(o.shape)}, {tuple(lse.shape)} are not the math path's")
         if not (torch.allclose(o.float(), ro, atol=5e-2) and torch.allclose(lse, rl, atol=5e-2)):
             raise RuntimeError("its output is not the math path's (keys past a row's count read?)")
         return True
-    except Exception as e:  # noqa: BLE001 - any failure: the math path, which runs everywhere
-        log.warning("the memory-efficient attention kernel failed (%s); decoding with the math attention", e)
+    except Exception as e:  # noqa: BLE001 - any failure: a path that runs
+        log.warning("%s failed (%s); decoding with %s", what, e, instead)
         return False
+
+
+def kernel_runs(p) -> bool:
+    """Whether `attend`'s kernel runs on p's device and dtype and reads only each row's keys (rows seeing 1
+    and 3 of 4 keys; logs why not)."""
+    return _matches_math(p, 3, 4, (1, 3), lambda q, K, V, keys: attend(q, K, V, keys, 0.125, "efficient"),
+                         "the memory-efficient attention kernel", "the math attention")
 
 
 def flex_mask(lengths, att: int):
@@ -144,22 +166,10 @@ def flex_attend(q, K, V, block_mask, scale: float):
 
 def flex_runs(p) -> bool:
     """Whether `flex_attend` runs on p's device and dtype and gives the math path's attention (rows seeing 1
-    and 130 of 200 keys, the others poisoned); logs why not."""
-    try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q = torch.randn((2, 2, 4, 64), generator=g).to(p.device, p.dtype)
-        K, V = (torch.randn((2, 2, 200, 64), generator=g).to(p.device, p.dtype) for _ in range(2))
-        mask = (torch.arange(200)[None, :] < torch.tensor([[1], [130]]))[:, None, None, :].to(p.device)
-        K, V = (t.masked_fill(~mask.view(2, 1, 200, 1), 100.0) for t in (K, V))
-        keys = prefix_keys(mask, p.dtype)
-        o, lse = flex_attend(q, K, V, flex_mask(keys[1], 200), 0.125)
-        ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), 0.125, "math")
-        if o.shape != ro.shape or not (torch.allclose(o.float(), ro, atol=5e-2) and torch.allclose(lse, rl, atol=5e-2)):
-            raise RuntimeError("its output is not the math path's")
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure: the kernel (or math) path
-        log.warning("flex_attention failed (%s); decoding with attention 'auto'", e)
-        return False
+    and 130 of 200 keys: partial and whole key blocks; logs why not)."""
+    return _matches_math(p, 4, 200, (1, 130),
+                         lambda q, K, V, keys: flex_attend(q, K, V, flex_mask(keys[1], K.shape[2]), 0.125),
+                         "flex_attention", "attention 'auto'")
 
 
 def merge_attention(o1, l1, o2, l2):
