@@ -4,7 +4,7 @@ one-layer random model, rows ending at lengths drawn as `privcode bench generate
 Steps, not seconds: what a GPU step costs is `privcode bench generate --profile`'s business.
 
     python scripts/schedule_steps.py                        # n 20, 80 rows, 32 prompts (8 batches' worth)
-    python scripts/schedule_steps.py --rows 1280 --prompts 512 --lengths uniform:20
+    python scripts/schedule_steps.py --rows 1280 --prompts 512 --lengths uniform:20 --prompt-caches 2
 """
 import argparse
 
@@ -23,6 +23,7 @@ ap.add_argument("--prompts", type=int, default=32)
 ap.add_argument("--new-tokens", type=int, default=200)
 ap.add_argument("--lengths", default="uniform:20,geometric:60")
 ap.add_argument("--prompt-rows", default="5,10,20")
+ap.add_argument("--prompt-caches", default="1,2", help="prompt caches per group of rows (FastHFBackend.prompt_caches)")
 a = ap.parse_args()
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -44,9 +45,11 @@ for spec in a.lengths.split(","):
     L = row_lengths(spec, a.prompts, a.n, a.new_tokens, torch.Generator().manual_seed(0))
     tokens = sum(map(sum, L)) if L else a.prompts * a.n * a.new_tokens
     for g in map(int, a.prompt_rows.split(",")):
-        steps[0] = 0
-        fb = FastHFBackend(model=model, tokenizer=None, pad_token_id=0, batch_size=a.rows, prompt_rows=g)
-        fb.generate_ids(ids, SamplingParams(max_new_tokens=a.new_tokens, temperature=0.8, top_p=0.95, n=a.n),
-                        ignore_eos=True, lengths=L)
-        print(f"{spec:14s} prompt_rows {g:3d}: {steps[0]:6d} steps, {tokens / steps[0]:7.1f} live rows per step "
-              f"({tokens / steps[0] / a.rows:4.0%}), {a.rows // g} prompt caches read per step")
+        for c in map(int, a.prompt_caches.split(",")):
+            steps[0] = 0
+            fb = FastHFBackend(model=model, tokenizer=None, pad_token_id=0, batch_size=a.rows, prompt_rows=g,
+                               prompt_caches=c)
+            fb.generate_ids(ids, SamplingParams(max_new_tokens=a.new_tokens, temperature=0.8, top_p=0.95, n=a.n),
+                            ignore_eos=True, lengths=L)
+            print(f"{spec:14s} prompt_rows {g:3d}, caches {c}: {steps[0]:6d} steps, {tokens / steps[0]:7.1f} live rows "
+                  f"per step ({tokens / steps[0] / a.rows:4.0%}), {a.rows // g * c} prompt caches read per step")

@@ -139,3 +139,33 @@ def test_the_probe_refuses_a_kernel_that_reads_past_each_rows_keys(monkeypatch, 
     assert "not the math path's" in caplog.text
     monkeypatch.setattr(decoder, "attend", lambda *a, **k: kernel(*a, **k, reads_all=False))
     assert decoder.kernel_runs(torch.zeros(1))
+
+
+@pytest.mark.parametrize("device,kernel", [("cpu", "math")] + ([("cuda", "math"), ("cuda", "auto")] if CUDA else []))
+def test_each_row_reads_its_own_prompt_cache_of_its_group(device, kernel):
+    """Two prompt caches per group (FastHFBackend prompt_caches=2): a group's rows attend, each, to the cache
+    its `pslot` names -- one key to all of it, the other cache holding another prompt -- and get what they
+    would from that cache alone; a path that read the other one, or the group's first, would be far off."""
+    from types import SimpleNamespace
+
+    from privcode.synth.decoder import Decoder
+
+    B, reps, kv, G, P, d = 8, 4, 2, 3, 48, 64
+    dtype = torch.bfloat16 if kernel == "auto" else torch.float32
+    g = torch.Generator().manual_seed(4)
+    put = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    q = put(torch.randn(B, kv, G, d, generator=g))
+    Kp, Vp = (put(torch.randn(B // reps * 2, kv, P, d, generator=g) * 3) for _ in range(2))
+    counts = torch.tensor([P, 1, 17, 30])                      # holders 2u, 2u + 1 of groups u = 0, 1
+    pvalid = (torch.arange(P)[None, :] < counts[:, None]).to(device)
+    pslot = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1], device=device)
+    dec = SimpleNamespace(scaling=d ** -0.5, attention=kernel)
+    o, lse = Decoder._prompt_attention(dec, q, Kp, Vp, prefix_keys(pvalid[:, None, None, :], dtype), reps, pslot)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for b in range(B):
+        for s in (0, 1):
+            h = b // reps * 2 + s
+            ro, rl = attend(q[b:b + 1].float(), Kp[h:h + 1].float(), Vp[h:h + 1].float(),
+                            prefix_keys(pvalid[h:h + 1, None, None, :], torch.float32), d ** -0.5, "math")
+            same = torch.allclose(o[b:b + 1].float(), ro, atol=tol, rtol=tol) and torch.allclose(lse[b:b + 1], rl, atol=tol)
+            assert same == (s == int(pslot[b])), (b, s)

@@ -93,6 +93,8 @@ def test_greedy_rows_are_the_references_with_and_without_refill(model, prompts, 
 @pytest.mark.parametrize("kw", [
     dict(batch_size=4),                                    # one row per prompt at a time (n=3 / 4 rounded up)
     dict(batch_size=4, prompt_rows=2),                     # groups of 2 rows: a freed row takes the next sample
+    dict(batch_size=4, prompt_rows=2, prompt_caches=1),    # ... the next prompt once both rows are free
+    dict(batch_size=6, prompt_rows=3, prompt_caches=2),    # freed rows start the next prompt in the 2nd cache
     dict(batch_size=6, prompt_rows=3),                     # a prompt's 3 samples start together
     dict(batch_size=6, prompt_rows=3, continuous=False),   # batch after batch, the schedule before refills
     dict(batch_size=5, share_prefix=False, sampler=sort_top_p_sample),  # n prefills, sort sampler: per-row refill
@@ -122,6 +124,31 @@ def test_refilling_keeps_the_batch_full(model, prompts, cases, monkeypatch):
         counts[cont] = calls
     assert counts[True]["steps"] < counts[False]["steps"]
     assert counts[True]["loads"] > counts[False]["loads"] >= 1
+
+
+def test_two_prompt_caches_start_the_next_prompt_while_a_group_finishes(model, prompts, cases, monkeypatch):
+    """prompt_caches=2: a group's freed rows load the next prompt into its second cache while other rows still
+    decode the last one (steps where one group's live rows read both caches), so the same groups take fewer
+    decode steps than with one cache, and every row is still the reference's."""
+    p, eos, want = cases["sampled"]
+    seen = {}
+    for c in (1, 2):
+        seen[c] = {"steps": 0, "mixed": 0}
+        real_replay = runner.Runner.replay
+
+        def replay(self, att, c=c, real_replay=real_replay):
+            real_replay(self, att)
+            seen[c]["steps"] += 1
+            if self.prefix[4] is not None:
+                live, slot = (~self.fin).view(-1, self.reps), self.prefix[4].view(-1, self.reps)
+                both = ((live & (slot == 0)).any(1) & (live & (slot == 1)).any(1)).any()
+                seen[c]["mixed"] += int(both)
+
+        monkeypatch.setattr(runner.Runner, "replay", replay)
+        assert _fast(model, eos, batch_size=6, prompt_rows=3, prompt_caches=c).generate_ids(prompts, p) == want
+        monkeypatch.undo()
+    assert seen[1]["mixed"] == 0 and seen[2]["mixed"] > 0
+    assert seen[2]["steps"] < seen[1]["steps"]
 
 
 def test_a_refill_that_kept_the_previous_prompts_kv_is_caught(model, prompts, cases, monkeypatch):
@@ -195,7 +222,7 @@ def test_prompts_of_very_different_lengths_run_in_segments_with_the_references_t
     assert length_segments(order, prompts) == [[0, 4, 2, 5], [3, 1]]  # 192 slots, then 64 (20 and 3 tokens)
     fb = _fast(model, None, batch_size=4, prompt_rows=1)
     assert fb.generate_ids(prompts, p) == reference(model, prompts, p)
-    assert sorted(key[-1] for key in fb._runners) == [64, 192]  # the prompt cache of each segment
+    assert sorted(key[-2] for key in fb._runners) == [64, 192]  # the prompt cache of each segment (key: ..., prefix, caches)
 
 
 def test_row_noise_is_uniform_and_independent_across_identities_and_tokens():
@@ -282,9 +309,10 @@ def test_a_failed_capture_retries_with_the_eager_sampler_then_decodes_eagerly(mo
 
 
 def test_smaller_groups_per_prompt_take_fewer_steps_when_rows_end_early():
-    """scripts/schedule_steps.py (the `prompt_rows` default): with rows ending at EOS-like lengths, groups of
-    n/4 rows per prompt refill sooner than groups of n and take fewer decode steps for the same work; at
-    fixed lengths the step counts are equal."""
+    """scripts/schedule_steps.py (the `prompt_rows` and `prompt_caches` defaults): with rows ending at EOS-like
+    lengths, groups of n/4 rows per prompt refill sooner than groups of n and take fewer decode steps for the
+    same work, and a second prompt cache per group takes fewer still; at fixed lengths the step counts are
+    equal."""
     import re
     import subprocess
     import sys
@@ -294,6 +322,9 @@ def test_smaller_groups_per_prompt_take_fewer_steps_when_rows_end_early():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "schedule_steps.py"), "--n", "8", "--rows", "16",
                           "--prompts", "8", "--new-tokens", "40", "--lengths", "uniform:4,max", "--prompt-rows", "2,8"],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
-    steps = {(m[0], int(m[1])): int(m[2]) for m in re.findall(r"(\S+)\s+prompt_rows\s+(\d+):\s+(\d+) steps", out)}
-    assert steps[("uniform:4", 2)] < steps[("uniform:4", 8)]
-    assert steps[("max", 2)] == steps[("max", 8)]
+    steps = {(m[0], int(m[1]), int(m[2])): int(m[3])
+             for m in re.findall(r"(\S+)\s+prompt_rows\s+(\d+), caches (\d):\s+(\d+) steps", out)}
+    assert len(steps) == 8, out
+    assert steps[("uniform:4", 2, 1)] < steps[("uniform:4", 8, 1)]
+    assert steps[("uniform:4", 8, 2)] < steps[("uniform:4", 8, 1)]
+    assert len({v for (spec, _, _), v in steps.items() if spec == "max"}) == 1

@@ -73,18 +73,19 @@ def profile_decode(fb, prompts: list[list[int]], params, rows: int, steps: int =
     g = fb.group_rows(k) if shared else 1
     P, new = len(prompts[0]), params.max_new_tokens
     B = max(g, rows - rows % g)
+    c = (fb.prompt_caches or 1) if shared else 1  # rows at one length: the second cache only if asked for
     r = fb._runner(B, bucket(new) if shared else bucket(P + new), params.temperature, params.top_p, True, g,
-                   bucket(P) if shared else 0)
+                   bucket(P) if shared else 0, c)
     cuda = r.dev.type == "cuda"
-    holders = list(range(B // g if shared else B))
+    holders = list(range(0, B // g * c if shared else B, c))  # each group's first cache
     r.begin(params.seed)
     r.load(holders, [prompts[h % len(prompts)] for h in holders])
-    r.start(list(range(B)), [i // g for i in range(B)], list(range(B)), [P] * B, [new] * B, new)
+    r.start(list(range(B)), [i // g * c for i in range(B)], list(range(B)), [P] * B, [new] * B, new)
     first = 0 if shared else P  # the slot the first decode step writes
     per_att: dict[int, list[int]] = {}
     for t in range(new - 1):
         per_att.setdefault(r.att_len(first + t), []).append(t)
-    out = {"rows": B, "prompt_rows": g, "prompt_len": P, "new_tokens": new, "cuda_graph": bool(r.graphs),
+    out = {"rows": B, "prompt_rows": g, "prompt_caches": c, "prompt_len": P, "new_tokens": new, "cuda_graph": bool(r.graphs),
            "attention": fb.dec.attention, "lengths": {}}
     t = 0
     for att, ts in per_att.items():

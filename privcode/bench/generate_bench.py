@@ -127,7 +127,7 @@ def run(a) -> dict:
     params = SamplingParams(max_new_tokens=N, temperature=a.temperature, top_p=a.top_p, n=k, seed=0)
     if 0 in batches:  # rows from the free memory, as a stage's `batch_size: 0` (FastHFBackend.rows)
         auto = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
-                             batch_size=0, prompt_rows=a.prompt_rows).rows(P, params)
+                             batch_size=0, prompt_rows=a.prompt_rows, prompt_caches=a.prompt_caches).rows(P, params)
         batches = [auto if B == 0 else B for B in batches]
         print(f"batch 0: {auto} rows (free memory, FastHFBackend.rows)")
     most = max([max(1, B // k) * a.waves for B in batches] + peer_batches + static_batches)
@@ -137,7 +137,8 @@ def run(a) -> dict:
            "attention": a.attention,
            "shape": shape.name, "dtype": str(dtype).split(".")[-1], "prompt_len": P, "new_tokens": N,
            "sampling": {"n": a.n, "temperature": a.temperature, "top_p": a.top_p} if a.temperature > 0 else None,
-           "lengths": a.lengths, "waves": a.waves, "prompt_rows": a.prompt_rows, "results": []}
+           "lengths": a.lengths, "waves": a.waves, "prompt_rows": a.prompt_rows, "prompt_caches": a.prompt_caches,
+           "results": []}
     mode = f"n={a.n}, T={a.temperature}, top-p {a.top_p}" if a.temperature > 0 else "greedy"
     print(f"generate: {shape.name} {res['dtype']} on {res['info'].get('card')}: prompts {P} tokens, {N} new, {mode}"
           + ("" if lengths is None else f", row lengths {a.lengths}")
@@ -158,7 +159,8 @@ def run(a) -> dict:
 
     def fast_run(name, B, **kw):
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
-                           batch_size=B, prompt_rows=a.prompt_rows, attention=a.attention, **kw)
+                           batch_size=B, prompt_rows=a.prompt_rows, attention=a.attention,
+                           prompt_caches=a.prompt_caches, **kw)
         m = max(1, B // k) * a.waves
         ids, want = prompts[:m].tolist(), [[N] * k] * m if lengths is None else lengths[:m]
         try:
@@ -245,7 +247,7 @@ def run(a) -> dict:
             print(f"profile: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated before its runner", flush=True)
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
                            batch_size=max(batches), prompt_rows=a.prompt_rows, compile_layers=a.compile,
-                           attention=a.attention)
+                           attention=a.attention, prompt_caches=a.prompt_caches)
         res["profile"] = profile_decode(fb, prompts.tolist(), params, max(batches), a.profile_steps)
         print_profile(res["profile"])
 
@@ -295,6 +297,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-refill", action="store_true", help="also time the fast backend without continuous batching")
     ap.add_argument("--prompt-rows", type=int, default=0, help="rows decoding one prompt's samples at a time "
                     "(0: the backend's default)")
+    ap.add_argument("--prompt-caches", type=int, default=0, choices=(0, 1, 2), help="prompt caches per group of "
+                    "rows (FastHFBackend.prompt_caches; 0: its default, 2 where rows end at different steps)")
     ap.add_argument("--attention", default="auto", choices=ATTENTION, help="the fast backend's "
                     "decode attention (decoder.attend): auto = the memory-efficient kernel on CUDA; math = matmul, "
                     "softmax, matmul (for comparisons)")

@@ -4,10 +4,12 @@ when a finished row takes a waiting one.
     outs = decode(runner, prompt_ids, order, k=20, max_new=200, seed=0, continuous=True)
     outs[i][j]  # the tokens of sample j of prompt i in `order` (up to and with EOS, or max_new of them)
 
-With a prompt cache (runner.prefix) the rows come in groups of `runner.reps` that share a holder:
-a group decodes one prompt's k samples, a freed row starting the prompt's next sample (no prefill),
-and takes the next waiting prompt (one prefill into its holder) once all its rows are free. Once no
-prompt waits, a free group takes as many samples as it has rows from the group with the most samples
+With a prompt cache (runner.prefix) the rows come in groups of `runner.reps`, each group with
+`runner.caches` holders (prompt caches). A group decodes one prompt's k samples, a freed row starting the
+prompt's next sample (no prefill); once they have all started, a freed row loads the next waiting prompt
+into a holder no live row reads (one prefill) and starts its first sample. With one holder that is once all
+the group's rows are free; with two, freed rows start the next prompt while the others finish the last one.
+Once no prompt waits, a free group takes as many samples as it has rows from the group with the most samples
 not yet started (one more prefill of that prompt): without it a call's end waits for the groups that
 drew the longest samples, every other row idle. Without a prompt cache every row is its own holder and takes
 the next waiting (prompt, sample) pair (a prefill each).
@@ -35,13 +37,17 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
     R, B = runner, runner.B
     shared = R.prefix is not None
     g = R.reps if shared else 1
+    hc = R.caches if shared else 1                 # holders per group
     out = {i: [None] * k for i in order}
     left = dict.fromkeys(order, k)
     busy = np.zeros(B, dtype=bool)
     who = [(-1, -1)] * B                        # (prompt, sample) of each row
+    held = np.zeros(B, dtype=np.int64)          # its holder
     off = np.zeros(B, dtype=np.int64)           # its write slot minus the step count
     cap = np.zeros(B, dtype=np.int64)           # its last write slot (token limit reached)
-    grp = [[-1, k, k] for _ in range(B // g)]   # shared: (prompt, next sample, end) of each group
+    work = [[-1, k, k] for _ in range(B // g * hc)]  # shared: (prompt, next sample, end) of each holder
+    live = np.zeros(B // g * hc, dtype=np.int64)     # ... and its busy rows
+    cur = [u * hc for u in range(B // g)]            # the holder a group's rows start samples from
     waiting = deque(order) if shared else deque((i, j) for i in order for j in range(k))
     sid = range(len(prompts)) if streams is None else streams
     steps = 0
@@ -54,32 +60,45 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
         free = np.flatnonzero(~busy).tolist()
         loads, starts = [], []
 
+        def ready(u) -> bool:  # group u's current holder has a sample to start (loading the next prompt)
+            h = cur[u]
+            if work[h][1] < work[h][2]:
+                return True
+            mine = [u * hc + (h - u * hc + s) % hc for s in range(1, hc + 1)]  # the group's other holder, then h
+            empty = [x for x in mine if live[x] == 0]
+            if not (waiting and empty):
+                return False
+            cur[u] = empty[0]
+            work[cur[u]] = [waiting.popleft(), 0, k]
+            loads.append((cur[u], work[cur[u]][0]))
+            return True
+
         def start(u, rows):  # free rows of group u start its next samples
             for r in rows:
-                if grp[u][0] < 0 or grp[u][1] >= grp[u][2]:
+                if not ready(u):
                     break
-                starts.append((r, u, grp[u][0], grp[u][1]))
-                grp[u][1] += 1
+                h = cur[u]
+                starts.append((r, h, work[h][0], work[h][1]))
+                work[h][1] += 1
+                live[h] += 1
         if shared:
             groups = {u: [r for r in range(u * g, (u + 1) * g) if not busy[r]]
                       for u in dict.fromkeys(r // g for r in free)}
             idle = []
             for u, rows in groups.items():
-                if grp[u][1] >= grp[u][2] and len(rows) == g:  # the group's samples are all done
-                    if not waiting:
-                        idle.append(u)
-                        continue
-                    grp[u] = [waiting.popleft(), 0, k]
-                    loads.append((u, grp[u][0]))
+                n0 = len(starts)
                 start(u, rows)
+                if len(starts) == n0 and len(rows) == g and not waiting:
+                    idle.append(u)
             for u in idle if continuous else ():  # nothing waits: take what its rows start now
-                v = max(range(len(grp)), key=lambda v: grp[v][2] - grp[v][1])
-                left = grp[v][2] - grp[v][1]
+                v = max(range(len(work)), key=lambda v: work[v][2] - work[v][1])
+                left = work[v][2] - work[v][1]
                 if left <= 0:
                     break
-                grp[u] = [grp[v][0], grp[v][2] - min(g, left), grp[v][2]]
-                grp[v][2] = grp[u][1]
-                loads.append((u, grp[u][0]))
+                h = cur[u]  # (no live row reads a free group's holders)
+                work[h] = [work[v][0], work[v][2] - min(g, left), work[v][2]]
+                work[v][2] = work[h][1]
+                loads.append((h, work[h][0]))
                 start(u, groups[u])
         else:
             for r in free:
@@ -94,11 +113,11 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
             rows = [r for r, _, _, _ in starts]
             R.start(rows, [h for _, h, _, _ in starts], [sid[i] * k + j for _, _, i, j in starts],
                     [len(prompts[i]) for _, _, i, _ in starts], [lim(i, j) for _, _, i, j in starts], max_new)
-            for r, _, i, j in starts:
+            for r, h, i, j in starts:
                 n = lim(i, j)
                 first = 0 if shared else len(prompts[i])  # the slot its first decode step writes
-                busy[r], who[r], off[r], cap[r] = True, (i, j), first - steps, first + n - 2
-        return bool(waiting) or (shared and any(p >= 0 and nx < end for p, nx, end in grp))
+                busy[r], who[r], held[r], off[r], cap[r] = True, (i, j), h, first - steps, first + n - 2
+        return bool(waiting) or (shared and any(p >= 0 and nx < end for p, nx, end in work))
 
     more = fill()
     while busy.any():
@@ -117,6 +136,8 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
                 out[i][j] = toks
                 left[i] -= 1
             busy[done] = False
+            if shared:
+                np.subtract.at(live, held[done], 1)
             complete = {who[r][0] for r in done if left[who[r][0]] == 0}
             if complete and progress is not None:
                 progress(len(complete))

@@ -157,6 +157,10 @@ def flex_attend(q, K, V, block_mask, scale: float):
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type not in _FLEX:
+        if q.is_cuda:  # one specialization per (rows, attention length): a job's few dozen of them
+            import torch._dynamo as dynamo
+
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         _FLEX[q.device.type] = torch.compile(flex_attention, dynamic=False) if q.is_cuda else flex_attention
     B, kv, G, d = q.shape
     o, lse = _FLEX[q.device.type](q.reshape(B, kv * G, 1, d), K, V, block_mask=block_mask, scale=scale,
@@ -239,8 +243,9 @@ class Decoder:
         """ids, pos [b, L]; K/V per layer [B, kv, S, d]; mask [b, 1, L, S_att] bool (True: attend).
         Decode (rows None, L == 1, b == B): each row writes its new K/V at its own slot `slots` [B] and its query
         attends to the first `att` slots of its cache (the mask is [B, 1, 1, att]: slots past the
-        last written one are never read); prefix: (Kp, Vp, pvalid, reps), a prompt cache
-        [B / reps, kv, P, d] per layer shared by `reps` consecutive rows, attended to first.
+        last written one are never read); prefix: (Kp, Vp, pvalid, reps, pslot), prompt caches
+        [B / reps * c, kv, P, d] per layer: c of them (`_prompt_attention`) for each group of `reps`
+        consecutive rows, a row attending to its group's cache `pslot` [B] (None: c = 1) first.
         Prefill (rows [b] given): the L tokens' K/V go to slots [0, L) of cache rows `rows` [b] and the
         queries attend to the L new tokens only (`slots` is unused).
         Returns final-norm hidden states [b, H] of the last position (`last` [b]: of these positions)."""
@@ -256,11 +261,11 @@ class Decoder:
                 if self.attention == "flex":  # own caches: one block mask for all layers
                     keys = (*keys, flex_mask(keys[1], mask.shape[-1]))
                 pre = None if prefix is None else (prefix[0], prefix[1],
-                                                   prefix_keys(prefix[2][:, None, None, :], h.dtype), prefix[3])
+                                                   prefix_keys(prefix[2][:, None, None, :], h.dtype), *prefix[3:])
         if decode:
             for i, layer in enumerate(self.layers):
                 h = self.decode_layer(layer, h, cos, sin, idx, K[i], V[i], keys,
-                                      None if pre is None else (pre[0][i], pre[1][i], pre[2], pre[3]),
+                                      None if pre is None else (pre[0][i], pre[1][i], *pre[2:]),
                                       att or K[i].shape[2])
             with self.mark("final norm"):
                 return self.norm(h[:, -1])
@@ -296,7 +301,7 @@ class Decoder:
         """One layer for one new token per row: writes its K/V into the row caches Ki/Vi at the
         row's slot (`idx`: the slots expanded to [B, kv, 1, d]), attends to their first `att` slots
         (`keys`: prefix_keys of their mask) and, when given, to the shared prompt cache
-        `pre` = (Kp, Vp, its prefix_keys, reps), and returns the layer's output hidden states. Grouped-query heads
+        `pre` = (Kp, Vp, its prefix_keys, reps, pslot), and returns the layer's output hidden states. Grouped-query heads
         are folded into the query axis ([B, kv, G, d] queries), so no K/V is repeated."""
         b = h.shape[0]
         G = self.nh // self.kv
@@ -316,13 +321,23 @@ class Decoder:
         with self.mark("o_proj, MLP"):
             return self.finish_layer(layer, h, o.reshape(b, 1, self.nh * self.hd))
 
-    def _prompt_attention(self, q, Kp, Vp, pkeys, reps: int):
-        """Attention of q [B, kv, G, d] over the prompt cache Kp/Vp [B / reps, kv, P, d] shared by `reps`
-        consecutive rows, read once for all of them (their queries stacked on the query axis):
+    def _prompt_attention(self, q, Kp, Vp, pkeys, reps: int, pslot=None):
+        """Attention of q [B, kv, G, d] over the prompt caches Kp/Vp [B / reps * c, kv, P, d]: c per group
+        of `reps` consecutive rows (group u's are u * c .. u * c + c - 1), each read once for all the
+        group's rows (their queries stacked on the query axis); row b takes its group's cache pslot[b]
+        (c > 1: a group decodes one prompt's last samples while its freed rows start the next prompt's).
         (o [B, kv, G, d], lse [B, kv, G]), merged with the row's own attention by `merge_attention`."""
         B, kv, G, d = q.shape
-        U = Kp.shape[0]
+        U = B // reps
+        c = Kp.shape[0] // U
         qf = q.view(U, reps, kv, G, d).transpose(1, 2).reshape(U, kv, reps * G, d)
+        if c > 1:  # every cache of a group with all its rows' queries; each row keeps its own cache's
+            qf = qf.repeat_interleave(c, 0)
         o, lse = attend(qf, Kp, Vp, pkeys, self.scaling, "auto" if self.attention == "flex" else self.attention)
-        return (o.view(U, kv, reps, G, d).transpose(1, 2).reshape(B, kv, G, d),
-                lse.view(U, kv, reps, G).transpose(1, 2).reshape(B, kv, G))
+        o = o.view(U, c, kv, reps, G, d).permute(0, 3, 1, 2, 4, 5).reshape(B, c, kv, G, d)
+        lse = lse.view(U, c, kv, reps, G).permute(0, 3, 1, 2, 4).reshape(B, c, kv, G)
+        if c == 1:
+            return o[:, 0], lse[:, 0]
+        i = pslot.view(B, 1, 1, 1)
+        return (o.gather(1, i[..., None].expand(B, 1, kv, G, d))[:, 0],
+                lse.gather(1, i.expand(B, 1, kv, G))[:, 0])

@@ -40,8 +40,12 @@ through `model.generate`:
 - with `n` samples per prompt each prompt is prefilled once and its K/V kept once, in a prompt
   cache that a group of rows reads together; each row's own cache holds its generated slots. A
   group of `prompt_rows` rows (default: n / GROUP_SPLIT rounded up with continuous batching, else n)
-  decodes one prompt's n samples, a freed row starting the next sample, and takes the next prompt
-  once all its rows are free: smaller groups refill sooner, larger ones read prompt caches less;
+  decodes one prompt's n samples, a freed row starting the next sample; with `prompt_caches` 2 (the
+  default where rows end at different steps) a group has two prompt caches, and once the prompt's
+  samples have all started a freed row loads the next prompt into the other one (each row's prompt
+  attention reads both and keeps its own: twice the prompt-cache reads, no idle rows while a group's
+  last samples finish); with 1, the group takes the next prompt once all its rows are free: smaller
+  groups refill sooner, larger ones read prompt caches less;
 - top-p sampling does not sort the vocabulary (`top_p_sample`: an exponential race, exact but
   for an event of probability <= 1e-12 per token, where it takes the most probable token); on CUDA
   the row noise, softmax and race run under torch.compile (fused passes over [rows, vocab]).
@@ -73,17 +77,18 @@ GROUP_SPLIT = 4         # continuous batching: rows per prompt = n / this (round
 
 
 def rows_for_memory(free_bytes: int, *, layers: int, kv: int, head_dim: int, dtype_bytes: int, vocab: int,
-                    hidden: int, prompt_len: int, new_tokens: int, reps: int = 1, shared: bool | None = None) -> int:
+                    hidden: int, prompt_len: int, new_tokens: int, reps: int = 1, shared: bool | None = None,
+                    caches: int = 1) -> int:
     """The most rows (sequences) whose decoding state fits in MEM_FRACTION of `free_bytes`, rounded down
     to a power of two (graphs are reused across batches), then to a multiple of `reps` (the rows that
     share a prompt cache); at least `reps`.
     Per row: its own K/V cache (generated slots only with a prompt cache, `shared`, default reps > 1;
-    else prompt + generated), its share of the prompt cache, four fp32 vocabulary-sized buffers
+    else prompt + generated), its share of the `caches` prompt caches of its group, four fp32 vocabulary-sized buffers
     (logits, probabilities, the sampler's keys and its noise) and a few hidden-sized activations."""
     shared = reps > 1 if shared is None else shared
     own = bucket(new_tokens) if shared else bucket(prompt_len + new_tokens)
     kv_row = 2 * layers * kv * head_dim * dtype_bytes
-    per_row = kv_row * own + (kv_row * bucket(prompt_len) / reps if shared else 0) \
+    per_row = kv_row * own + (kv_row * bucket(prompt_len) * caches / reps if shared else 0) \
         + 4 * 4 * vocab + 16 * hidden * dtype_bytes
     rows = int(MEM_FRACTION * free_bytes // per_row)
     rows = min(rows, MAX_AUTO_ROWS)
@@ -109,7 +114,7 @@ class FastHFBackend(Backend):
     def __init__(self, model_ref: str | None = None, batch_size: int = 64, dtype: str = "bfloat16",
                  cuda_graphs: bool = True, *, model=None, tokenizer=None, eos_token_id=None, pad_token_id=None,
                  sampler=top_p_sample, share_prefix: bool = True, compile_layers: bool = False,
-                 continuous: bool = True, prompt_rows: int = 0, attention: str = "auto"):
+                 continuous: bool = True, prompt_rows: int = 0, attention: str = "auto", prompt_caches: int = 0):
         if model is None:
             from privcode.models import default_device, load_model, load_tokenizer
 
@@ -127,6 +132,11 @@ class FastHFBackend(Backend):
         self.share_prefix = share_prefix  # n samples of a prompt: one prefill (False: n copies, the reference)
         self.continuous = continuous      # refill finished rows (False: batch after batch; same tokens)
         self.prompt_rows = prompt_rows    # rows decoding one prompt's samples at a time (0: group_rows' default)
+        if prompt_caches not in (0, 1, 2):
+            raise ValueError(f"prompt_caches must be 0 (auto), 1 or 2, not {prompt_caches!r}")
+        # prompt caches per group of rows: 2 lets freed rows start the next prompt while the group finishes
+        # the last one (0: 2 with continuous batching where rows end at different steps, else 1)
+        self.prompt_caches = prompt_caches
         # compile_layers: torch.compile the decode layers' halves around the attention (fused element-wise
         # work; two compiles per process and batch shape): for long GPU jobs, off for short ones
         # attention: "auto" (the memory-efficient kernel on CUDA), "efficient", "flex" (own caches through
@@ -143,8 +153,8 @@ class FastHFBackend(Backend):
     def tokenizer(self):
         return self.tok
 
-    def _runner(self, B, S, temperature, top_p, ignore_eos, reps=1, prefix=0) -> Runner:
-        key = (B, S, float(temperature), float(top_p), bool(ignore_eos), self.sampler, reps, prefix)
+    def _runner(self, B, S, temperature, top_p, ignore_eos, reps=1, prefix=0, caches=1) -> Runner:
+        key = (B, S, float(temperature), float(top_p), bool(ignore_eos), self.sampler, reps, prefix, caches)
         if key in self._runners:
             self._runners.move_to_end(key)
             return self._runners[key]
@@ -154,19 +164,19 @@ class FastHFBackend(Backend):
                 torch.cuda.empty_cache()
         r = Runner(self.dec, B, S, temperature=temperature, top_p=top_p, eos=self.eos, pad=self.pad,
                     ignore_eos=ignore_eos, use_graph=self.cuda_graphs, sampler=self.sampler, reps=reps,
-                    prefix=prefix)
+                    prefix=prefix, caches=caches)
         self._runners[key] = r
         return r
 
-    def auto_rows(self, prompt_len: int, new_tokens: int, reps: int, shared: bool = False) -> int:
+    def auto_rows(self, prompt_len: int, new_tokens: int, reps: int, shared: bool = False, caches: int = 1) -> int:
         """batch_size 0: rows from the free memory of the model's GPU (rows_for_memory), measured once
-        per (new_tokens, reps, shared) and reused for prompts up to the bucketed length it was measured
+        per (new_tokens, reps, shared, caches) and reused for prompts up to the bucketed length it was measured
         for (a stage's later calls keep their runners and graphs); CPU_AUTO_ROWS (a multiple of `reps`)
         without a GPU or a supported architecture."""
         p = next(self.model.parameters())
         if p.device.type != "cuda" or self.dec is None:
             return max(reps, CPU_AUTO_ROWS - CPU_AUTO_ROWS % reps)
-        key = (new_tokens, reps, shared)
+        key = (new_tokens, reps, shared, caches)
         if key in self._sized and self._sized[key][0] >= bucket(prompt_len):
             return self._sized[key][1]
         self._runners.clear()  # their caches would be counted as used
@@ -175,19 +185,29 @@ class FastHFBackend(Backend):
         rows = rows_for_memory(torch.cuda.mem_get_info(p.device)[0], layers=len(self.dec.layers), kv=self.dec.kv,
                                head_dim=self.dec.hd, dtype_bytes=p.element_size(), vocab=cfg.vocab_size,
                                hidden=cfg.hidden_size, prompt_len=prompt_len, new_tokens=new_tokens,
-                               reps=reps, shared=shared)
+                               reps=reps, shared=shared, caches=caches)
         log.info("batch_size 0: %d rows fit in the free GPU memory", rows)
         self._sized[key] = (bucket(prompt_len), rows)
         return rows
 
-    def rows(self, prompt_len: int, params: SamplingParams) -> int:
+    def rows(self, prompt_len: int, params: SamplingParams, ignore_eos: bool = False, lengths=None) -> int:
         """Rows (sequences) a call whose longest prompt has `prompt_len` tokens decodes at once:
         batch_size, or with batch_size 0 what auto_rows sizes (privcode.synth.calls sizes a stage's
         calls from it)."""
         k = params.n if params.temperature > 0 else 1
         shared = self.share_prefix and k > 1
         g = self.group_rows(k) if shared else 1
-        return self.batch_size if self.batch_size > 0 else self.auto_rows(prompt_len, params.max_new_tokens, g, shared)
+        if self.batch_size > 0:
+            return self.batch_size
+        return self.auto_rows(prompt_len, params.max_new_tokens, g, shared,
+                              self.caches(k, ignore_eos, lengths) if shared else 1)
+
+    def caches(self, k: int, ignore_eos: bool, lengths) -> int:
+        """Prompt caches per group of rows (`prompt_caches`; 0: two where a group's rows can end at
+        different steps -- with continuous batching, unless every row runs to max_new_tokens -- else one)."""
+        if self.prompt_caches:
+            return self.prompt_caches
+        return 2 if self.continuous and not (ignore_eos and lengths is None) else 1
 
     def _hf_generate_ids(self, batch, params, ignore_eos):
         dev = next(self.model.parameters()).device
@@ -220,7 +240,7 @@ class FastHFBackend(Backend):
         P, new = len(prompts[order[0]]), params.max_new_tokens
         shared = self.share_prefix and k > 1
         g = self.group_rows(k) if shared else 1
-        max_rows = self.rows(P, params)
+        max_rows = self.rows(P, params, ignore_eos, lengths)
         S = bucket(new) if shared else bucket(P + new)
         if self.dec is None or (self.dec.window is not None and bucket(P + new) > self.dec.window):
             out = self._batched_hf(prompts, order, params, k, max_rows, ignore_eos, progress, streams)
@@ -233,7 +253,7 @@ class FastHFBackend(Backend):
             cap = max(1, max_rows // g)
             U = min(1 << (min(units, cap) - 1).bit_length(), cap)  # a power of two where it fits: few graph sizes
             r = self._runner(U * g, S, params.temperature, params.top_p, ignore_eos, g,
-                             bucket(len(prompts[seg[0]])) if shared else 0)
+                             bucket(len(prompts[seg[0]])) if shared else 0, self.caches(k, ignore_eos, lengths))
             for i, per in decode(r, prompts, seg, k=k, max_new=new, seed=params.seed, continuous=self.continuous,
                                  lengths=lengths, progress=progress, streams=streams).items():
                 out[i] = self._cut(per, ignore_eos)

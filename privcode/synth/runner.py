@@ -32,8 +32,10 @@ PREFILL_TOKENS = 16384  # prompts per prefill chunk = this // prompt length (bou
 
 class Runner:
     """Buffers of one (rows B, cache length S, sampling mode) and its captured decode steps.
-    With a prompt cache (`prefix` > 0 slots) each of the B / reps holders keeps one prompt's K/V
-    for its `reps` consecutive rows, and a row's own cache holds its S generated slots only;
+    With a prompt cache (`prefix` > 0 slots) each group of `reps` consecutive rows has `caches`
+    holders (group u: holders u * caches + s), each keeping one prompt's K/V for the group's rows (a row
+    reads the one `start` gave it: with 2, freed rows start the next prompt while others finish the
+    last one), and a row's own cache holds its S generated slots only;
     without one (reps 1) each row is its own holder: its cache holds its prompt in slots [0, len)
     and its generated tokens after. fused_sampler (default: on CUDA): the sampler and its noise under
     torch.compile (one shape [B, vocab]; the first tokens of started rows are padded to it)."""
@@ -41,17 +43,19 @@ class Runner:
     @torch.inference_mode()
     def __init__(self, dec: Decoder, B: int, S: int, *, temperature: float, top_p: float, eos, pad: int,
                  ignore_eos: bool, use_graph: bool, sampler=top_p_sample, reps: int = 1, prefix: int = 0,
-                 fused_sampler: bool | None = None):
+                 fused_sampler: bool | None = None, caches: int = 1):
         p = next(dec.model.parameters())
         dev, dt = p.device, p.dtype
         self.dec, self.B, self.S, self.dev, self.reps = dec, B, S, dev, reps
-        self.prefix = None
+        self.prefix, self.caches = None, caches if prefix > 0 else 1
         if prefix > 0:
-            assert B % reps == 0
-            pshp = (B // reps, dec.kv, prefix, dec.hd)
+            assert B % reps == 0 and caches in (1, 2)
+            H = B // reps * caches
+            pshp = (H, dec.kv, prefix, dec.hd)
             self.prefix = ([torch.zeros(pshp, device=dev, dtype=dt) for _ in dec.layers],
                            [torch.zeros(pshp, device=dev, dtype=dt) for _ in dec.layers],
-                           torch.zeros((B // reps, prefix), dtype=torch.bool, device=dev), reps)
+                           torch.zeros((H, prefix), dtype=torch.bool, device=dev), reps,
+                           torch.zeros(B, dtype=torch.long, device=dev) if caches > 1 else None)
         else:
             assert reps == 1
         self.temperature, self.top_p, self.sampler = temperature, top_p, sampler
@@ -66,7 +70,7 @@ class Runner:
         self.valid = torch.zeros((B, S), dtype=torch.bool, device=dev)
         self.fin = torch.ones(B, dtype=torch.bool, device=dev)
         self.out = torch.full((B, S + 1), self.pad, dtype=torch.long, device=dev)  # column S: finished rows' bin
-        holders = B // reps if self.prefix else B
+        holders = B // reps * self.caches if self.prefix else B
         self.hlast = torch.zeros((holders, dec.model.config.hidden_size), device=dev, dtype=dt)
         self.draw, self.fused = self._draw, False
         if (dev.type == "cuda" if fused_sampler is None else fused_sampler) and temperature > 0:
@@ -188,6 +192,8 @@ class Runner:
         if self.prefix is not None:
             self.prefix[2].zero_()
             self.prefix[2][:, 0] = True
+            if self.prefix[4] is not None:
+                self.prefix[4].zero_()
 
     @torch.inference_mode()
     def load(self, holders: list[int], prompts: list[list[int]]):
@@ -232,6 +238,8 @@ class Runner:
             fin |= nxt == self.eos
         self.fin[r] = fin
         if self.prefix is not None:  # own cache: generated slots only, from slot 0
+            if self.prefix[4] is not None:  # which of its group's prompt caches the row reads
+                self.prefix[4][r] = torch.tensor(holders, device=self.dev) % self.caches
             self.slot[r] = 0
             self.valid[r] = False
         else:                        # after the prompt, which `load` wrote into this row
