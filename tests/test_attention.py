@@ -145,20 +145,21 @@ def test_the_probe_refuses_a_kernel_that_reads_past_each_rows_keys(monkeypatch, 
 def test_each_row_reads_its_own_prompt_cache_of_its_group(device, kernel):
     """Two prompt caches per group (FastHFBackend prompt_caches=2): a group's rows attend, each, to the cache
     its `pslot` names -- one key to all of it, the other cache holding another prompt -- and get what they
-    would from that cache alone; a path that read the other one, or the group's first, would be far off."""
+    would from that cache alone; a path that read the other one, or the group's first, would be far off.
+    On CUDA (auto) the kernel reads each cache once for the rows that hold it (`attend_held`)."""
     from types import SimpleNamespace
 
     from privcode.synth.decoder import Decoder
 
-    B, reps, kv, G, P, d = 8, 4, 2, 3, 48, 64
+    B, reps, kv, G, P, d = 12, 4, 2, 3, 48, 64
     dtype = torch.bfloat16 if kernel == "auto" else torch.float32
     g = torch.Generator().manual_seed(4)
     put = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     q = put(torch.randn(B, kv, G, d, generator=g))
     Kp, Vp = (put(torch.randn(B // reps * 2, kv, P, d, generator=g) * 3) for _ in range(2))
-    counts = torch.tensor([P, 1, 17, 30])                      # holders 2u, 2u + 1 of groups u = 0, 1
+    counts = torch.tensor([P, 1, 17, 30, 5, 9])                # holders 2u, 2u + 1 of groups u = 0, 1, 2
     pvalid = (torch.arange(P)[None, :] < counts[:, None]).to(device)
-    pslot = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1], device=device)
+    pslot = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 1], device=device)  # group 2: no row reads cache 0
     dec = SimpleNamespace(scaling=d ** -0.5, attention=kernel)
     o, lse = Decoder._prompt_attention(dec, q, Kp, Vp, prefix_keys(pvalid[:, None, None, :], dtype), reps, pslot)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4

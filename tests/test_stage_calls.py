@@ -198,8 +198,9 @@ def test_batch_size_0_sizes_rows_with_fast_and_is_refused_by_hf(tiny_model, tmp_
 
     auto = FastHFBackend(str(tiny_model), batch_size=0, dtype="float32")
     greedy, n20 = SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=0.8, n=20)
-    # no GPU here: CPU_AUTO_ROWS rows, a multiple of the rows that share a prompt's cache (n=20: 5)
-    assert auto.rows(50, greedy) == CPU_AUTO_ROWS == 32 and auto.rows(50, n20) == 30
+    # no GPU here: CPU_AUTO_ROWS rows, a multiple of the rows that share a prompt's cache (n=20: 20 by default)
+    assert auto.rows(50, greedy) == CPU_AUTO_ROWS == 32 and auto.rows(50, n20) == 20
+    assert FastHFBackend(str(tiny_model), batch_size=0, dtype="float32", prompt_caches=1).rows(50, n20) == 30  # n/4
     assert fast.rows(50, n20) == 2  # a fixed batch_size is what it says
     ps = ["Question: a\n\nAnswer:"] * 3
     assert calls.call_size(auto, ps, greedy, 0) == 8 * 32 and calls.call_size(auto, ps, n20, 0) == 8 * 1

@@ -45,11 +45,16 @@ TARGETS = {"gpu_hours": 3.0, "gpu_hours_early_stop": 2.0}  # issue #17, one H200
 
 
 def _free(device):
-    gc.collect()
+    """A unit's GPU memory back before the next: compiled code (dynamo's caches) keeps a runner's buffers
+    alive, and a runner and its compiled sampler are a reference cycle."""
     if str(device).startswith("cuda"):
         import torch
 
+        torch._dynamo.reset()
+        gc.collect()
         torch.cuda.empty_cache()
+    else:
+        gc.collect()
 
 
 def train_unit(shape_name, device, variant, seq_len, rows, steps=3, warmup=2, accum=3) -> dict:

@@ -48,6 +48,11 @@ def prefix_keys(mask, dtype):
     return additive(mask, dtype), mask.reshape(mask.shape[0], -1).sum(-1, dtype=torch.int32)
 
 
+def uses_kernel(q, kernel: str) -> bool:
+    """Whether `attend(q, ..., kernel)` runs the memory-efficient kernel."""
+    return kernel == "efficient" or (kernel == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16))
+
+
 def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
     """softmax(q K^T * scale + mask) V and its log-sum-exp, where row i of the batch attends to its
     first keys[1][i] keys: q [b, h, m, d], K/V [b, h, n, d] (any strides with the last one 1),
@@ -56,7 +61,7 @@ def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
     kernel "efficient": PyTorch's memory-efficient attention kernel (CUDA; `packed` layout), per-row key counts: it
     reads only a row's first keys[1][i] keys (rounded up to its key block) and keeps scores on chip;
     "math": matmul, fp32 softmax, matmul with the additive mask; "auto": efficient on CUDA for fp16/bf16."""
-    if kernel == "efficient" or (kernel == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+    if uses_kernel(q, kernel):
         b, h, m, d = q.shape
         if K.stride() != V.stride():  # one start per row for both (strides only: no sync in a graph capture)
             K, V = K.contiguous(), V.contiguous()
@@ -69,6 +74,31 @@ def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
     s = torch.matmul(q, K.transpose(-1, -2)).float() * scale + keys[0]
     lse = torch.logsumexp(s, -1)
     return torch.matmul((s - lse[..., None]).exp().to(q.dtype), V), lse
+
+
+def attend_held(q, Kp, Vp, pkeys, scale: float, held, most: int):
+    """The memory-efficient kernel's attention of each row's queries q [B, kv, G, d] over one prompt cache,
+    the row's holder held[b] (int64 [B]) of Kp/Vp [H, kv, P, d], each cache read once for the rows that hold
+    it: rows sorted by holder, each holder's queries one sequence of the kernel's variable-length layout
+    (none for a holder no row reads; at most `most` rows hold one). pkeys = prefix_keys of the caches'
+    masks. Returns (o [B, kv, G, d], lse [B, kv, G] fp32). Tensor ops only (runs inside a graph capture)."""
+    B, kv, G, d = q.shape
+    H = Kp.shape[0]
+    perm = torch.argsort(held, stable=True)
+    hs = held[perm]
+    cq = torch.zeros(H + 1, dtype=torch.int32, device=q.device)
+    cq[1:] = torch.cumsum(torch.zeros(H, dtype=torch.int32, device=q.device).scatter_add_(
+        0, hs, torch.full_like(hs, G, dtype=torch.int32)), 0, dtype=torch.int32)
+    qp = q[perm].permute(0, 2, 1, 3).reshape(1, B * G, kv, d)
+    (Kq, starts), (Vq, _) = packed(Kp), packed(Vp)
+    o, lse = torch.ops.aten._efficient_attention_forward(
+        qp, Kq, Vq, None, cq, starts, most * G, Kp.shape[2], 0.0, 0, True, scale=scale, seqlen_k=pkeys[1])[:2]
+    e = hs[:, None].expand(B, G).reshape(-1)                      # holder of each query, sorted
+    pos = torch.arange(B * G, device=q.device) - cq[e]            # its index in the holder's sequence
+    ls = lse[e, :, pos].view(B, G, kv).permute(0, 2, 1).float()
+    os = o.view(B, G, kv, d).permute(0, 2, 1, 3)
+    return (torch.empty_like(os).index_copy_(0, perm, os.contiguous()),
+            torch.empty_like(ls).index_copy_(0, perm, ls.contiguous()))
 
 
 def packed(K):
@@ -102,14 +132,14 @@ def offsets(b: int, step: int, device):
     return _OFFSETS[key]
 
 
-def _matches_math(p, m: int, n: int, counts, run, what: str, instead: str) -> bool:
+def _matches_math(p, m: int, n: int, counts, run, what: str, instead: str, d: int = 64) -> bool:
     """Whether run(q, K, V, keys) -> (o, lse) works on p's device and dtype and gives the math path's
-    attention on a tiny case (2 rows, 2 heads, m queries, n keys; row i sees its first counts[i] keys, the
-    others poisoned); logs `what` failed, decoding with `instead`, if not."""
+    attention on a tiny case (2 rows, 2 heads, m queries, n keys of head dim d; row i sees its first
+    counts[i] keys, the others poisoned); logs `what` failed, decoding with `instead`, if not."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        q = torch.randn((2, 2, m, 64), generator=g).to(p.device, p.dtype)
-        K, V = (torch.randn((2, 2, n, 64), generator=g).to(p.device, p.dtype) for _ in range(2))
+        q = torch.randn((2, 2, m, d), generator=g).to(p.device, p.dtype)
+        K, V = (torch.randn((2, 2, n, d), generator=g).to(p.device, p.dtype) for _ in range(2))
         mask = (torch.arange(n)[None, :] < torch.tensor(counts)[:, None])[:, None, None, :].to(p.device)
         K, V = (t.masked_fill(~mask.view(2, 1, n, 1), 100.0) for t in (K, V))
         o, lse = run(q, K, V, prefix_keys(mask, p.dtype))
@@ -168,12 +198,13 @@ def flex_attend(q, K, V, block_mask, scale: float):
     return o.view(B, kv, G, d), lse.view(B, kv, G).float()
 
 
-def flex_runs(p) -> bool:
-    """Whether `flex_attend` runs on p's device and dtype and gives the math path's attention (rows seeing 1
-    and 130 of 200 keys: partial and whole key blocks; logs why not)."""
+def flex_runs(p, head_dim: int = 64) -> bool:
+    """Whether `flex_attend` runs on p's device and dtype at the model's head dim (its compiled kernel
+    needs >= 16) and gives the math path's attention (rows seeing 1 and 130 of 200 keys: partial and
+    whole key blocks; logs why not)."""
     return _matches_math(p, 4, 200, (1, 130),
                          lambda q, K, V, keys: flex_attend(q, K, V, flex_mask(keys[1], K.shape[2]), 0.125),
-                         "flex_attention", "attention 'auto'")
+                         "flex_attention", "attention 'auto'", head_dim)
 
 
 def merge_attention(o1, l1, o2, l2):
@@ -196,11 +227,6 @@ class Decoder:
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
         self.attention = attention
-        p = next(model.parameters())
-        if attention == "flex" and not flex_runs(p):
-            self.attention = attention = "auto"
-        if attention == "auto" and p.is_cuda and p.dtype in (torch.float16, torch.bfloat16) and not kernel_runs(p):
-            self.attention = "math"
         self.mark = unmarked  # sections of a decode step, for profiles (privcode.bench.decode_profile)
         self.qkv, self.finish_layer, self.merge = self._qkv, self._finish_layer, merge_attention
         if compile_layers:
@@ -224,6 +250,11 @@ class Decoder:
         lt = getattr(cfg, "layer_types", None)
         if lt is not None and all(t == "full_attention" for t in lt):
             self.window = None
+        p = next(model.parameters())  # probe the attention paths on this device, dtype (and head dim)
+        if attention == "flex" and not flex_runs(p, self.hd):
+            self.attention = attention = "auto"
+        if attention == "auto" and p.is_cuda and p.dtype in (torch.float16, torch.bfloat16) and not kernel_runs(p):
+            self.attention = "math"
 
     @staticmethod
     def supports(model) -> bool:
@@ -331,9 +362,13 @@ class Decoder:
         U = B // reps
         c = Kp.shape[0] // U
         qf = q.view(U, reps, kv, G, d).transpose(1, 2).reshape(U, kv, reps * G, d)
-        if c > 1:  # every cache of a group with all its rows' queries; each row keeps its own cache's
+        path = "auto" if self.attention == "flex" else self.attention
+        if c > 1 and uses_kernel(q, path):  # each cache with the queries of the rows that read it
+            held = torch.arange(B, device=q.device) // reps * c + pslot
+            return attend_held(q, Kp, Vp, pkeys, self.scaling, held, reps)
+        if c > 1:  # (math) every cache of a group with all its rows' queries; each row keeps its own cache's
             qf = qf.repeat_interleave(c, 0)
-        o, lse = attend(qf, Kp, Vp, pkeys, self.scaling, "auto" if self.attention == "flex" else self.attention)
+        o, lse = attend(qf, Kp, Vp, pkeys, self.scaling, path)
         o = o.view(U, c, kv, reps, G, d).permute(0, 3, 1, 2, 4, 5).reshape(B, c, kv, G, d)
         lse = lse.view(U, c, kv, reps, G).permute(0, 3, 1, 2, 4).reshape(B, c, kv, G)
         if c == 1:

@@ -39,13 +39,15 @@ through `model.generate`:
   (or an architecture the decoder does not drive) it is CPU_AUTO_ROWS rows;
 - with `n` samples per prompt each prompt is prefilled once and its K/V kept once, in a prompt
   cache that a group of rows reads together; each row's own cache holds its generated slots. A
-  group of `prompt_rows` rows (default: n / GROUP_SPLIT rounded up with continuous batching, else n)
+  group of `prompt_rows` rows (default: n; n / GROUP_SPLIT rounded up with continuous batching and one
+  prompt cache per group)
   decodes one prompt's n samples, a freed row starting the next sample; with `prompt_caches` 2 (the
   default where rows end at different steps) a group has two prompt caches, and once the prompt's
-  samples have all started a freed row loads the next prompt into the other one (each row's prompt
-  attention reads both and keeps its own: twice the prompt-cache reads, no idle rows while a group's
-  last samples finish); with 1, the group takes the next prompt once all its rows are free: smaller
-  groups refill sooner, larger ones read prompt caches less;
+  samples have all started a freed row loads the next prompt into the other one (no idle rows while
+  a group's last samples finish; on CUDA the kernel reads each cache once for the rows that hold it,
+  `decoder.attend_held`; the math path computes both and keeps each row's); with 1, the group takes
+  the next prompt once all its rows are free: smaller groups refill sooner, larger ones read prompt
+  caches less;
 - top-p sampling does not sort the vocabulary (`top_p_sample`: an exponential race, exact but
   for an event of probability <= 1e-12 per token, where it takes the most probable token); on CUDA
   the row noise, softmax and race run under torch.compile (fused passes over [rows, vocab]).
@@ -73,7 +75,8 @@ log = logging.getLogger(__name__)
 MEM_FRACTION = 0.8      # batch_size 0: rows fill this share of the free GPU memory (the rest: allocator slack)
 MAX_AUTO_ROWS = 4096    # ... and at most this many rows (past ~1-2k rows decoding is compute-bound anyway)
 CPU_AUTO_ROWS = 32      # batch_size 0 without a GPU
-GROUP_SPLIT = 4         # continuous batching: rows per prompt = n / this (rounded up), unless prompt_rows is set
+GROUP_SPLIT = 4         # continuous batching with one prompt cache per group (prompt_caches=1): rows per prompt =
+                        # n / this (rounded up) unless prompt_rows is set; else n (docs/performance.md, #17)
 
 
 def rows_for_memory(free_bytes: int, *, layers: int, kv: int, head_dim: int, dtype_bytes: int, vocab: int,
@@ -282,7 +285,7 @@ class FastHFBackend(Backend):
         """Rows that decode one prompt's k samples at a time (they share its prompt cache)."""
         if self.prompt_rows > 0:
             return min(self.prompt_rows, k)
-        return -(-k // GROUP_SPLIT) if self.continuous else k
+        return -(-k // GROUP_SPLIT) if self.continuous and self.prompt_caches == 1 else k
 
     def _batched_hf(self, prompts, order, params, k, max_rows, ignore_eos, progress, streams):
         """model.generate, batch after batch (architectures the decoder does not drive); a batch samples
