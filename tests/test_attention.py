@@ -168,5 +168,6 @@ def test_each_row_reads_its_own_prompt_cache_of_its_group(device, kernel):
             h = b // reps * 2 + s
             ro, rl = attend(q[b:b + 1].float(), Kp[h:h + 1].float(), Vp[h:h + 1].float(),
                             prefix_keys(pvalid[h:h + 1, None, None, :], torch.float32), d ** -0.5, "math")
-            same = torch.allclose(o[b:b + 1].float(), ro, atol=tol, rtol=tol) and torch.allclose(lse[b:b + 1], rl, atol=tol)
+            same = torch.allclose(o[b:b + 1].float(), ro, atol=tol, rtol=tol) and \
+                torch.allclose(lse[b:b + 1], rl, atol=tol)
             assert same == (s == int(pslot[b])), (b, s)

@@ -123,6 +123,12 @@ def test_rows_for_memory_fill_the_free_memory_and_keep_a_prompts_samples_togethe
     assert 2 * per_prompt_rows * kv_row * 640 > MEM_FRACTION * (60 << 30)  # and twice as many would not
     assert rows_for_memory(120 << 30, prompt_len=400, new_tokens=200, **shape) == 2 * per_prompt_rows
     assert rows_for_memory(1 << 20, prompt_len=400, new_tokens=200, reps=20, **shape) == 20  # at least one prompt
+    # two prompt caches per group of 5 rows: each row's share of them (2 x 448 slots / 5) counts
+    one, two = (rows_for_memory(34 << 30, prompt_len=400, new_tokens=200, reps=5, caches=c, **shape) for c in (1, 2))
+    fixed = 4 * 4 * 128256 + 16 * 4096 * 2
+    assert two * (kv_row * (256 + 2 * 448 / 5) + fixed) <= MEM_FRACTION * (34 << 30) < \
+        2 * two * (kv_row * (256 + 2 * 448 / 5) + fixed)
+    assert two < one
 
 
 def test_reading_only_the_written_cache_slots_gives_the_full_length_tokens(tiny_model, monkeypatch):

@@ -85,7 +85,8 @@ def profile_decode(fb, prompts: list[list[int]], params, rows: int, steps: int =
     per_att: dict[int, list[int]] = {}
     for t in range(new - 1):
         per_att.setdefault(r.att_len(first + t), []).append(t)
-    out = {"rows": B, "prompt_rows": g, "prompt_caches": c, "prompt_len": P, "new_tokens": new, "cuda_graph": bool(r.graphs),
+    out = {"rows": B, "prompt_rows": g, "prompt_caches": c, "prompt_len": P, "new_tokens": new,
+           "cuda_graph": bool(r.graphs),
            "attention": fb.dec.attention, "lengths": {}}
     t = 0
     for att, ts in per_att.items():

@@ -332,7 +332,8 @@ class Decoder:
         """One layer for one new token per row: writes its K/V into the row caches Ki/Vi at the
         row's slot (`idx`: the slots expanded to [B, kv, 1, d]), attends to their first `att` slots
         (`keys`: prefix_keys of their mask) and, when given, to the shared prompt cache
-        `pre` = (Kp, Vp, its prefix_keys, reps, pslot), and returns the layer's output hidden states. Grouped-query heads
+        `pre` = (Kp, Vp, its prefix_keys, reps, pslot), and returns the layer's output hidden states. Grouped-query
+        heads
         are folded into the query axis ([B, kv, G, d] queries), so no K/V is repeated."""
         b = h.shape[0]
         G = self.nh // self.kv

@@ -40,8 +40,7 @@ through `model.generate`:
 - with `n` samples per prompt each prompt is prefilled once and its K/V kept once, in a prompt
   cache that a group of rows reads together; each row's own cache holds its generated slots. A
   group of `prompt_rows` rows (default: n; n / GROUP_SPLIT rounded up with continuous batching and one
-  prompt cache per group)
-  decodes one prompt's n samples, a freed row starting the next sample; with `prompt_caches` 2 (the
+  prompt cache per group) decodes one prompt's n samples, a freed row starting the next sample; with `prompt_caches` 2 (the
   default where rows end at different steps) a group has two prompt caches, and once the prompt's
   samples have all started a freed row loads the next prompt into the other one (no idle rows while
   a group's last samples finish; on CUDA the kernel reads each cache once for the rows that hold it,
@@ -86,8 +85,8 @@ def rows_for_memory(free_bytes: int, *, layers: int, kv: int, head_dim: int, dty
     to a power of two (graphs are reused across batches), then to a multiple of `reps` (the rows that
     share a prompt cache); at least `reps`.
     Per row: its own K/V cache (generated slots only with a prompt cache, `shared`, default reps > 1;
-    else prompt + generated), its share of the `caches` prompt caches of its group, four fp32 vocabulary-sized buffers
-    (logits, probabilities, the sampler's keys and its noise) and a few hidden-sized activations."""
+    else prompt + generated), its share of its group's `caches` prompt caches, four fp32 vocabulary-sized
+    buffers (logits, probabilities, the sampler's keys and its noise) and a few hidden-sized activations."""
     shared = reps > 1 if shared is None else shared
     own = bucket(new_tokens) if shared else bucket(prompt_len + new_tokens)
     kv_row = 2 * layers * kv * head_dim * dtype_bytes
@@ -143,10 +142,11 @@ class FastHFBackend(Backend):
         # compile_layers: torch.compile the decode layers' halves around the attention (fused element-wise
         # work; two compiles per process and batch shape): for long GPU jobs, off for short ones
         # attention: "auto" (the memory-efficient kernel on CUDA), "efficient", "flex" (own caches through
-        # flex_attention: experimental, unmeasured) or "math" (decoder.attend, decoder.flex_attend)
+        # flex_attention compiled: opt-in, head dim >= 16, longer first call; docs/performance.md has its
+        # measurement) or "math" (decoder.attend, decoder.flex_attend)
         self.dec = Decoder(model, compile_layers, attention) if Decoder.supports(model) else None
         self._runners: OrderedDict = OrderedDict()
-        self._sized: dict = {}  # batch_size 0: (new tokens, reps, shared) -> (prompt length bucket, rows)
+        self._sized: dict = {}  # batch_size 0: (new tokens, reps, shared, caches) -> (prompt length bucket, rows)
         self._fallback = None
         if self.dec is None:
             log.warning("FastHFBackend: %s is not a supported architecture; using model.generate",
