@@ -141,12 +141,13 @@ def test_the_probe_refuses_a_kernel_that_reads_past_each_rows_keys(monkeypatch, 
     assert decoder.kernel_runs(torch.zeros(1))
 
 
+@pytest.mark.parametrize("c", [2, 3])
 @pytest.mark.parametrize("device,kernel", [("cpu", "math")] + ([("cuda", "math"), ("cuda", "auto")] if CUDA else []))
-def test_each_row_reads_its_own_prompt_cache_of_its_group(device, kernel):
-    """Two prompt caches per group (FastHFBackend prompt_caches=2): a group's rows attend, each, to the cache
-    its `pslot` names -- one key to all of it, the other cache holding another prompt -- and get what they
-    would from that cache alone; a path that read the other one, or the group's first, would be far off.
-    On CUDA (auto) the kernel reads each cache once for the rows that hold it (`attend_held`)."""
+def test_each_row_reads_its_own_prompt_cache_of_its_group(device, kernel, c):
+    """c prompt caches per group (FastHFBackend prompt_caches): a group's rows attend, each, to the cache its
+    `pslot` names -- one key to all of it, the others holding other prompts -- and get what they would from
+    that cache alone; a path that read another one, or the group's first, would be far off. On CUDA (auto)
+    the kernel reads each cache once for the rows that hold it (`attend_held`)."""
     from types import SimpleNamespace
 
     from privcode.synth.decoder import Decoder
@@ -156,16 +157,16 @@ def test_each_row_reads_its_own_prompt_cache_of_its_group(device, kernel):
     g = torch.Generator().manual_seed(4)
     put = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     q = put(torch.randn(B, kv, G, d, generator=g))
-    Kp, Vp = (put(torch.randn(B // reps * 2, kv, P, d, generator=g) * 3) for _ in range(2))
-    counts = torch.tensor([P, 1, 17, 30, 5, 9])                # holders 2u, 2u + 1 of groups u = 0, 1, 2
+    Kp, Vp = (put(torch.randn(B // reps * c, kv, P, d, generator=g) * 3) for _ in range(2))
+    counts = torch.tensor([P, 1, 17, 30, 5, 9, 40, 2, 11])[:B // reps * c]  # holders c·u .. c·u + c - 1 of group u
     pvalid = (torch.arange(P)[None, :] < counts[:, None]).to(device)
-    pslot = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 1], device=device)  # group 2: no row reads cache 0
+    pslot = torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 1], device=device) * (c - 1)  # group 2: one cache only
     dec = SimpleNamespace(scaling=d ** -0.5, attention=kernel)
     o, lse = Decoder._prompt_attention(dec, q, Kp, Vp, prefix_keys(pvalid[:, None, None, :], dtype), reps, pslot)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for b in range(B):
-        for s in (0, 1):
-            h = b // reps * 2 + s
+        for s in range(c):
+            h = b // reps * c + s
             ro, rl = attend(q[b:b + 1].float(), Kp[h:h + 1].float(), Vp[h:h + 1].float(),
                             prefix_keys(pvalid[h:h + 1, None, None, :], torch.float32), d ** -0.5, "math")
             same = torch.allclose(o[b:b + 1].float(), ro, atol=tol, rtol=tol) and \

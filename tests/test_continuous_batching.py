@@ -95,6 +95,7 @@ def test_greedy_rows_are_the_references_with_and_without_refill(model, prompts, 
     dict(batch_size=4, prompt_rows=2),                     # groups of 2 rows: a freed row takes the next sample
     dict(batch_size=4, prompt_rows=2, prompt_caches=1),    # ... the next prompt once both rows are free
     dict(batch_size=6, prompt_rows=3, prompt_caches=2),    # freed rows start the next prompt in the 2nd cache
+    dict(batch_size=6, prompt_rows=3, prompt_caches=3),    # ... or in whichever of 3 no live row reads
     dict(batch_size=6, prompt_rows=3),                     # a prompt's 3 samples start together
     dict(batch_size=6, prompt_rows=3, continuous=False),   # batch after batch, the schedule before refills
     dict(batch_size=5, share_prefix=False, sampler=sort_top_p_sample),  # n prefills, sort sampler: per-row refill

@@ -297,8 +297,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-refill", action="store_true", help="also time the fast backend without continuous batching")
     ap.add_argument("--prompt-rows", type=int, default=0, help="rows decoding one prompt's samples at a time "
                     "(0: the backend's default)")
-    ap.add_argument("--prompt-caches", type=int, default=0, choices=(0, 1, 2), help="prompt caches per group of "
-                    "rows (FastHFBackend.prompt_caches; 0: its default, 2 where rows end at different steps)")
+    ap.add_argument("--prompt-caches", type=int, default=0, choices=(0, 1, 2, 3, 4), help="prompt caches per "
+                    "group of rows (FastHFBackend.prompt_caches; 0: its default, 2 where rows end at different steps)")
     ap.add_argument("--attention", default="auto", choices=ATTENTION, help="the fast backend's "
                     "decode attention (decoder.attend): auto = the memory-efficient kernel on CUDA; math = matmul, "
                     "softmax, matmul (for comparisons)")

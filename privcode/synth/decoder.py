@@ -357,7 +357,7 @@ class Decoder:
         """Attention of q [B, kv, G, d] over the prompt caches Kp/Vp [B / reps * c, kv, P, d]: c per group
         of `reps` consecutive rows (group u's are u * c .. u * c + c - 1), each read once for all the
         group's rows (their queries stacked on the query axis); row b takes its group's cache pslot[b]
-        (c > 1: a group decodes one prompt's last samples while its freed rows start the next prompt's).
+        (c > 1: a group decodes the last samples of one prompt while its freed rows start the next's).
         (o [B, kv, G, d], lse [B, kv, G]), merged with the row's own attention by `merge_attention`."""
         B, kv, G, d = q.shape
         U = B // reps

@@ -40,13 +40,13 @@ through `model.generate`:
 - with `n` samples per prompt each prompt is prefilled once and its K/V kept once, in a prompt
   cache that a group of rows reads together; each row's own cache holds its generated slots. A
   group of `prompt_rows` rows (default: n; n / GROUP_SPLIT rounded up with continuous batching and one
-  prompt cache per group) decodes one prompt's n samples, a freed row starting the next sample; with `prompt_caches` 2 (the
-  default where rows end at different steps) a group has two prompt caches, and once the prompt's
-  samples have all started a freed row loads the next prompt into the other one (no idle rows while
-  a group's last samples finish; on CUDA the kernel reads each cache once for the rows that hold it,
-  `decoder.attend_held`; the math path computes both and keeps each row's); with 1, the group takes
-  the next prompt once all its rows are free: smaller groups refill sooner, larger ones read prompt
-  caches less;
+  prompt cache per group) decodes one prompt's n samples, a freed row starting the next sample. With
+  `prompt_caches` 2 (the default where rows end at different steps; up to 4) a group has that many
+  prompt caches, and once the prompt's samples have all started a freed row loads the next prompt
+  into one no live row reads (rows keep decoding while a group's last samples finish; on CUDA the
+  kernel reads each cache once for the rows that hold it, `decoder.attend_held`; the math path
+  computes all of them and keeps each row's); with 1, the group takes the next prompt once all its
+  rows are free: smaller groups refill sooner, larger ones read prompt caches less;
 - top-p sampling does not sort the vocabulary (`top_p_sample`: an exponential race, exact but
   for an event of probability <= 1e-12 per token, where it takes the most probable token); on CUDA
   the row noise, softmax and race run under torch.compile (fused passes over [rows, vocab]).
@@ -134,10 +134,11 @@ class FastHFBackend(Backend):
         self.share_prefix = share_prefix  # n samples of a prompt: one prefill (False: n copies, the reference)
         self.continuous = continuous      # refill finished rows (False: batch after batch; same tokens)
         self.prompt_rows = prompt_rows    # rows decoding one prompt's samples at a time (0: group_rows' default)
-        if prompt_caches not in (0, 1, 2):
-            raise ValueError(f"prompt_caches must be 0 (auto), 1 or 2, not {prompt_caches!r}")
-        # prompt caches per group of rows: 2 lets freed rows start the next prompt while the group finishes
-        # the last one (0: 2 with continuous batching where rows end at different steps, else 1)
+        if prompt_caches not in (0, 1, 2, 3, 4):
+            raise ValueError(f"prompt_caches must be 0 (auto) or 1 to 4, not {prompt_caches!r}")
+        # prompt caches per group of rows: 2+ let freed rows start the next prompt while the group finishes
+        # the last one(s) (0: 2 with continuous batching where rows end at different steps, else 1; more
+        # keep more rows busy with long-tailed lengths, for more memory: docs/performance.md)
         self.prompt_caches = prompt_caches
         # compile_layers: torch.compile the decode layers' halves around the attention (fused element-wise
         # work; two compiles per process and batch shape): for long GPU jobs, off for short ones

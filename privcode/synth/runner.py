@@ -34,8 +34,8 @@ class Runner:
     """Buffers of one (rows B, cache length S, sampling mode) and its captured decode steps.
     With a prompt cache (`prefix` > 0 slots) each group of `reps` consecutive rows has `caches`
     holders (group u: holders u * caches + s), each keeping one prompt's K/V for the group's rows (a row
-    reads the one `start` gave it: with 2, freed rows start the next prompt while others finish the
-    last one), and a row's own cache holds its S generated slots only;
+    reads the one `start` gave it: with 2 or more, freed rows start the next prompt while others finish
+    the last one), and a row's own cache holds its S generated slots only;
     without one (reps 1) each row is its own holder: its cache holds its prompt in slots [0, len)
     and its generated tokens after. fused_sampler (default: on CUDA): the sampler and its noise under
     torch.compile (one shape [B, vocab]; the first tokens of started rows are padded to it)."""
@@ -49,7 +49,7 @@ class Runner:
         self.dec, self.B, self.S, self.dev, self.reps = dec, B, S, dev, reps
         self.prefix, self.caches = None, caches if prefix > 0 else 1
         if prefix > 0:
-            assert B % reps == 0 and caches in (1, 2)
+            assert B % reps == 0 and caches >= 1
             H = B // reps * caches
             pshp = (H, dec.kv, prefix, dec.hd)
             self.prefix = ([torch.zeros(pshp, device=dev, dtype=dt) for _ in dec.layers],
