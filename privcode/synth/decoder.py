@@ -76,25 +76,33 @@ def attend(q, K, V, keys, scale: float, kernel: str = "auto"):
     return torch.matmul((s - lse[..., None]).exp().to(q.dtype), V), lse
 
 
-def attend_held(q, Kp, Vp, pkeys, scale: float, held, most: int):
-    """The memory-efficient kernel's attention of each row's queries q [B, kv, G, d] over one prompt cache,
-    the row's holder held[b] (int64 [B]) of Kp/Vp [H, kv, P, d], each cache read once for the rows that hold
-    it: rows sorted by holder, each holder's queries one sequence of the kernel's variable-length layout
-    (none for a holder no row reads; at most `most` rows hold one). pkeys = prefix_keys of the caches'
-    masks. Returns (o [B, kv, G, d], lse [B, kv, G] fp32). Tensor ops only (runs inside a graph capture)."""
-    B, kv, G, d = q.shape
-    H = Kp.shape[0]
+def held_layout(held, H: int, G: int):
+    """The variable-length layout `attend_held` gives the kernel for rows reading holders held [B] (int64)
+    of H, G queries each: (row order sorted by holder, int32 [H + 1] where each holder's queries start,
+    the holder and the index within its sequence of each sorted query). The same for every layer of a
+    decode step, so made once per step; tensor ops only (runs inside a graph capture)."""
+    B = held.shape[0]
     perm = torch.argsort(held, stable=True)
     hs = held[perm]
-    cq = torch.zeros(H + 1, dtype=torch.int32, device=q.device)
-    cq[1:] = torch.cumsum(torch.zeros(H, dtype=torch.int32, device=q.device).scatter_add_(
+    cq = torch.zeros(H + 1, dtype=torch.int32, device=held.device)
+    cq[1:] = torch.cumsum(torch.zeros(H, dtype=torch.int32, device=held.device).scatter_add_(
         0, hs, torch.full_like(hs, G, dtype=torch.int32)), 0, dtype=torch.int32)
+    e = hs[:, None].expand(B, G).reshape(-1)                      # holder of each query, sorted
+    return perm, cq, e, torch.arange(B * G, device=held.device) - cq[e]  # ... its index in the holder's sequence
+
+
+def attend_held(q, Kp, Vp, pkeys, scale: float, layout, most: int):
+    """The memory-efficient kernel's attention of each row's queries q [B, kv, G, d] over one prompt cache,
+    the row's holder among Kp/Vp [H, kv, P, d], each cache read once for the rows that hold it: rows sorted
+    by holder, each holder's queries one sequence of the kernel's variable-length layout (`held_layout`;
+    none for a holder no row reads; at most `most` rows hold one). pkeys = prefix_keys of the caches'
+    masks. Returns (o [B, kv, G, d], lse [B, kv, G] fp32). Tensor ops only (runs inside a graph capture)."""
+    B, kv, G, d = q.shape
+    perm, cq, e, pos = layout
     qp = q[perm].permute(0, 2, 1, 3).reshape(1, B * G, kv, d)
     (Kq, starts), (Vq, _) = packed(Kp), packed(Vp)
     o, lse = torch.ops.aten._efficient_attention_forward(
         qp, Kq, Vq, None, cq, starts, most * G, Kp.shape[2], 0.0, 0, True, scale=scale, seqlen_k=pkeys[1])[:2]
-    e = hs[:, None].expand(B, G).reshape(-1)                      # holder of each query, sorted
-    pos = torch.arange(B * G, device=q.device) - cq[e]            # its index in the holder's sequence
     ls = lse[e, :, pos].view(B, G, kv).permute(0, 2, 1).float()
     os = o.view(B, G, kv, d).permute(0, 2, 1, 3)
     return (torch.empty_like(os).index_copy_(0, perm, os.contiguous()),
@@ -207,6 +215,11 @@ def flex_runs(p, head_dim: int = 64) -> bool:
                          "flex_attention", "attention 'auto'", head_dim)
 
 
+def prompt_path(attention: str) -> str:
+    """The attention path of the prompt caches for a Decoder's `attention` (flex serves own caches only)."""
+    return "auto" if attention == "flex" else attention
+
+
 def merge_attention(o1, l1, o2, l2):
     """Attention over two disjoint key sets from each one's output and log-sum-exp (the softmax over
     their union): o_i [..., d], l_i [...] fp32; in o1's dtype."""
@@ -253,7 +266,7 @@ class Decoder:
         p = next(model.parameters())  # probe the attention paths on this device, dtype (and head dim)
         if attention == "flex" and not flex_runs(p, self.hd):
             self.attention = attention = "auto"
-        if attention == "auto" and p.is_cuda and p.dtype in (torch.float16, torch.bfloat16) and not kernel_runs(p):
+        if attention == "auto" and uses_kernel(p, "auto") and not kernel_runs(p):
             self.attention = "math"
 
     @staticmethod
@@ -276,7 +289,8 @@ class Decoder:
         attends to the first `att` slots of its cache (the mask is [B, 1, 1, att]: slots past the
         last written one are never read); prefix: (Kp, Vp, pvalid, reps, pslot), prompt caches
         [B / reps * c, kv, P, d] per layer: c of them (`_prompt_attention`) for each group of `reps`
-        consecutive rows, a row attending to its group's cache `pslot` [B] (None: c = 1) first.
+        consecutive rows, a row attending to its group's cache `pslot` [B] (None: c = 1) first
+        (through the kernel: `held_layout`, made once for all layers).
         Prefill (rows [b] given): the L tokens' K/V go to slots [0, L) of cache rows `rows` [b] and the
         queries attend to the L new tokens only (`slots` is unused).
         Returns final-norm hidden states [b, H] of the last position (`last` [b]: of these positions)."""
@@ -293,6 +307,10 @@ class Decoder:
                     keys = (*keys, flex_mask(keys[1], mask.shape[-1]))
                 pre = None if prefix is None else (prefix[0], prefix[1],
                                                    prefix_keys(prefix[2][:, None, None, :], h.dtype), *prefix[3:])
+                if pre is not None and pre[4] is not None and uses_kernel(h, prompt_path(self.attention)):
+                    c = prefix[2].shape[0] // (b // pre[3])  # each row's holder, sorted once for all layers
+                    held = torch.arange(b, device=h.device) // pre[3] * c + pre[4]
+                    pre = (*pre, held_layout(held, prefix[2].shape[0], self.nh // self.kv))
         if decode:
             for i, layer in enumerate(self.layers):
                 h = self.decode_layer(layer, h, cos, sin, idx, K[i], V[i], keys,
@@ -332,9 +350,9 @@ class Decoder:
         """One layer for one new token per row: writes its K/V into the row caches Ki/Vi at the
         row's slot (`idx`: the slots expanded to [B, kv, 1, d]), attends to their first `att` slots
         (`keys`: prefix_keys of their mask) and, when given, to the shared prompt cache
-        `pre` = (Kp, Vp, its prefix_keys, reps, pslot), and returns the layer's output hidden states. Grouped-query
-        heads
-        are folded into the query axis ([B, kv, G, d] queries), so no K/V is repeated."""
+        `pre` = (Kp, Vp, its prefix_keys, reps, pslot[, held_layout]), and returns the layer's output hidden
+        states. Grouped-query heads are folded into the query axis ([B, kv, G, d] queries), so no K/V is
+        repeated."""
         b = h.shape[0]
         G = self.nh // self.kv
         with self.mark("norm, q/k/v, rotary"):
@@ -353,20 +371,22 @@ class Decoder:
         with self.mark("o_proj, MLP"):
             return self.finish_layer(layer, h, o.reshape(b, 1, self.nh * self.hd))
 
-    def _prompt_attention(self, q, Kp, Vp, pkeys, reps: int, pslot=None):
+    def _prompt_attention(self, q, Kp, Vp, pkeys, reps: int, pslot=None, layout=None):
         """Attention of q [B, kv, G, d] over the prompt caches Kp/Vp [B / reps * c, kv, P, d]: c per group
         of `reps` consecutive rows (group u's are u * c .. u * c + c - 1), each read once for all the
         group's rows (their queries stacked on the query axis); row b takes its group's cache pslot[b]
-        (c > 1: a group decodes the last samples of one prompt while its freed rows start the next's).
+        (c > 1: a group decodes the last samples of one prompt while its freed rows start the next's;
+        through the kernel with `layout` = held_layout of the rows' holders).
         (o [B, kv, G, d], lse [B, kv, G]), merged with the row's own attention by `merge_attention`."""
         B, kv, G, d = q.shape
         U = B // reps
         c = Kp.shape[0] // U
         qf = q.view(U, reps, kv, G, d).transpose(1, 2).reshape(U, kv, reps * G, d)
-        path = "auto" if self.attention == "flex" else self.attention
+        path = prompt_path(self.attention)
         if c > 1 and uses_kernel(q, path):  # each cache with the queries of the rows that read it
-            held = torch.arange(B, device=q.device) // reps * c + pslot
-            return attend_held(q, Kp, Vp, pkeys, self.scaling, held, reps)
+            if layout is None:
+                layout = held_layout(torch.arange(B, device=q.device) // reps * c + pslot, Kp.shape[0], G)
+            return attend_held(q, Kp, Vp, pkeys, self.scaling, layout, reps)
         if c > 1:  # (math) every cache of a group with all its rows' queries; each row keeps its own cache's
             qf = qf.repeat_interleave(c, 0)
         o, lse = attend(qf, Kp, Vp, pkeys, self.scaling, path)
