@@ -5,6 +5,7 @@
 #   bash scripts/gpu_bench17.sh [train,sample,greedy,refill,pipeline]   # OUT=/tmp/out by default; wheels in .whl
 #   SAMPLE_ARGS="--prompt-rows 20 --profile" TAG=_pr20 bash scripts/gpu_bench17.sh sample   # + decode profile
 #   CODE=.old TAG=_old bash scripts/gpu_bench17.sh sample   # a baseline: the privcode package under .old/
+#   PIPE_ARGS="--attention flash --stages roundtrip,roundtrip_round" bash scripts/gpu_bench17.sh pipeline
 # Needs .whl/ with the wheels the device image lacks: opacus, bert-score, tree-sitter, tree-sitter-python.
 set -euo pipefail
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -31,5 +32,5 @@ case ",$WHAT," in *,refill,*)  # continuous batching vs batch after batch, rows 
   pc bench generate --shape 1.5b --prompt-len 128 --new-tokens 512 --batches 512 --compile --lengths geometric:200 \
     --waves 4 --no-refill --peers "" --out "$OUT/generate_1.5b_refill$T.json" | tail -15 ;; esac
 case ",$WHAT," in *,pipeline,*)
-  pc bench pipeline --compile --out "$OUT/bench_pipeline$T.json" | tail -40 ;; esac
+  pc bench pipeline --compile ${PIPE_ARGS:-} --out "$OUT/bench_pipeline$T.json" | tail -${TAIL:-40} ;; esac
 ls -la "$OUT"

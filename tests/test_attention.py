@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from privcode.synth.decoder import attend, flex_attend, flex_mask, merge_attention, packed, prefix_keys
+from privcode.synth.decoder import (attend, flash_attend, flex_attend, flex_mask, merge_attention, packed,
+                                   prefix_keys)
 
 CUDA = torch.cuda.is_available()
 
@@ -88,6 +89,33 @@ def test_flex_attention_with_its_block_mask_is_the_math_path(device):
     assert o.shape == ro.shape and lse.shape == rl.shape and lse.dtype == torch.float32
     torch.testing.assert_close(lse, rl, rtol=0, atol=tol)
     torch.testing.assert_close(o.float(), ro, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not CUDA, reason="FlashAttention runs on CUDA only")
+@pytest.mark.parametrize("G,d,n", [(4, 128, 300), (6, 128, 192), (4, 64, 64), (8, 8, 40)])
+def test_flash_attention_is_the_math_path_on_the_own_caches(G, d, n):
+    """attention="flash" for the own caches: FlashAttention-2's decoding path (G query heads of a KV head as
+    one sequence, keys split over the SMs) over strided cache slices, in bf16, rows from one key to all n:
+    the math path, keys past a row's count poisoned (a kernel that read them would be far off)."""
+    q, K, V, mask = _case(b=16, h=8, m=G, n=n, S=n + 64, d=d, dtype=torch.bfloat16, device="cuda")
+    K.masked_fill_(~mask.view(16, 1, n, 1), 1e3)
+    V.masked_fill_(~mask.view(16, 1, n, 1), 1e3)
+    o, lse = flash_attend(q, K, V, prefix_keys(mask, q.dtype)[1], d ** -0.5)
+    ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), d ** -0.5, "math")
+    assert o.shape == ro.shape and lse.shape == rl.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, rl, rtol=0, atol=2e-2)
+    torch.testing.assert_close(o.float(), ro, rtol=2e-2, atol=2e-2)
+
+
+def test_flash_that_cannot_run_falls_back_to_auto(caplog):
+    """Decoder(attention="flash") probes FlashAttention at the model's head dim; where it cannot run (the CPU,
+    fp32) it decodes with "auto" and says so."""
+    from privcode.synth.decoder import flash_runs
+
+    assert not flash_runs(torch.zeros(1, dtype=torch.float32), 64)
+    assert "FlashAttention failed" in caplog.text and "attention 'auto'" in caplog.text
+    if CUDA:
+        assert flash_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"), 128)
 
 
 @pytest.mark.skipif(not CUDA, reason="the memory-efficient kernel runs on CUDA only")

@@ -315,8 +315,9 @@ def test_bench_generate_profile_walks_a_calls_steps_by_attention_length(tmp_path
     # own caches (shared prompt cache): 69 decode steps write slots 0..68 -> lengths 64 and 128
     assert {a: v["steps_of_a_call"] for a, v in p["lengths"].items()} == {"64": 64, "128": 5}
     for v in p["lengths"].values():
-        assert set(v["sections"]) <= set(SECTIONS) and v["graph_ms"] > 0
-        assert {"attention", "sampling", "norm, q/k/v, rotary", "o_proj, MLP", "head"} <= set(v["sections"])
+        # every section a sampled step marks (Decoder.mark, the runner's marks) is one SECTIONS names: a mark
+        # renamed on either side would drop out of the profile
+        assert set(v["sections"]) == set(SECTIONS) - {"argmax"} and v["graph_ms"] > 0
     mean = p["mean"]
     want = (64 * p["lengths"]["64"]["graph_ms"] + 5 * p["lengths"]["128"]["graph_ms"]) / 69
     assert mean["graph_ms"] == pytest.approx(want) and mean["tok_s_at_graph_ms"] == pytest.approx(4e3 / want)

@@ -90,6 +90,20 @@ def test_greedy_rows_are_the_references_with_and_without_refill(model, prompts, 
     assert _fast(model, eos, **kw).generate_ids(prompts, p) == want
 
 
+def test_prompt_caches_default_to_four_where_rows_end_at_different_steps(model):
+    """prompt_caches 0 (the default): AUTO_CACHES holders per group where a group's rows can end at different
+    steps (continuous batching, EOS or drawn lengths), one where every row runs to max_new_tokens or batches
+    run one after another; a value set is what it says."""
+    from privcode.synth.fast import AUTO_CACHES
+
+    fb = _fast(model, None, batch_size=4)
+    assert AUTO_CACHES == 4
+    assert fb.caches(20, False, None) == 4 and fb.caches(20, True, [[3, 5]]) == 4
+    assert fb.caches(20, True, None) == 1  # fixed lengths
+    assert _fast(model, None, batch_size=4, continuous=False).caches(20, False, None) == 1
+    assert _fast(model, None, batch_size=4, prompt_caches=2).caches(20, False, None) == 2
+
+
 @pytest.mark.parametrize("kw", [
     dict(batch_size=4),                                    # one row per prompt at a time (n=3 / 4 rounded up)
     dict(batch_size=4, prompt_rows=2),                     # groups of 2 rows: a freed row takes the next sample
@@ -268,7 +282,7 @@ def test_flex_attention_decodes_the_references_rows(model, prompts, cases):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
-@pytest.mark.parametrize("attention", ["efficient", "flex"])
+@pytest.mark.parametrize("attention", ["efficient", "flash", "flex"])
 @pytest.mark.parametrize("name", ["greedy", "sampled"])
 def test_the_cuda_path_gives_the_references_tokens(model, prompts, cases, name, attention):
     """CUDA graphs, compiled layers and sampler, the memory-efficient attention kernel (or compiled
@@ -278,9 +292,9 @@ def test_the_cuda_path_gives_the_references_tokens(model, prompts, cases, name, 
 
     p, eos, ref = cases[name]
     fb = _fast(copy.deepcopy(model).cuda(), eos, batch_size=4, prompt_rows=2, attention=attention, compile_layers=True)
-    # compiled flex_attention needs a head dim >= 16 (this model's is 8): its probe falls back to auto
-    # (flex_attention's own CUDA check: tests/test_attention.py, head dim 64)
-    assert fb.dec.attention == ("auto" if attention == "flex" else attention)
+    # compiled flex_attention needs a head dim >= 16 (this model's is 8), FlashAttention fp16/bf16 (this test
+    # runs fp32): their probes fall back to auto (their own CUDA checks: tests/test_attention.py, bf16)
+    assert fb.dec.attention == ("auto" if attention in ("flex", "flash") else attention)
     assert fb.generate_ids(prompts, p) == ref
     assert all(r.graphs for r in fb._runners.values())
 

@@ -83,13 +83,15 @@ def train_unit(shape_name, device, variant, seq_len, rows, steps=3, warmup=2, ac
             "t_opt_s": max(0.0, t1 - t_micro), "s_per_token": t_micro / (rows * seq_len)}
 
 
-def gen_unit(shape_name, device, rows, prompt_len, new, n=1, temperature=0.0, top_p=1.0, compile=False) -> dict:
+def gen_unit(shape_name, device, rows, prompt_len, new, n=1, temperature=0.0, top_p=1.0, compile=False,
+             attention="auto") -> dict:
     """FastHFBackend tok/s through `privcode bench generate` (its best backend at `rows` rows)."""
     from privcode.bench import generate_bench
 
     with tempfile.TemporaryDirectory() as d:
         args = ["--shape", shape_name, "--device", device, "--batches", str(rows), "--peers", "",
-                "--prompt-len", str(prompt_len), "--new-tokens", str(new), "--out", f"{d}/g.json"]
+                "--prompt-len", str(prompt_len), "--new-tokens", str(new), "--attention", attention,
+                "--out", f"{d}/g.json"]
         if temperature > 0:
             args += ["--n", str(n), "--temperature", str(temperature), "--top-p", str(top_p)]
         if compile:  # the compiled backend only: the one a long GPU job would run
@@ -103,6 +105,7 @@ def gen_unit(shape_name, device, rows, prompt_len, new, n=1, temperature=0.0, to
     best = max(ok, key=lambda r: r["tok_s"])
     mode = f"n={n}, T={temperature}, top-p {top_p}" if temperature > 0 else "greedy"
     return {"tok_s": best["tok_s"], "backend": best["backend"], "seconds": best["seconds"],
+            "attention": best.get("attention", attention),
             "shape": f"{res['shape']}, {best['batch']} rows, prompt {prompt_len}, {new} new, {mode}"}
 
 
@@ -161,21 +164,22 @@ def _measure(plan: Plan, shapes: dict, device: str, small: bool, a) -> dict:
         "stage1": lambda: train_unit(shapes["junior"], device, "privcode-dp-privsa-eager", rec,
                                      cap(plan.dp_rows, 2)),
         "generate": lambda: gen_unit(shapes["junior"], device, cap(plan.gen_batch, 2), cap(plan.prompt_tokens, 8),
-                                     cap(plan.answer_tokens, 8), compile=a.compile),
+                                     cap(plan.answer_tokens, 8), compile=a.compile, attention=a.attention),
         "exec": lambda: exec_unit(cap(200, 4), min(plan.exec_workers, os.cpu_count() or 1)),
         "roundtrip": lambda: {**gen_unit(shapes["describer"], device, max(1, rows // plan.n) * plan.n,
                                          cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
-                                         plan.n, plan.temperature, plan.top_p, compile=a.compile),
+                                         plan.n, plan.temperature, plan.top_p, compile=a.compile,
+                                         attention=a.attention),
                               "score_s_per_sentence": score_unit(small, device, cap(plan.scorer_batch, 2),
                                                                  cap(min(plan.description_tokens, 510), 8), cap(5, 1))
                               ["s_per_sentence"]},
         "roundtrip_round": lambda: gen_unit(shapes["describer"], device, max(1, rows // k) * k,
                                             cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
-                                            k, plan.temperature, plan.top_p, compile=a.compile),
+                                            k, plan.temperature, plan.top_p, compile=a.compile, attention=a.attention),
         "stage6": lambda: train_unit(shapes["premium"], device, "privcode-nondp", rec, cap(plan.ft_micro_batch, 2)),
         "evaluate": lambda: gen_unit(shapes["premium"], device, cap(plan.eval_batch, 2),
                                      cap(plan.eval_prompt_tokens, 8), cap(plan.eval_answer_tokens, 8),
-                                     compile=a.compile),
+                                     compile=a.compile, attention=a.attention),
     }
     units = dict(a.units)
     for stage, job in jobs.items():
@@ -241,6 +245,8 @@ def run(a) -> dict:
 
 
 def main(argv=None) -> None:
+    from privcode.synth.decoder import ATTENTION
+
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = parser("pipeline", __doc__)
     ap.add_argument("--config", default="config/paper.yaml", help="the column's config (counts)")
@@ -253,6 +259,8 @@ def main(argv=None) -> None:
     ap.add_argument("--early-stop-scores", default=None, help="a full-n round-trip scores.jsonl: measure the "
                     "early-stop saving on it instead of the model")
     ap.add_argument("--compile", action="store_true", help="generation units with compiled decode layers (only)")
+    ap.add_argument("--attention", default="auto", choices=ATTENTION, help="the generation units' decode "
+                    "attention (FastHFBackend's `attention`; auto: its default)")
     ap.add_argument("--with-units", default=None, help="comma list of earlier JSONs of this command on the same "
                     "card: their units are taken, not measured again (a projection measured over several runs)")
     ap.add_argument("--from", dest="src", default=None, help="print the table of an earlier JSON and exit")

@@ -26,7 +26,7 @@ def _rot(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-ATTENTION = ("auto", "efficient", "flex", "math")
+ATTENTION = ("auto", "efficient", "flash", "flex", "math")
 FLEX_BLOCK = 128        # flex_attention's key block (its default)
 _UNMARKED = contextlib.nullcontext()
 
@@ -215,9 +215,37 @@ def flex_runs(p, head_dim: int = 64) -> bool:
                          "flex_attention", "attention 'auto'", head_dim)
 
 
+def flash_attend(q, K, V, counts, scale: float):
+    """Own-cache decode attention with PyTorch's FlashAttention-2 kernel (CUDA, fp16/bf16; one query per row):
+    q [B, kv, G, d], K/V [B, kv, n, d] (the `packed` layout: a view, no copy), row b reading its first
+    counts[b] (int32 [B]) keys (`seqused_k`). For one query per row the kernel takes a KV head's G query
+    heads as G queries of one sequence (no K/V repeated) and splits each row's keys over the SMs (its
+    split-KV decoding kernel). Returns (o [B, kv, G, d], lse [B, kv, G] fp32). Tensor ops only (runs inside
+    a graph capture)."""
+    B, kv, G, d = q.shape
+    if K.stride() != V.stride():  # one start per row for both
+        K, V = K.contiguous(), V.contiguous()
+    (Kp, starts), (Vp, _) = packed(K), packed(V)
+    o, lse = torch.ops.aten._flash_attention_forward(
+        q.reshape(B, kv * G, d), Kp[0], Vp[0], offsets(B, 1, q.device), starts, 1, K.shape[2], 0.0, False, False,
+        scale=scale, seqused_k=counts)[:2]
+    return o.view(B, kv, G, d), lse.view(kv * G, B).t().reshape(B, kv, G).float()  # its lse: [heads, rows]
+
+
+def flash_runs(p, head_dim: int = 64) -> bool:
+    """Whether `flash_attend` runs on p's device and dtype at the model's head dim and gives the math path's
+    attention (rows seeing 1 and 130 of 200 keys; logs why not)."""
+    return _matches_math(p, 4, 200, (1, 130), lambda q, K, V, keys: flash_attend(q, K, V, keys[1], 0.125),
+                         "FlashAttention", "attention 'auto'", head_dim)
+
+
+OWN_ONLY = ("flash", "flex")  # paths for the own caches only: the prompt caches take "auto"'s
+
+
 def prompt_path(attention: str) -> str:
-    """The attention path of the prompt caches for a Decoder's `attention` (flex serves own caches only)."""
-    return "auto" if attention == "flex" else attention
+    """The attention path of the prompt caches for a Decoder's `attention` (flash and flex serve own caches
+    only: the kernel reads a prompt cache once for all the queries of the rows that hold it)."""
+    return "auto" if attention in OWN_ONLY else attention
 
 
 def merge_attention(o1, l1, o2, l2):
@@ -265,6 +293,8 @@ class Decoder:
             self.window = None
         p = next(model.parameters())  # probe the attention paths on this device, dtype (and head dim)
         if attention == "flex" and not flex_runs(p, self.hd):
+            self.attention = attention = "auto"
+        if attention == "flash" and not flash_runs(p, self.hd):
             self.attention = attention = "auto"
         if attention == "auto" and uses_kernel(p, "auto") and not kernel_runs(p):
             self.attention = "math"
@@ -364,6 +394,8 @@ class Decoder:
             q = q.reshape(b, self.kv, G, self.hd)
             if self.attention == "flex":
                 o, lse = flex_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[2], self.scaling)
+            elif self.attention == "flash":
+                o, lse = flash_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[1], self.scaling)
             else:
                 o, lse = attend(q, Ki[:, :, :att], Vi[:, :, :att], keys, self.scaling, self.attention)
             if pre is not None:

@@ -41,7 +41,7 @@ through `model.generate`:
   cache that a group of rows reads together; each row's own cache holds its generated slots. A
   group of `prompt_rows` rows (default: n; n / GROUP_SPLIT rounded up with continuous batching and one
   prompt cache per group) decodes one prompt's n samples, a freed row starting the next sample. With
-  `prompt_caches` 2 (the default where rows end at different steps; up to 4) a group has that many
+  `prompt_caches` 2 to 4 (4, the default where rows end at different steps) a group has that many
   prompt caches, and once the prompt's samples have all started a freed row loads the next prompt
   into one no live row reads (rows keep decoding while a group's last samples finish; on CUDA the
   kernel reads each cache once for the rows that hold it, `decoder.attend_held`; the math path
@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 MEM_FRACTION = 0.8      # batch_size 0: rows fill this share of the free GPU memory (the rest: allocator slack)
 MAX_AUTO_ROWS = 4096    # ... and at most this many rows (past ~1-2k rows decoding is compute-bound anyway)
 CPU_AUTO_ROWS = 32      # batch_size 0 without a GPU
+AUTO_CACHES = 4         # prompt caches per group where rows end at different steps: 8B sampling, H100, 6 prompts
+                        # per group: 4 caches 1.17x 2 with long-tailed lengths, level with 3 with uniform ones
 GROUP_SPLIT = 4         # continuous batching with one prompt cache per group (prompt_caches=1): rows per prompt =
                         # n / this (rounded up) unless prompt_rows is set; else n (docs/performance.md, #17)
 
@@ -137,14 +139,15 @@ class FastHFBackend(Backend):
         if prompt_caches not in (0, 1, 2, 3, 4):
             raise ValueError(f"prompt_caches must be 0 (auto) or 1 to 4, not {prompt_caches!r}")
         # prompt caches per group of rows: 2+ let freed rows start the next prompt while the group finishes
-        # the last one(s) (0: 2 with continuous batching where rows end at different steps, else 1; more
-        # keep more rows busy with long-tailed lengths, for more memory: docs/performance.md)
+        # the last one(s) (0: AUTO_CACHES with continuous batching where rows end at different steps, else 1;
+        # more keep more rows busy with long-tailed lengths, for more memory: docs/performance.md)
         self.prompt_caches = prompt_caches
         # compile_layers: torch.compile the decode layers' halves around the attention (fused element-wise
         # work; two compiles per process and batch shape): for long GPU jobs, off for short ones
-        # attention: "auto" (the memory-efficient kernel on CUDA), "efficient", "flex" (own caches through
-        # flex_attention compiled: opt-in, head dim >= 16, longer first call; docs/performance.md has its
-        # measurement) or "math" (decoder.attend, decoder.flex_attend)
+        # attention: "auto" (the memory-efficient kernel on CUDA), "efficient", "flash" (own caches through
+        # FlashAttention-2's decoding kernel: fp16/bf16 on CUDA), "flex" (own caches through flex_attention
+        # compiled: head dim >= 16, longer first call) or "math"; flash and flex are opt-in, probed at start-up
+        # (else "auto"), measured in docs/performance.md (decoder.attend, flash_attend, flex_attend)
         self.dec = Decoder(model, compile_layers, attention) if Decoder.supports(model) else None
         self._runners: OrderedDict = OrderedDict()
         self._sized: dict = {}  # batch_size 0: (new tokens, reps, shared, caches) -> (prompt length bucket, rows)
@@ -207,11 +210,11 @@ class FastHFBackend(Backend):
                               self.caches(k, ignore_eos, lengths) if shared else 1)
 
     def caches(self, k: int, ignore_eos: bool, lengths) -> int:
-        """Prompt caches per group of rows (`prompt_caches`; 0: two where a group's rows can end at
+        """Prompt caches per group of rows (`prompt_caches`; 0: AUTO_CACHES where a group's rows can end at
         different steps -- with continuous batching, unless every row runs to max_new_tokens -- else one)."""
         if self.prompt_caches:
             return self.prompt_caches
-        return 2 if self.continuous and not (ignore_eos and lengths is None) else 1
+        return AUTO_CACHES if self.continuous and not (ignore_eos and lengths is None) else 1
 
     def _hf_generate_ids(self, batch, params, ignore_eos):
         dev = next(self.model.parameters()).device
