@@ -37,6 +37,10 @@ $(STAMP): pyproject.toml Makefile
 	# DeepSpeed (dp_finetune.engine: deepspeed, multi-GPU fine-tunes; the tests run ZeRO-3 on CPU): pure
 	# Python without its compiled ops, about 10 s
 	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed==0.19.*"
+	# Triton for the opt-in own-cache decode kernel (privcode/synth/own_attention.py), whose CPU tests run it
+	# through Triton's interpreter (3.5's fails with numpy 2.4; 3.9 checked): only where torch brought none
+	# (a CUDA build of torch pins its own), about 170 MB
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==3.9.0"
 	touch $(STAMP)
 
 demo: $(STAMP)

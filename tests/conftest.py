@@ -79,3 +79,18 @@ def fake_dp_release(path, epsilon: float, delta: float, reproducible: bool = Fal
     size = {"size": "declared", "declared_size": 20, "assumption": "q = batch_size / declared size 20"}
     return ledger.dp_release(path, stage="dp_finetune", epsilon=epsilon, delta=delta, accountant="prv",
                              sampler="poisson", history=[(1.0, 0.1, 10)], size=size, reproducible=reproducible)
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def in_triton_interpreter(nodeid: str) -> None:
+    """Run the test `nodeid` (path::name[params]) in a subprocess with TRITON_INTERPRET=1, which Triton reads
+    when it is first imported (here it already is: torch imports it), and assert it passed there."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]

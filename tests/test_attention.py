@@ -118,6 +118,43 @@ def test_flash_that_cannot_run_falls_back_to_auto(caplog):
         assert flash_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"), 128)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+def test_triton_own_cache_kernel_is_the_math_path(device):
+    """attention="triton": privcode's own-cache kernel (a row and KV head per program, its G query heads one
+    tile, the row's keys in blocks of 64) over strided cache slices, rows from one key to all n, keys past a
+    row's count poisoned: the math path (CPU: fp32 through Triton's interpreter, in a subprocess; CUDA:
+    compiled, bf16)."""
+    pytest.importorskip("triton")
+    from conftest import INTERPRETED, in_triton_interpreter
+
+    if device == "cpu" and not INTERPRETED:
+        return in_triton_interpreter("tests/test_attention.py::test_triton_own_cache_kernel_is_the_math_path[cpu]")
+    from privcode.synth.own_attention import own_attend
+
+    dtype, tol = (torch.bfloat16, 2e-2) if device == "cuda" else (torch.float32, 1e-5)
+    for G, d, n in [(4, 128, 300), (6, 128, 192), (4, 64, 64), (8, 8, 40), (1, 16, 5)]:
+        q, K, V, mask = _case(b=7, h=3, m=G, n=n, S=n + 64, d=d, dtype=dtype, device=device)
+        K.masked_fill_(~mask.view(7, 1, n, 1), 1e3)
+        V.masked_fill_(~mask.view(7, 1, n, 1), 1e3)
+        o, lse = own_attend(q, K, V, prefix_keys(mask, q.dtype)[1], d ** -0.5)
+        ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), d ** -0.5, "math")
+        assert o.shape == ro.shape and o.dtype == dtype and lse.shape == rl.shape and lse.dtype == torch.float32
+        torch.testing.assert_close(lse, rl, rtol=0, atol=tol)
+        torch.testing.assert_close(o.float(), ro, rtol=tol, atol=tol)
+
+
+def test_triton_that_cannot_run_falls_back_to_auto(caplog):
+    """Decoder(attention="triton") probes the kernel; on the CPU without Triton's interpreter it cannot run:
+    "auto", and the log says why."""
+    from conftest import INTERPRETED
+    from privcode.synth.decoder import triton_runs
+
+    if INTERPRETED:
+        pytest.skip("Triton's interpreter runs the kernel on the CPU")
+    assert not triton_runs(torch.zeros(1, dtype=torch.float32), 64)
+    assert "the Triton own-cache kernel failed" in caplog.text
+
+
 @pytest.mark.skipif(not CUDA, reason="the memory-efficient kernel runs on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m,n", [(4, 64), (80, 448), (6, 192)])

@@ -281,8 +281,24 @@ def test_flex_attention_decodes_the_references_rows(model, prompts, cases):
     assert fb.generate_ids(prompts, p) == want
 
 
+def test_triton_attention_decodes_the_references_rows(model, prompts, cases):
+    """attention="triton" (own caches through privcode's Triton kernel: on CPU through Triton's interpreter,
+    in a subprocess; the prompt caches through "auto"'s path), refills and shared prompts: the reference's
+    rows."""
+    pytest.importorskip("triton")
+    from conftest import INTERPRETED, in_triton_interpreter
+
+    if not INTERPRETED:
+        return in_triton_interpreter("tests/test_continuous_batching.py::"
+                                     "test_triton_attention_decodes_the_references_rows")
+    p, eos, want = cases["sampled"]
+    fb = _fast(model, eos, batch_size=4, prompt_rows=2, attention="triton")
+    assert fb.dec.attention == "triton"
+    assert fb.generate_ids(prompts, p) == want
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
-@pytest.mark.parametrize("attention", ["efficient", "flash", "flex"])
+@pytest.mark.parametrize("attention", ["efficient", "flash", "flex", "triton"])
 @pytest.mark.parametrize("name", ["greedy", "sampled"])
 def test_the_cuda_path_gives_the_references_tokens(model, prompts, cases, name, attention):
     """CUDA graphs, compiled layers and sampler, the memory-efficient attention kernel (or compiled

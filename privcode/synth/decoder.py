@@ -26,7 +26,7 @@ def _rot(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-ATTENTION = ("auto", "efficient", "flash", "flex", "math")
+ATTENTION = ("auto", "efficient", "flash", "flex", "math", "triton")
 FLEX_BLOCK = 128        # flex_attention's key block (its default)
 _UNMARKED = contextlib.nullcontext()
 
@@ -239,7 +239,23 @@ def flash_runs(p, head_dim: int = 64) -> bool:
                          "FlashAttention", "attention 'auto'", head_dim)
 
 
-OWN_ONLY = ("flash", "flex")  # paths for the own caches only: the prompt caches take "auto"'s
+def triton_attend(q, K, V, counts, scale: float):
+    """Own-cache decode attention through privcode's Triton kernel (privcode.synth.own_attention: one program
+    per row and KV head, its G query heads one tile, reading only the row's first counts[b] keys): q [B, kv, G,
+    d], K/V [B, kv, n, d] cache slices. Returns (o [B, kv, G, d], lse [B, kv, G] fp32)."""
+    from privcode.synth import own_attention  # imports triton: only where asked for
+
+    return own_attention.own_attend(q, K, V, counts, scale)
+
+
+def triton_runs(p, head_dim: int = 64) -> bool:
+    """Whether `triton_attend` runs on p's device and dtype at the model's head dim and gives the math path's
+    attention (rows seeing 1 and 130 of 200 keys; logs why not: no triton, no GPU without its interpreter)."""
+    return _matches_math(p, 4, 200, (1, 130), lambda q, K, V, keys: triton_attend(q, K, V, keys[1], 0.125),
+                         "the Triton own-cache kernel", "attention 'auto'", head_dim)
+
+
+OWN_ONLY = ("flash", "flex", "triton")  # paths for the own caches only: the prompt caches take "auto"'s
 
 
 def prompt_path(attention: str) -> str:
@@ -295,6 +311,8 @@ class Decoder:
         if attention == "flex" and not flex_runs(p, self.hd):
             self.attention = attention = "auto"
         if attention == "flash" and not flash_runs(p, self.hd):
+            self.attention = attention = "auto"
+        if attention == "triton" and not triton_runs(p, self.hd):
             self.attention = attention = "auto"
         if attention == "auto" and uses_kernel(p, "auto") and not kernel_runs(p):
             self.attention = "math"
@@ -396,6 +414,8 @@ class Decoder:
                 o, lse = flex_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[2], self.scaling)
             elif self.attention == "flash":
                 o, lse = flash_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[1], self.scaling)
+            elif self.attention == "triton":
+                o, lse = triton_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[1], self.scaling)
             else:
                 o, lse = attend(q, Ki[:, :, :att], Vi[:, :, :att], keys, self.scaling, self.attention)
             if pre is not None:
