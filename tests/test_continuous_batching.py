@@ -237,7 +237,8 @@ def test_prompts_of_very_different_lengths_run_in_segments_with_the_references_t
     assert length_segments(order, prompts) == [[0, 4, 2, 5], [3, 1]]  # 192 slots, then 64 (20 and 3 tokens)
     fb = _fast(model, None, batch_size=4, prompt_rows=1)
     assert fb.generate_ids(prompts, p) == reference(model, prompts, p)
-    assert sorted(key[-2] for key in fb._runners) == [64, 192]  # the prompt cache of each segment (key: ..., prefix, caches)
+    # the prompt cache of each segment (key: ..., prefix, caches)
+    assert sorted(key[-2] for key in fb._runners) == [64, 192]
 
 
 def test_row_noise_is_uniform_and_independent_across_identities_and_tokens():

@@ -300,9 +300,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-caches", type=int, default=0, choices=(0, 1, 2, 3, 4), help="prompt caches per "
                     "group of rows (FastHFBackend.prompt_caches; 0: its default, 4 where rows end at different steps)")
     ap.add_argument("--attention", default="auto", choices=ATTENTION, help="the fast backend's decode "
-                    "attention (decoder.attend): auto = the memory-efficient kernel on CUDA; flash, flex, triton = the own "
-                    "caches through FlashAttention-2, flex_attention or privcode's Triton kernel; math = matmul, "
-                    "softmax, matmul (comparisons)")
+                    "attention (decoder.attend): auto = the memory-efficient kernel on CUDA; flash, flex, triton = "
+                    "the own caches through FlashAttention-2, flex_attention or privcode's Triton kernel; math = "
+                    "matmul, softmax, matmul (comparisons)")
     ap.add_argument("--profile", action="store_true", help="profile decode steps at the largest batch "
                     "(privcode.bench.decode_profile: ms per step by section at each attention length)")
     ap.add_argument("--profile-steps", type=int, default=3, help="eager steps profiled per attention length")

@@ -259,8 +259,9 @@ OWN_ONLY = ("flash", "flex", "triton")  # paths for the own caches only: the pro
 
 
 def prompt_path(attention: str) -> str:
-    """The attention path of the prompt caches for a Decoder's `attention` (flash and flex serve own caches
-    only: the kernel reads a prompt cache once for all the queries of the rows that hold it)."""
+    """The attention path of the prompt caches for a Decoder's `attention` (flash, flex and triton serve own
+    caches only: the memory-efficient kernel reads a prompt cache once for all the queries of the rows that
+    hold it)."""
     return "auto" if attention in OWN_ONLY else attention
 
 
