@@ -41,7 +41,7 @@ COMMANDS = {
     "release": ("privcode.release", "copy DP artifacts out with a certificate of the total ε"),
     "status": ("privcode.status", "what a results tree holds: ε per artifact, funnel counts, pass@1"),
     "budget": ("privcode.budget", "ε spent and released per private data set (the budget registry)"),
-    "bench": ("privcode.bench", "benchmarks: exec | train | generate | pipeline | zero"),
+    "bench": ("privcode.bench", "benchmarks: exec | train | generate | attention | pipeline | zero"),
 }
 # keyword arguments of a subcommand's function
 KWARGS = {"dp-finetune": {"dp": True}, "finetune": {"dp": False}}

@@ -2,7 +2,7 @@
 # #17 on one GPU, in one device call: the non-DP vs DP step (mm and bmm LoRA gradients), sampled and greedy
 # generation with compiled layers at fixed lengths and (refill) with continuous batching on and off at drawn
 # lengths, and the paper-column projection (pipeline).
-#   bash scripts/gpu_bench17.sh [train,sample,greedy,refill,pipeline]   # OUT=/tmp/out by default; wheels in .whl
+#   bash scripts/gpu_bench17.sh [train,sample,greedy,refill,attention,pipeline]   # OUT=/tmp/out by default; wheels in .whl
 #   SAMPLE_ARGS="--prompt-rows 20 --profile" TAG=_pr20 bash scripts/gpu_bench17.sh sample   # + decode profile
 #   CODE=.old TAG=_old bash scripts/gpu_bench17.sh sample   # a baseline: the privcode package under .old/
 #   PIPE_ARGS="--attention flash --stages roundtrip,roundtrip_round" bash scripts/gpu_bench17.sh pipeline
@@ -31,6 +31,9 @@ case ",$WHAT," in *,refill,*)  # continuous batching vs batch after batch, rows 
     --batches 1280 --compile --lengths uniform:20 --waves 4 --no-refill --peers "" --out "$OUT/generate_8b_refill$T.json" | tail -15
   pc bench generate --shape 1.5b --prompt-len 128 --new-tokens 512 --batches 512 --compile --lengths geometric:200 \
     --waves 4 --no-refill --peers "" --out "$OUT/generate_1.5b_refill$T.json" | tail -15 ;; esac
+case ",$WHAT," in *,attention,*)  # the own-cache attention paths alone at the round trip's and greedy's shapes
+  pc bench attention --shape 8b --rows 1280 --slots 256 --keys 20:200 --out "$OUT/attention_8b$T.json" | tail -8
+  pc bench attention --shape 1.5b --rows 1024 --slots 640 --keys 128:640 --out "$OUT/attention_1.5b$T.json" | tail -8 ;; esac
 case ",$WHAT," in *,pipeline,*)
   pc bench pipeline --compile ${PIPE_ARGS:-} --out "$OUT/bench_pipeline$T.json" | tail -${TAIL:-40} ;; esac
 ls -la "$OUT"

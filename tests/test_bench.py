@@ -323,6 +323,30 @@ def test_bench_generate_profile_walks_a_calls_steps_by_attention_length(tmp_path
     assert mean["graph_ms"] == pytest.approx(want) and mean["tok_s_at_graph_ms"] == pytest.approx(4e3 / want)
 
 
+def test_bench_attention_small_cpu_checks_and_times_each_path(tmp_path):
+    """`privcode bench attention`: each own-cache path checked against the math path on the decoder's layout
+    (rows' slots past their counts poisoned: a path that read them would show a large error), timed, the
+    bytes the rows must read counted from their key counts; a path that cannot run here is an error entry."""
+    from privcode.bench import attention_bench
+    from privcode.bench.shapes import get_shape
+
+    out = tmp_path / "att.json"
+    attention_bench.main(["--shape", "small", "--device", "cpu", "--rows", "8", "--slots", "64", "--keys", "1:64",
+                          "--paths", "math,flex,efficient", "--warmup", "1", "--iters", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    q, K, V, counts = attention_bench.inputs(get_shape("small"), 8, 64, 1, 64, torch.float32, "cpu")
+    assert r["bytes_per_call"] == int(counts.sum()) * 2 * 16 * 2 * 4  # keys + values, 2 KV heads, d 16, fp32
+    assert (r["kv_heads"], r["query_heads_per_kv"], r["head_dim"], r["layers"]) == (2, 2, 16, 2)
+    res = {x["path"]: x for x in r["results"]}
+    assert res["math"]["max_abs_err"] == 0 and res["flex"]["max_abs_err"] < 1e-4
+    assert res["math"]["ms_per_step"] == pytest.approx(2 * res["math"]["ms_per_call"]) and res["math"]["gb_s"] > 0
+    assert "error" in res["efficient"]  # the memory-efficient kernel: CUDA only
+    # the poison is there: attention over all 64 slots (counts ignored) is far from the rows' own keys'
+    ro, _ = attention_bench.prepare("math", q, K, V, counts, 0.25)()
+    whole, _ = attention_bench.prepare("math", q, K, V, torch.full_like(counts, 64), 0.25)()
+    assert (whole - ro).abs().max() > 1.0
+
+
 def test_hook_free_per_record_gradients_equal_batch_of_one():
     pm = _tiny_peft()
     leanlora.lean_lora(pm)

@@ -3,6 +3,7 @@
     privcode bench exec       # sandbox / execution-filter throughput (snippets per second per core)
     privcode bench train      # tokens/s of a training step: privcode vs peers (GPU)
     privcode bench generate   # tokens/s of the generation stage vs plain model.generate (GPU)
+    privcode bench attention  # the decoder's own-cache attention paths alone: ms per step, GB/s (GPU)
     privcode bench pipeline   # unit cost of every stage, GPU-hours of one PrivCode column (GPU)
     privcode bench zero       # DP fine-tuning under DeepSpeed ZeRO-3 on one GPU vs the DDP path (GPU)
 """
@@ -16,6 +17,7 @@ BENCHES = {
     "exec": "privcode.bench.exec_bench",
     "train": "privcode.bench.train_bench",
     "generate": "privcode.bench.generate_bench",
+    "attention": "privcode.bench.attention_bench",
     "pipeline": "privcode.bench.pipeline_bench",
     "zero": "privcode.bench.zero_bench",
 }
