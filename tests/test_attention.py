@@ -129,14 +129,16 @@ def test_triton_own_cache_kernel_is_the_math_path(device):
 
     if device == "cpu" and not INTERPRETED:
         return in_triton_interpreter("tests/test_attention.py::test_triton_own_cache_kernel_is_the_math_path[cpu]")
-    from privcode.synth.own_attention import own_attend
+    from privcode.synth.own_attention import CONFIG, own_attend
 
     dtype, tol = (torch.bfloat16, 2e-2) if device == "cuda" else (torch.float32, 1e-5)
-    for G, d, n in [(4, 128, 300), (6, 128, 192), (4, 64, 64), (8, 8, 40), (1, 16, 5)]:
+    cases = [(4, 128, 300, CONFIG), (6, 128, 192, CONFIG), (4, 64, 64, CONFIG), (8, 8, 40, CONFIG),
+             (1, 16, 5, CONFIG), (4, 128, 300, (16, 1, 1)), (6, 64, 192, (128, 4, 2))]  # other key blocks
+    for G, d, n, config in cases:
         q, K, V, mask = _case(b=7, h=3, m=G, n=n, S=n + 64, d=d, dtype=dtype, device=device)
         K.masked_fill_(~mask.view(7, 1, n, 1), 1e3)
         V.masked_fill_(~mask.view(7, 1, n, 1), 1e3)
-        o, lse = own_attend(q, K, V, prefix_keys(mask, q.dtype)[1], d ** -0.5)
+        o, lse = own_attend(q, K, V, prefix_keys(mask, q.dtype)[1], d ** -0.5, config)
         ro, rl = attend(q.float(), K.float(), V.float(), prefix_keys(mask, torch.float32), d ** -0.5, "math")
         assert o.shape == ro.shape and o.dtype == dtype and lse.shape == rl.shape and lse.dtype == torch.float32
         torch.testing.assert_close(lse, rl, rtol=0, atol=tol)

@@ -332,7 +332,8 @@ def test_bench_attention_small_cpu_checks_and_times_each_path(tmp_path):
 
     out = tmp_path / "att.json"
     attention_bench.main(["--shape", "small", "--device", "cpu", "--rows", "8", "--slots", "64", "--keys", "1:64",
-                          "--paths", "math,flex,efficient", "--warmup", "1", "--iters", "2", "--out", str(out)])
+                          "--paths", "math,flex,efficient", "--triton-configs", "32,2,2", "--warmup", "1", "--iters",
+                          "2", "--out", str(out)])
     r = json.loads(out.read_text())
     q, K, V, counts = attention_bench.inputs(get_shape("small"), 8, 64, 1, 64, torch.float32, "cpu")
     assert r["bytes_per_call"] == int(counts.sum()) * 2 * 16 * 2 * 4  # keys + values, 2 KV heads, d 16, fp32
@@ -341,6 +342,9 @@ def test_bench_attention_small_cpu_checks_and_times_each_path(tmp_path):
     assert res["math"]["max_abs_err"] == 0 and res["flex"]["max_abs_err"] < 1e-4
     assert res["math"]["ms_per_step"] == pytest.approx(2 * res["math"]["ms_per_call"]) and res["math"]["gb_s"] > 0
     assert "error" in res["efficient"]  # the memory-efficient kernel: CUDA only
+    assert "triton[32,2,2]" in res  # (here without a GPU or Triton's interpreter: an error entry)
+    with pytest.raises(SystemExit, match="not KEYS,WARPS,STAGES"):
+        attention_bench.main(["--device", "cpu", "--triton-configs", "48,2,2"])
     # the poison is there: attention over all 64 slots (counts ignored) is far from the rows' own keys'
     ro, _ = attention_bench.prepare("math", q, K, V, counts, 0.25)()
     whole, _ = attention_bench.prepare("math", q, K, V, torch.full_like(counts, 64), 0.25)()

@@ -49,8 +49,13 @@ def prepare(path: str, q, K, V, counts, scale: float):
 
     from privcode.synth import decoder
 
-    if path == "triton":
-        return lambda: decoder.triton_attend(q, K, V, counts, scale)
+    if path.startswith("triton"):  # triton[keys,warps,stages]: own_attention.own_attend with that config
+        if path == "triton":
+            return lambda: decoder.triton_attend(q, K, V, counts, scale)
+        from privcode.synth.own_attention import own_attend
+
+        config = tuple(int(x) for x in path[len("triton["):-1].split(","))
+        return lambda: own_attend(q, K, V, counts, scale, config)
     if path == "flash":
         return lambda: decoder.flash_attend(q, K, V, counts, scale)
     if path == "flex":
@@ -107,7 +112,7 @@ def bench(a) -> dict:
     print(f"attention: {shape.name} {res['dtype']} on {res['info'].get('card', device)}: {a.rows} rows x "
           f"{q.shape[1]} KV heads x G {q.shape[2]} x d {q.shape[3]}, {a.slots} slots, keys {lo}..{hi} "
           f"(mean {res['mean_keys']:.0f}): {need / 1e6:.1f} MB to read per call")
-    for path in a.paths.split(","):
+    for path in a.paths.split(",") + [f"triton[{c}]" for c in a.triton_configs.split()]:
         try:
             fn = prepare(path, q, K, V, counts, scale)
             o, lse = fn()
@@ -134,6 +139,9 @@ def main(argv=None) -> None:
                     "new tokens rounded up to 64)")
     ap.add_argument("--keys", default="20:200", help="LO:HI, each row's key count uniform in it (or one number)")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma list of " + ", ".join(PATHS))
+    ap.add_argument("--triton-configs", default="", help="also time the Triton kernel with these configs: "
+                    "space-separated KEYS,WARPS,STAGES (keys per loop step, a power of 2 >= 16), e.g. "
+                    "'32,2,2 64,2,3 128,4,2' (own_attention.CONFIG is the default's)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls first (compiles)")
     ap.add_argument("--iters", type=int, default=20, help="timed calls")
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/bench_attention_<shape>.json)")
@@ -142,5 +150,10 @@ def main(argv=None) -> None:
     bad = [p for p in a.paths.split(",") if p not in PATHS]
     if bad:
         raise SystemExit(f"--paths: unknown {bad} (choose from {', '.join(PATHS)})")
+    for c in a.triton_configs.split():
+        parts = c.split(",")
+        if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts) or int(parts[0]) < 16 \
+                or int(parts[0]) & (int(parts[0]) - 1):
+            raise SystemExit(f"--triton-configs: '{c}' is not KEYS,WARPS,STAGES (KEYS a power of 2 >= 16)")
     res = bench(a)
     save_result(res, a.out or f"benchmarks/bench_attention_{res['shape']}.json")

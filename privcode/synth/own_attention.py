@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_KEYS = 64  # keys per loop step: a 64 x head-dim tile of K and of V (16 KB each at d 128, bf16)
+# (keys per loop step, warps, pipeline stages): 64 x head-dim tiles of K and V (16 KB each at d 128, bf16),
+# two loads in flight; a first guess, to be chosen on a GPU (`privcode bench attention --triton-configs`)
+CONFIG = (64, 4, 2)
 
 
 @triton.jit
@@ -51,11 +53,13 @@ def _own_attention(Q, K, V, O, L, C, sqb, sqh, sqg, skb, skh, skn, svb, svh, svn
     tl.store(L + (b * KV + h) * G + g, m + tl.log(s), mask=gm)
 
 
-def own_attend(q, K, V, counts, scale: float):
+def own_attend(q, K, V, counts, scale: float, config: tuple = CONFIG):
     """softmax(q K^T * scale) V over each row's first counts[b] keys, and its log-sum-exp: q [B, kv, G, d],
     K/V [B, kv, n, d] (any strides with the last one 1: the decoder's cache slices, no copy), counts int32 [B]
-    (each >= 1). Returns (o [B, kv, G, d] in q's dtype, lse [B, kv, G] fp32). One kernel launch, no host
-    sync (runs inside a graph capture once compiled by a first call)."""
+    (each >= 1); config = (keys per loop step, warps, stages). Returns (o [B, kv, G, d] in q's dtype, lse
+    [B, kv, G] fp32). One kernel launch, no host sync (runs inside a graph capture once compiled by a first
+    call)."""
+    block, warps, stages = config
     B, kv, G, d = q.shape
     if q.stride(-1) != 1 or K.stride(-1) != 1 or V.stride(-1) != 1:
         raise ValueError("own_attend needs the head dim contiguous in q, K and V")
@@ -64,6 +68,6 @@ def own_attend(q, K, V, counts, scale: float):
     fp32 = q.dtype == torch.float32  # fp32 (tests): exact products, not TF32
     _own_attention[(B * kv,)](
         q, K, V, o, lse, counts, *q.stride()[:3], *K.stride()[:3], *V.stride()[:3], *o.stride()[:3], scale, kv,
-        G=G, D=d, GP=max(16, triton.next_power_of_2(G)), DP=max(16, triton.next_power_of_2(d)), BN=BLOCK_KEYS,
-        PREC="ieee" if fp32 else None, num_warps=4, num_stages=2)
+        G=G, D=d, GP=max(16, triton.next_power_of_2(G)), DP=max(16, triton.next_power_of_2(d)), BN=block,
+        PREC="ieee" if fp32 else None, num_warps=warps, num_stages=stages)
     return o, lse
