@@ -110,12 +110,12 @@ def test_flash_attention_is_the_math_path_on_the_own_caches(G, d, n):
 def test_flash_that_cannot_run_falls_back_to_auto(caplog):
     """Decoder(attention="flash") probes FlashAttention at the model's head dim; where it cannot run (the CPU,
     fp32) it decodes with "auto" and says so."""
-    from privcode.synth.decoder import flash_runs
+    from privcode.synth.decoder import own_path_runs
 
-    assert not flash_runs(torch.zeros(1, dtype=torch.float32), 64)
+    assert not own_path_runs(torch.zeros(1, dtype=torch.float32), "flash", 64)
     assert "FlashAttention failed" in caplog.text and "attention 'auto'" in caplog.text
     if CUDA:
-        assert flash_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"), 128)
+        assert own_path_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"), "flash", 128)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
@@ -149,11 +149,11 @@ def test_triton_that_cannot_run_falls_back_to_auto(caplog):
     """Decoder(attention="triton") probes the kernel; on the CPU without Triton's interpreter it cannot run:
     "auto", and the log says why."""
     from conftest import INTERPRETED
-    from privcode.synth.decoder import triton_runs
+    from privcode.synth.decoder import own_path_runs
 
     if INTERPRETED:
         pytest.skip("Triton's interpreter runs the kernel on the CPU")
-    assert not triton_runs(torch.zeros(1, dtype=torch.float32), 64)
+    assert not own_path_runs(torch.zeros(1, dtype=torch.float32), "triton", 64)
     assert "the Triton own-cache kernel failed" in caplog.text
 
 

@@ -43,28 +43,21 @@ def inputs(shape, rows: int, slots: int, lo: int, hi: int, dtype, device, seed: 
 
 
 def prepare(path: str, q, K, V, counts, scale: float):
-    """A zero-argument call of the decoder's own-cache attention through `path` -> (o, lse), with what the
-    decoder makes once per step for all layers (the math path's bias, flex's block mask) made here, once."""
+    """A zero-argument call of the decoder's own-cache attention through `path` (decoder.own_attend) -> (o,
+    lse), with what the decoder makes once per step for all layers (decoder.step_keys) made here, once."""
     import torch
 
     from privcode.synth import decoder
 
-    if path.startswith("triton"):  # triton[keys,warps,stages]: own_attention.own_attend with that config
-        if path == "triton":
-            return lambda: decoder.triton_attend(q, K, V, counts, scale)
+    if path.startswith("triton["):  # triton[keys,warps,stages]: own_attention.own_attend with that config
         from privcode.synth.own_attention import own_attend
 
         config = tuple(int(x) for x in path[len("triton["):-1].split(","))
         return lambda: own_attend(q, K, V, counts, scale, config)
-    if path == "flash":
-        return lambda: decoder.flash_attend(q, K, V, counts, scale)
-    if path == "flex":
-        block_mask = decoder.flex_mask(counts, K.shape[2])
-        return lambda: decoder.flex_attend(q, K, V, block_mask, scale)
     slots = K.shape[2]
     mask = (torch.arange(slots, device=q.device)[None, :] < counts[:, None]).view(-1, 1, 1, slots)
-    keys = decoder.prefix_keys(mask, q.dtype)
-    return lambda: decoder.attend(q, K, V, keys, scale, path)
+    keys = decoder.step_keys(decoder.prefix_keys(mask, q.dtype), slots, path)
+    return lambda: decoder.own_attend(q, K, V, keys, scale, path)
 
 
 def time_path(fn, device: str, warmup: int, iters: int) -> float:

@@ -64,7 +64,7 @@ def decode(runner, prompts: list[list[int]], order: list[int], *, k: int, max_ne
             h = cur[u]
             if work[h][1] < work[h][2]:
                 return True
-            mine = [u * hc + (h - u * hc + s) % hc for s in range(1, hc + 1)]  # the group's other holder, then h
+            mine = [u * hc + (h - u * hc + s) % hc for s in range(1, hc + 1)]  # its other holders, then h
             empty = [x for x in mine if live[x] == 0]
             if not (waiting and empty):
                 return False

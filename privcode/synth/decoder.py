@@ -206,15 +206,6 @@ def flex_attend(q, K, V, block_mask, scale: float):
     return o.view(B, kv, G, d), lse.view(B, kv, G).float()
 
 
-def flex_runs(p, head_dim: int = 64) -> bool:
-    """Whether `flex_attend` runs on p's device and dtype at the model's head dim (its compiled kernel
-    needs >= 16) and gives the math path's attention (rows seeing 1 and 130 of 200 keys: partial and
-    whole key blocks; logs why not)."""
-    return _matches_math(p, 4, 200, (1, 130),
-                         lambda q, K, V, keys: flex_attend(q, K, V, flex_mask(keys[1], K.shape[2]), 0.125),
-                         "flex_attention", "attention 'auto'", head_dim)
-
-
 def flash_attend(q, K, V, counts, scale: float):
     """Own-cache decode attention with PyTorch's FlashAttention-2 kernel (CUDA, fp16/bf16; one query per row):
     q [B, kv, G, d], K/V [B, kv, n, d] (the `packed` layout: a view, no copy), row b reading its first
@@ -232,13 +223,6 @@ def flash_attend(q, K, V, counts, scale: float):
     return o.view(B, kv, G, d), lse.view(kv * G, B).t().reshape(B, kv, G).float()  # its lse: [heads, rows]
 
 
-def flash_runs(p, head_dim: int = 64) -> bool:
-    """Whether `flash_attend` runs on p's device and dtype at the model's head dim and gives the math path's
-    attention (rows seeing 1 and 130 of 200 keys; logs why not)."""
-    return _matches_math(p, 4, 200, (1, 130), lambda q, K, V, keys: flash_attend(q, K, V, keys[1], 0.125),
-                         "FlashAttention", "attention 'auto'", head_dim)
-
-
 def triton_attend(q, K, V, counts, scale: float):
     """Own-cache decode attention through privcode's Triton kernel (privcode.synth.own_attention: one program
     per row and KV head, its G query heads one tile, reading only the row's first counts[b] keys): q [B, kv, G,
@@ -248,14 +232,37 @@ def triton_attend(q, K, V, counts, scale: float):
     return own_attention.own_attend(q, K, V, counts, scale)
 
 
-def triton_runs(p, head_dim: int = 64) -> bool:
-    """Whether `triton_attend` runs on p's device and dtype at the model's head dim and gives the math path's
-    attention (rows seeing 1 and 130 of 200 keys; logs why not: no triton, no GPU without its interpreter)."""
-    return _matches_math(p, 4, 200, (1, 130), lambda q, K, V, keys: triton_attend(q, K, V, keys[1], 0.125),
-                         "the Triton own-cache kernel", "attention 'auto'", head_dim)
+# paths for the own caches only (the prompt caches take "auto"'s), with their names for the probe's log
+OWN_ONLY = {"flash": "FlashAttention", "flex": "flex_attention", "triton": "the Triton own-cache kernel"}
 
 
-OWN_ONLY = ("flash", "flex", "triton")  # paths for the own caches only: the prompt caches take "auto"'s
+def step_keys(keys, n: int, attention: str):
+    """What `own_attend` needs of a decode step's own-cache keys, made once for all layers: keys =
+    prefix_keys(mask) of the step's mask over n slots, and for flex its block mask (flex_mask)."""
+    return (*keys, flex_mask(keys[1], n)) if attention == "flex" else keys
+
+
+def own_attend(q, K, V, keys, scale: float, attention: str):
+    """A decode step's attention over the rows' own caches through the Decoder's `attention`: q [B, kv, G, d],
+    K/V [B, kv, n, d] cache slices, keys = step_keys(...). Returns (o [B, kv, G, d], lse [B, kv, G] fp32)."""
+    if attention == "flex":
+        return flex_attend(q, K, V, keys[2], scale)
+    if attention == "flash":
+        return flash_attend(q, K, V, keys[1], scale)
+    if attention == "triton":
+        return triton_attend(q, K, V, keys[1], scale)
+    return attend(q, K, V, keys, scale, attention)
+
+
+def own_path_runs(p, attention: str, head_dim: int = 64) -> bool:
+    """Whether the own-cache path `attention` (one of OWN_ONLY) runs on p's device and dtype at the model's
+    head dim (compiled flex needs >= 16, flash fp16/bf16 on CUDA, triton a GPU or Triton's interpreter) and
+    gives the math path's attention (rows seeing 1 and 130 of 200 keys: partial and whole key blocks; logs
+    why not)."""
+    return _matches_math(p, 4, 200, (1, 130),
+                         lambda q, K, V, keys: own_attend(q, K, V, step_keys(keys, K.shape[2], attention), 0.125,
+                                                          attention),
+                         OWN_ONLY[attention], "attention 'auto'", head_dim)
 
 
 def prompt_path(attention: str) -> str:
@@ -309,11 +316,7 @@ class Decoder:
         if lt is not None and all(t == "full_attention" for t in lt):
             self.window = None
         p = next(model.parameters())  # probe the attention paths on this device, dtype (and head dim)
-        if attention == "flex" and not flex_runs(p, self.hd):
-            self.attention = attention = "auto"
-        if attention == "flash" and not flash_runs(p, self.hd):
-            self.attention = attention = "auto"
-        if attention == "triton" and not triton_runs(p, self.hd):
+        if attention in OWN_ONLY and not own_path_runs(p, attention, self.hd):
             self.attention = attention = "auto"
         if attention == "auto" and uses_kernel(p, "auto") and not kernel_runs(p):
             self.attention = "math"
@@ -351,9 +354,7 @@ class Decoder:
             cos, sin = cos[:, None], sin[:, None]
             if decode:  # what attend needs of the masks, once for all layers
                 idx = slots.view(b, 1, 1, 1).expand(b, self.kv, 1, self.hd)
-                keys = prefix_keys(mask, h.dtype)
-                if self.attention == "flex":  # own caches: one block mask for all layers
-                    keys = (*keys, flex_mask(keys[1], mask.shape[-1]))
+                keys = step_keys(prefix_keys(mask, h.dtype), mask.shape[-1], self.attention)
                 pre = None if prefix is None else (prefix[0], prefix[1],
                                                    prefix_keys(prefix[2][:, None, None, :], h.dtype), *prefix[3:])
                 if pre is not None and pre[4] is not None and uses_kernel(h, prompt_path(self.attention)):
@@ -411,14 +412,7 @@ class Decoder:
             Vi.scatter_(2, idx, v.to(Vi.dtype))
         with self.mark("attention"):
             q = q.reshape(b, self.kv, G, self.hd)
-            if self.attention == "flex":
-                o, lse = flex_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[2], self.scaling)
-            elif self.attention == "flash":
-                o, lse = flash_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[1], self.scaling)
-            elif self.attention == "triton":
-                o, lse = triton_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys[1], self.scaling)
-            else:
-                o, lse = attend(q, Ki[:, :, :att], Vi[:, :, :att], keys, self.scaling, self.attention)
+            o, lse = own_attend(q, Ki[:, :, :att], Vi[:, :, :att], keys, self.scaling, self.attention)
             if pre is not None:
                 o = self.merge(*self._prompt_attention(q, *pre), o, lse)
         with self.mark("o_proj, MLP"):

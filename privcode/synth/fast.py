@@ -148,7 +148,7 @@ class FastHFBackend(Backend):
         # FlashAttention-2's decoding kernel: fp16/bf16 on CUDA), "flex" (own caches through flex_attention
         # compiled: head dim >= 16, longer first call), "triton" (own caches through privcode's Triton kernel,
         # own_attention.py) or "math"; flash, flex and triton are opt-in, probed at start-up (else "auto"),
-        # measured in docs/performance.md (decoder.attend, flash_attend, flex_attend, triton_attend)
+        # measured in docs/performance.md (decoder.own_attend)
         self.dec = Decoder(model, compile_layers, attention) if Decoder.supports(model) else None
         self._runners: OrderedDict = OrderedDict()
         self._sized: dict = {}  # batch_size 0: (new tokens, reps, shared, caches) -> (prompt length bucket, rows)

@@ -5,7 +5,7 @@ gave at the memory bound (docs/performance.md, #17: memory-efficient, flex and F
 
     TRITON_INTERPRET=1 pytest tests/test_attention.py -k triton   # on CPU, through Triton's interpreter
 
-Safe to call only where Triton runs (CUDA; or the interpreter on CPU tensors); `decoder.triton_runs` probes it
+Safe to call only where Triton runs (CUDA; or the interpreter on CPU tensors); `decoder.own_path_runs` probes it
 against the math path at start-up and the decoder falls back to "auto" where it does not.
 """
 from __future__ import annotations
