@@ -145,6 +145,31 @@ def test_triton_own_cache_kernel_is_the_math_path(device):
         torch.testing.assert_close(o.float(), ro, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("G", [4, 6, 7])  # the describer (Llama-3.1-8B), junior (1.5B) and premium (7B)
+def test_triton_kernel_lowers_to_hopper_code_at_the_models_shapes(G):
+    """The interpreter runs the kernel's Python, not its lowering: tl.dot's tile limits, layouts and shared
+    memory are checked only when Triton compiles it for a GPU. Compile it (no GPU needed: Triton carries
+    ptxas) for sm_90 (H100/H200) in bf16 at head dim 128 with the default config and the widest one
+    `bench attention` tries; a kernel Hopper cannot run fails here instead of in the decoder's probe."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip(f"triton {triton.__version__} has no ASTSource/GPUTarget")
+    from privcode.synth.own_attention import CONFIG, _own_attention
+
+    kinds = {**dict.fromkeys("QKVO", "*bf16"), "L": "*fp32", "C": "*i32", "scale": "fp32", "KV": "i32"}
+    const = {"G": G, "D": 128, "GP": 16, "DP": 128, "PREC": None}
+    names = _own_attention.arg_names
+    for block, warps, stages in [CONFIG, (128, 8, 3)]:
+        value = {**const, "BN": block}
+        sig = {a: "constexpr" if a in value else kinds.get(a, "i64") for a in names}  # s*: strides
+        src = ASTSource(fn=_own_attention, signature=sig, constexprs={(names.index(a),): v for a, v in value.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024  # Hopper's shared memory per block
+
+
 def test_triton_that_cannot_run_falls_back_to_auto(caplog):
     """Decoder(attention="triton") probes the kernel; on the CPU without Triton's interpreter it cannot run:
     "auto", and the log says why."""
