@@ -113,7 +113,7 @@ def test_flash_that_cannot_run_falls_back_to_auto(caplog):
     from privcode.synth.decoder import own_path_runs
 
     assert not own_path_runs(torch.zeros(1, dtype=torch.float32), "flash", 64)
-    assert "FlashAttention failed" in caplog.text and "attention 'auto'" in caplog.text
+    assert "FlashAttention failed" in caplog.text and "decoding with the math attention" in caplog.text
     if CUDA:
         assert own_path_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"), "flash", 128)
 
@@ -168,6 +168,27 @@ def test_triton_kernel_lowers_to_hopper_code_at_the_models_shapes(G):
         src = ASTSource(fn=_own_attention, signature=sig, constexprs={(names.index(a),): v for a, v in value.items()})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024  # Hopper's shared memory per block
+
+
+def test_auto_is_the_triton_kernel_where_it_runs(caplog):
+    """attention="auto" resolves (Decoder) to the Triton own-cache kernel on CUDA in bf16, probed at the
+    model's head dim (the prompt caches keep the memory-efficient kernel: prompt_path); on the CPU to "auto"
+    (the math path) without trying Triton; an explicit path that cannot run to "auto"."""
+    import importlib.util
+
+    from conftest import INTERPRETED
+    from privcode.synth.decoder import prompt_path, resolve_attention
+
+    assert resolve_attention(torch.zeros(1), "auto", 64) == "auto" and "failed" not in caplog.text
+    assert resolve_attention(torch.zeros(1), "flash", 64) == "auto" and "FlashAttention failed" in caplog.text
+    assert resolve_attention(torch.zeros(1), "math", 64) == "math"
+    if CUDA:
+        bf16 = torch.zeros(1, dtype=torch.bfloat16, device="cuda")
+        got = resolve_attention(bf16, "auto", 128)
+        assert got == ("triton" if importlib.util.find_spec("triton") else "auto") and prompt_path(got) == "auto"
+        assert resolve_attention(bf16.float(), "auto", 128) == "auto"  # fp32: the math path, as before
+    elif not INTERPRETED and importlib.util.find_spec("triton"):
+        assert resolve_attention(torch.zeros(1, dtype=torch.bfloat16), "triton", 64) == "auto"
 
 
 def test_triton_that_cannot_run_falls_back_to_auto(caplog):

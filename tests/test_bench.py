@@ -257,6 +257,19 @@ def test_bench_generate_small_cpu_writes_every_field(tmp_path):
     assert got[("fast", 2)]["attention"] == "auto"  # the attention path that ran (after any probe's fallback)
 
 
+def test_bench_generate_rows_of_one_length_hold_one_prompt_cache_per_group(tmp_path):
+    """--lengths max (every row runs to --new-tokens, a group's rows end together): one prompt cache per group, as
+    the backend takes for such calls, not the 4 holders of rows ending at different steps (memory the run does
+    not use: the H100 round at n 5 and 1,020 rows ran out of memory with them)."""
+    from privcode.bench import generate_bench
+
+    out = tmp_path / "gen.json"
+    generate_bench.main(["--shape", "small", "--device", "cpu", "--batches", "4", "--prompt-len", "8", "--new-tokens",
+                         "5", "--n", "2", "--temperature", "0.8", "--peers", "", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["prompt_caches"] == 1 and [x["prompt_caches"] for x in r["results"]] == [[1]]
+
+
 def test_bench_generate_batch_0_takes_the_rows_a_stage_would(tmp_path):
     """--batches 0 (what `privcode bench pipeline` passes for a config's batch_size 0): the rows the fast
     backend's auto_rows gives a stage (CPU: CPU_AUTO_ROWS), then whole prompts as for any batch."""
@@ -287,6 +300,7 @@ def test_bench_generate_rows_of_given_lengths_with_and_without_refill(tmp_path):
     assert len(tokens) == 1 and 12 <= tokens.pop() < 6 * 2 * 10  # 6 prompts x 2 rows, ended before --new-tokens
     assert got["fast-norefill"]["rows_identical"] == 1.0 and got["reference"]["rows_identical"] == 1.0
     assert "fast / fast-norefill @ batch 4" in r["ratios"] and r["lengths"] == "geometric:4" and r["waves"] == 3
+    assert got["fast"]["prompt_caches"] == [4]  # rows end at different steps: AUTO_CACHES holders per group
     import torch
 
     geo = torch.tensor(generate_bench.row_lengths("geometric:20", 4000, 5, 1000, torch.Generator().manual_seed(1)))

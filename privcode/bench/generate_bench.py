@@ -125,9 +125,13 @@ def run(a) -> dict:
     P, N = a.prompt_len, a.new_tokens
     k = a.n if a.temperature > 0 else 1
     params = SamplingParams(max_new_tokens=N, temperature=a.temperature, top_p=a.top_p, n=k, seed=0)
+    # --lengths max: every row runs to N and a group's rows end together -- one prompt cache per group, what the
+    # backend takes for such calls (no lengths, ignore_eos); the explicit lengths passed below would count as
+    # rows ending at different steps (AUTO_CACHES: 4 holders, memory the run does not use)
+    caches = a.prompt_caches or (1 if a.lengths == "max" else 0)
     if 0 in batches:  # rows from the free memory, as a stage's `batch_size: 0` (FastHFBackend.rows)
         auto = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
-                             batch_size=0, prompt_rows=a.prompt_rows, prompt_caches=a.prompt_caches).rows(P, params)
+                             batch_size=0, prompt_rows=a.prompt_rows, prompt_caches=caches).rows(P, params)
         batches = [auto if B == 0 else B for B in batches]
         print(f"batch 0: {auto} rows (free memory, FastHFBackend.rows)")
     most = max([max(1, B // k) * a.waves for B in batches] + peer_batches + static_batches)
@@ -137,7 +141,7 @@ def run(a) -> dict:
            "attention": a.attention,
            "shape": shape.name, "dtype": str(dtype).split(".")[-1], "prompt_len": P, "new_tokens": N,
            "sampling": {"n": a.n, "temperature": a.temperature, "top_p": a.top_p} if a.temperature > 0 else None,
-           "lengths": a.lengths, "waves": a.waves, "prompt_rows": a.prompt_rows, "prompt_caches": a.prompt_caches,
+           "lengths": a.lengths, "waves": a.waves, "prompt_rows": a.prompt_rows, "prompt_caches": caches,
            "results": []}
     mode = f"n={a.n}, T={a.temperature}, top-p {a.top_p}" if a.temperature > 0 else "greedy"
     print(f"generate: {shape.name} {res['dtype']} on {res['info'].get('card')}: prompts {P} tokens, {N} new, {mode}"
@@ -160,7 +164,7 @@ def run(a) -> dict:
     def fast_run(name, B, **kw):
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
                            batch_size=B, prompt_rows=a.prompt_rows, attention=a.attention,
-                           prompt_caches=a.prompt_caches, **kw)
+                           prompt_caches=caches, **kw)
         m = max(1, B // k) * a.waves
         ids, want = prompts[:m].tolist(), [[N] * k] * m if lengths is None else lengths[:m]
         try:
@@ -176,8 +180,9 @@ def run(a) -> dict:
             assert [[len(x) for x in o] for o in out] == want, f"{name}: wrong number of tokens"
             graphs = all(bool(r.graphs) for r in fb._runners.values()) if device.startswith("cuda") else False
             used = fb.dec.attention if fb.dec is not None else None  # after the probes' fallbacks
-            record(name, max(1, B // k) * k, dt, first, {"cuda_graph": graphs, "attention": used},
-                   tokens=sum(map(sum, want)))
+            held = sorted({r.caches for r in fb._runners.values()})  # prompt caches per group that ran
+            record(name, max(1, B // k) * k, dt, first, {"cuda_graph": graphs, "attention": used,
+                                                         "prompt_caches": held}, tokens=sum(map(sum, want)))
             return [x for o in out for x in o]
         except Exception as e:  # noqa: BLE001
             res["results"].append({"backend": name, "batch": B, "error": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -247,7 +252,7 @@ def run(a) -> dict:
             print(f"profile: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated before its runner", flush=True)
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
                            batch_size=max(batches), prompt_rows=a.prompt_rows, compile_layers=a.compile,
-                           attention=a.attention, prompt_caches=a.prompt_caches)
+                           attention=a.attention, prompt_caches=caches)
         res["profile"] = profile_decode(fb, prompts.tolist(), params, max(batches), a.profile_steps)
         print_profile(res["profile"])
 
@@ -298,11 +303,13 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-rows", type=int, default=0, help="rows decoding one prompt's samples at a time "
                     "(0: the backend's default)")
     ap.add_argument("--prompt-caches", type=int, default=0, choices=(0, 1, 2, 3, 4), help="prompt caches per "
-                    "group of rows (FastHFBackend.prompt_caches; 0: its default, 4 where rows end at different steps)")
+                    "group of rows (FastHFBackend.prompt_caches; 0: its default, 4 where rows end at different steps; "
+                    "1 with --lengths max)")
     ap.add_argument("--attention", default="auto", choices=ATTENTION, help="the fast backend's decode "
-                    "attention (decoder.attend): auto = the memory-efficient kernel on CUDA; flash, flex, triton = "
-                    "the own caches through FlashAttention-2, flex_attention or privcode's Triton kernel; math = "
-                    "matmul, softmax, matmul (comparisons)")
+                    "attention (decoder.resolve_attention): auto = the own caches through privcode's Triton kernel on "
+                    "CUDA (fp16/bf16), the prompt caches and elsewhere the memory-efficient kernel; efficient = that "
+                    "kernel for both; flash, flex, triton = the own caches through FlashAttention-2, flex_attention "
+                    "or the Triton kernel; math = matmul, softmax, matmul (comparisons)")
     ap.add_argument("--profile", action="store_true", help="profile decode steps at the largest batch "
                     "(privcode.bench.decode_profile: ms per step by section at each attention length)")
     ap.add_argument("--profile-steps", type=int, default=3, help="eager steps profiled per attention length")

@@ -5,6 +5,7 @@ decides what each row decodes; privcode.synth.fast explains the design and is th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 
 import torch
@@ -262,7 +263,23 @@ def own_path_runs(p, attention: str, head_dim: int = 64) -> bool:
     return _matches_math(p, 4, 200, (1, 130),
                          lambda q, K, V, keys: own_attend(q, K, V, step_keys(keys, K.shape[2], attention), 0.125,
                                                           attention),
-                         OWN_ONLY[attention], "attention 'auto'", head_dim)
+                         OWN_ONLY[attention], "the memory-efficient kernel" if uses_kernel(p, "auto") else
+                         "the math attention", head_dim)
+
+
+def resolve_attention(p, attention: str, head_dim: int) -> str:
+    """The attention path a Decoder runs for `attention` on p's device and dtype, each path probed against the
+    math path at the model's head dim: "auto" is the Triton own-cache kernel where it runs (CUDA, fp16/bf16:
+    2x the memory-efficient kernel's bandwidth on the own caches, 1.12-1.15x tok/s, docs/performance.md #17),
+    with the memory-efficient kernel for the prompt caches; an own-cache path that fails falls back to "auto"
+    without it, and auto's memory-efficient kernel that fails to "math" (each logs why)."""
+    if attention == "auto" and uses_kernel(p, "auto") and importlib.util.find_spec("triton") is not None:
+        attention = "triton"
+    if attention in OWN_ONLY and not own_path_runs(p, attention, head_dim):
+        attention = "auto"
+    if prompt_path(attention) == "auto" and uses_kernel(p, "auto") and not kernel_runs(p):
+        attention = "math"
+    return attention
 
 
 def prompt_path(attention: str) -> str:
@@ -315,11 +332,7 @@ class Decoder:
         lt = getattr(cfg, "layer_types", None)
         if lt is not None and all(t == "full_attention" for t in lt):
             self.window = None
-        p = next(model.parameters())  # probe the attention paths on this device, dtype (and head dim)
-        if attention in OWN_ONLY and not own_path_runs(p, attention, self.hd):
-            self.attention = attention = "auto"
-        if attention == "auto" and uses_kernel(p, "auto") and not kernel_runs(p):
-            self.attention = "math"
+        self.attention = resolve_attention(next(model.parameters()), attention, self.hd)
 
     @staticmethod
     def supports(model) -> bool:

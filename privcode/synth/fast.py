@@ -144,11 +144,11 @@ class FastHFBackend(Backend):
         self.prompt_caches = prompt_caches
         # compile_layers: torch.compile the decode layers' halves around the attention (fused element-wise
         # work; two compiles per process and batch shape): for long GPU jobs, off for short ones
-        # attention: "auto" (the memory-efficient kernel on CUDA), "efficient", "flash" (own caches through
-        # FlashAttention-2's decoding kernel: fp16/bf16 on CUDA), "flex" (own caches through flex_attention
-        # compiled: head dim >= 16, longer first call), "triton" (own caches through privcode's Triton kernel,
-        # own_attention.py) or "math"; flash, flex and triton are opt-in, probed at start-up (else "auto"),
-        # measured in docs/performance.md (decoder.own_attend)
+        # attention: "auto" (on CUDA in fp16/bf16 the own caches through privcode's Triton kernel,
+        # own_attention.py, and the prompt caches through the memory-efficient kernel), "efficient" (that
+        # kernel for both), "flash" (own caches through FlashAttention-2's decoding kernel: fp16/bf16 on CUDA),
+        # "flex" (own caches through flex_attention compiled: head dim >= 16, longer first call), "triton" or
+        # "math"; every path is probed at start-up (decoder.resolve_attention), measured in docs/performance.md
         self.dec = Decoder(model, compile_layers, attention) if Decoder.supports(model) else None
         self._runners: OrderedDict = OrderedDict()
         self._sized: dict = {}  # batch_size 0: (new tokens, reps, shared, caches) -> (prompt length bucket, rows)

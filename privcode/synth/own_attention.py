@@ -1,12 +1,13 @@
-"""Own-cache decode attention as one Triton kernel (`attention="triton"`, opt-in): one query per row, each
-program one (row, KV head) reading only that row's first keys, with the KV head's G query heads as the rows
-of one tile (padded to 16 for the tensor cores) -- what the decoder's own caches need and no library kernel
-gave at the memory bound (docs/performance.md, #17: memory-efficient, flex and FlashAttention-2 measured).
+"""Own-cache decode attention as one Triton kernel (the decoder's "auto" on CUDA in fp16/bf16, and
+`attention="triton"`): one query per row, each program one (row, KV head) reading only that row's first keys,
+with the KV head's G query heads as the rows of one tile (padded to 16 for the tensor cores) -- what the
+decoder's own caches need and no library kernel gave at the memory bound (docs/performance.md, #17:
+memory-efficient, flex and FlashAttention-2 measured).
 
     TRITON_INTERPRET=1 pytest tests/test_attention.py -k triton   # on CPU, through Triton's interpreter
 
 Safe to call only where Triton runs (CUDA; or the interpreter on CPU tensors); `decoder.own_path_runs` probes it
-against the math path at start-up and the decoder falls back to "auto" where it does not.
+against the math path at start-up and the decoder falls back to the memory-efficient kernel where it does not.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import triton
 import triton.language as tl
 
 # (keys per loop step, warps, pipeline stages): 64 x head-dim tiles of K and V (16 KB each at d 128, bf16),
-# two loads in flight; a first guess, to be chosen on a GPU (`privcode bench attention --triton-configs`)
+# two loads in flight; on the H100 blocks of 32 to 128 keys with 2-4 warps tie (2.85 TB/s at the 8B round
+# trip's shape), 128 keys with 8 warps is 1.5x slower (`privcode bench attention --triton-configs`)
 CONFIG = (64, 4, 2)
 
 
