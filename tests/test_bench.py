@@ -258,16 +258,17 @@ def test_bench_generate_small_cpu_writes_every_field(tmp_path):
 
 
 def test_bench_generate_rows_of_one_length_hold_one_prompt_cache_per_group(tmp_path):
-    """--lengths max (every row runs to --new-tokens, a group's rows end together): one prompt cache per group, as
-    the backend takes for such calls, not the 4 holders of rows ending at different steps (memory the run does
-    not use: the H100 round at n 5 and 1,020 rows ran out of memory with them)."""
+    """--lengths max (every row runs to --new-tokens, a group's rows end together): one prompt cache per group
+    (FastHFBackend.caches: rows given one length end together), not the 4 holders of rows ending at different
+    steps (memory the run does not use: the H100 round at n 5 and 1,020 rows ran out of memory with them); the
+    group stays all n rows of a prompt (an explicit prompt_caches 1 would split it: GROUP_SPLIT)."""
     from privcode.bench import generate_bench
 
     out = tmp_path / "gen.json"
     generate_bench.main(["--shape", "small", "--device", "cpu", "--batches", "4", "--prompt-len", "8", "--new-tokens",
                          "5", "--n", "2", "--temperature", "0.8", "--peers", "", "--out", str(out)])
     r = json.loads(out.read_text())
-    assert r["prompt_caches"] == 1 and [x["prompt_caches"] for x in r["results"]] == [[1]]
+    assert r["prompt_caches"] == 0 and [x["prompt_caches"] for x in r["results"]] == [[1]]
 
 
 def test_bench_generate_batch_0_takes_the_rows_a_stage_would(tmp_path):

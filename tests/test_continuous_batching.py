@@ -92,14 +92,16 @@ def test_greedy_rows_are_the_references_with_and_without_refill(model, prompts, 
 
 def test_prompt_caches_default_to_four_where_rows_end_at_different_steps(model):
     """prompt_caches 0 (the default): AUTO_CACHES holders per group where a group's rows can end at different
-    steps (continuous batching, EOS or drawn lengths), one where every row runs to max_new_tokens or batches
-    run one after another; a value set is what it says."""
+    steps (continuous batching, EOS or drawn lengths), one where every row runs to max_new_tokens or to the one
+    length all given lengths share (EOS ignored), or batches run one after another; a value set is what it says."""
     from privcode.synth.fast import AUTO_CACHES
 
     fb = _fast(model, None, batch_size=4)
     assert AUTO_CACHES == 4
     assert fb.caches(20, False, None) == 4 and fb.caches(20, True, [[3, 5]]) == 4
     assert fb.caches(20, True, None) == 1  # fixed lengths
+    assert fb.caches(20, True, [[7, 7], [7, 7]]) == 1 and fb.caches(20, False, [[7, 7]]) == 4  # one given length
+    assert fb.caches(20, True, [[7, 7], [7, 6]]) == 4
     assert _fast(model, None, batch_size=4, continuous=False).caches(20, False, None) == 1
     assert _fast(model, None, batch_size=4, prompt_caches=2).caches(20, False, None) == 2
 

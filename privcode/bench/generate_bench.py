@@ -125,13 +125,9 @@ def run(a) -> dict:
     P, N = a.prompt_len, a.new_tokens
     k = a.n if a.temperature > 0 else 1
     params = SamplingParams(max_new_tokens=N, temperature=a.temperature, top_p=a.top_p, n=k, seed=0)
-    # --lengths max: every row runs to N and a group's rows end together -- one prompt cache per group, what the
-    # backend takes for such calls (no lengths, ignore_eos); the explicit lengths passed below would count as
-    # rows ending at different steps (AUTO_CACHES: 4 holders, memory the run does not use)
-    caches = a.prompt_caches or (1 if a.lengths == "max" else 0)
     if 0 in batches:  # rows from the free memory, as a stage's `batch_size: 0` (FastHFBackend.rows)
         auto = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
-                             batch_size=0, prompt_rows=a.prompt_rows, prompt_caches=caches).rows(P, params)
+                             batch_size=0, prompt_rows=a.prompt_rows, prompt_caches=a.prompt_caches).rows(P, params)
         batches = [auto if B == 0 else B for B in batches]
         print(f"batch 0: {auto} rows (free memory, FastHFBackend.rows)")
     most = max([max(1, B // k) * a.waves for B in batches] + peer_batches + static_batches)
@@ -141,7 +137,7 @@ def run(a) -> dict:
            "attention": a.attention,
            "shape": shape.name, "dtype": str(dtype).split(".")[-1], "prompt_len": P, "new_tokens": N,
            "sampling": {"n": a.n, "temperature": a.temperature, "top_p": a.top_p} if a.temperature > 0 else None,
-           "lengths": a.lengths, "waves": a.waves, "prompt_rows": a.prompt_rows, "prompt_caches": caches,
+           "lengths": a.lengths, "waves": a.waves, "prompt_rows": a.prompt_rows, "prompt_caches": a.prompt_caches,
            "results": []}
     mode = f"n={a.n}, T={a.temperature}, top-p {a.top_p}" if a.temperature > 0 else "greedy"
     print(f"generate: {shape.name} {res['dtype']} on {res['info'].get('card')}: prompts {P} tokens, {N} new, {mode}"
@@ -164,13 +160,17 @@ def run(a) -> dict:
     def fast_run(name, B, **kw):
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
                            batch_size=B, prompt_rows=a.prompt_rows, attention=a.attention,
-                           prompt_caches=caches, **kw)
+                           prompt_caches=a.prompt_caches, **kw)
         m = max(1, B // k) * a.waves
         ids, want = prompts[:m].tolist(), [[N] * k] * m if lengths is None else lengths[:m]
         try:
             _sync(device)
-            t0 = time.perf_counter()  # rows of 1 token: the same runner (graphs, compiles, prefill), no decoding
-            fb.generate_ids(ids, params, ignore_eos=True, lengths=[[1] * k] * m)
+            # rows of 1 or 2 tokens: the same runner (graphs, compiles, prefill), next to no decoding; rows of one
+            # length where the timed rows share one (FastHFBackend.caches: prompt caches per group follow that)
+            one = len({n for per in want for n in per}) == 1
+            warm = [[1] * k] * m if one else [[min(N, 1 + j % 2) for j in range(k)]] * m
+            t0 = time.perf_counter()
+            fb.generate_ids(ids, params, ignore_eos=True, lengths=warm)
             _sync(device)
             first = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -252,7 +252,7 @@ def run(a) -> dict:
             print(f"profile: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated before its runner", flush=True)
         fb = FastHFBackend(model=model, tokenizer=None, eos_token_id=model.config.eos_token_id, pad_token_id=0,
                            batch_size=max(batches), prompt_rows=a.prompt_rows, compile_layers=a.compile,
-                           attention=a.attention, prompt_caches=caches)
+                           attention=a.attention, prompt_caches=a.prompt_caches)
         res["profile"] = profile_decode(fb, prompts.tolist(), params, max(batches), a.profile_steps)
         print_profile(res["profile"])
 
@@ -303,7 +303,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-rows", type=int, default=0, help="rows decoding one prompt's samples at a time "
                     "(0: the backend's default)")
     ap.add_argument("--prompt-caches", type=int, default=0, choices=(0, 1, 2, 3, 4), help="prompt caches per "
-                    "group of rows (FastHFBackend.prompt_caches; 0: its default, 4 where rows end at different steps; "
+                    "group of rows (FastHFBackend.prompt_caches; 0: its default, 4 where rows end at different steps, "
                     "1 with --lengths max)")
     ap.add_argument("--attention", default="auto", choices=ATTENTION, help="the fast backend's decode "
                     "attention (decoder.resolve_attention): auto = the own caches through privcode's Triton kernel on "

@@ -212,10 +212,12 @@ class FastHFBackend(Backend):
 
     def caches(self, k: int, ignore_eos: bool, lengths) -> int:
         """Prompt caches per group of rows (`prompt_caches`; 0: AUTO_CACHES where a group's rows can end at
-        different steps -- with continuous batching, unless every row runs to max_new_tokens -- else one)."""
+        different steps -- with continuous batching, unless EOS is ignored and every row runs to one length:
+        max_new_tokens, or the one length all `lengths` give -- else one)."""
         if self.prompt_caches:
             return self.prompt_caches
-        return AUTO_CACHES if self.continuous and not (ignore_eos and lengths is None) else 1
+        together = ignore_eos and (lengths is None or len({n for per in lengths for n in per}) <= 1)
+        return AUTO_CACHES if self.continuous and not together else 1
 
     def _hf_generate_ids(self, batch, params, ignore_eos):
         dev = next(self.model.parameters()).device
