@@ -269,10 +269,10 @@ def own_path_runs(p, attention: str, head_dim: int = 64) -> bool:
 
 def resolve_attention(p, attention: str, head_dim: int) -> str:
     """The attention path a Decoder runs for `attention` on p's device and dtype, each path probed against the
-    math path at the model's head dim: "auto" is the Triton own-cache kernel where it runs (CUDA, fp16/bf16:
-    2x the memory-efficient kernel's bandwidth on the own caches, 1.12-1.15x tok/s, docs/performance.md #17),
-    with the memory-efficient kernel for the prompt caches; an own-cache path that fails falls back to "auto"
-    without it, and auto's memory-efficient kernel that fails to "math" (each logs why)."""
+    math path at the model's head dim: "auto" is the Triton own-cache kernel where it runs (CUDA, fp16/bf16: the
+    fastest path measured, docs/performance.md), with the memory-efficient kernel for the prompt caches; an
+    own-cache path that fails falls back to "auto" without it, and auto's memory-efficient kernel that fails to
+    "math" (each logs why)."""
     if attention == "auto" and uses_kernel(p, "auto") and importlib.util.find_spec("triton") is not None:
         attention = "triton"
     if attention in OWN_ONLY and not own_path_runs(p, attention, head_dim):

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 # (keys per loop step, warps, pipeline stages): 64 x head-dim tiles of K and V (16 KB each at d 128, bf16),
-# two loads in flight; on the H100 blocks of 32 to 128 keys with 2-4 warps tie (2.85 TB/s at the 8B round
-# trip's shape), 128 keys with 8 warps is 1.5x slower (`privcode bench attention --triton-configs`)
+# two loads in flight; 32 to 128 keys with 2-4 warps measured level, 8 warps slower (`privcode bench attention
+# --triton-configs`, docs/performance.md)
 CONFIG = (64, 4, 2)
 
 
