@@ -49,11 +49,9 @@ def prepare(path: str, q, K, V, counts, scale: float):
 
     from privcode.synth import decoder
 
-    if path.startswith("triton["):  # triton[keys,warps,stages]: own_attention.own_attend with that config
-        from privcode.synth.own_attention import own_attend
-
+    if path.startswith("triton["):  # triton[keys,warps,stages]: the Triton kernel with that config
         config = tuple(int(x) for x in path[len("triton["):-1].split(","))
-        return lambda: own_attend(q, K, V, counts, scale, config)
+        return lambda: decoder.triton_attend(q, K, V, counts, scale, config)
     slots = K.shape[2]
     mask = (torch.arange(slots, device=q.device)[None, :] < counts[:, None]).view(-1, 1, 1, slots)
     keys = decoder.step_keys(decoder.prefix_keys(mask, q.dtype), slots, path)

@@ -165,10 +165,9 @@ def run(a) -> dict:
         ids, want = prompts[:m].tolist(), [[N] * k] * m if lengths is None else lengths[:m]
         try:
             _sync(device)
-            # rows of 1 or 2 tokens: the same runner (graphs, compiles, prefill), next to no decoding; rows of one
-            # length where the timed rows share one (FastHFBackend.caches: prompt caches per group follow that)
-            one = len({n for per in want for n in per}) == 1
-            warm = [[1] * k] * m if one else [[min(N, 1 + j % 2) for j in range(k)]] * m
+            # rows of 1 or 2 tokens: the same runner (graphs, compiles, prefill), next to no decoding -- of one
+            # length exactly where the timed rows are (FastHFBackend.caches sizes the prompt caches by that)
+            warm = [[1 + (n != want[0][0]) for n in per] for per in want]
             t0 = time.perf_counter()
             fb.generate_ids(ids, params, ignore_eos=True, lengths=warm)
             _sync(device)

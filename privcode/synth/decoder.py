@@ -224,13 +224,14 @@ def flash_attend(q, K, V, counts, scale: float):
     return o.view(B, kv, G, d), lse.view(kv * G, B).t().reshape(B, kv, G).float()  # its lse: [heads, rows]
 
 
-def triton_attend(q, K, V, counts, scale: float):
+def triton_attend(q, K, V, counts, scale: float, config: tuple | None = None):
     """Own-cache decode attention through privcode's Triton kernel (privcode.synth.own_attention: one program
     per row and KV head, its G query heads one tile, reading only the row's first counts[b] keys): q [B, kv, G,
-    d], K/V [B, kv, n, d] cache slices. Returns (o [B, kv, G, d], lse [B, kv, G] fp32)."""
+    d], K/V [B, kv, n, d] cache slices; config (keys per step, warps, stages), default own_attention.CONFIG.
+    Returns (o [B, kv, G, d], lse [B, kv, G] fp32)."""
     from privcode.synth import own_attention  # imports triton: only where asked for
 
-    return own_attention.own_attend(q, K, V, counts, scale)
+    return own_attention.own_attend(q, K, V, counts, scale, config or own_attention.CONFIG)
 
 
 # paths for the own caches only (the prompt caches take "auto"'s), with their names for the probe's log
