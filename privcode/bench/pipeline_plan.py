@@ -15,9 +15,9 @@ evaluations are not counted.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from privcode.filters.early_stop import expected_descriptions
+from privcode.filters.early_stop import reach_probabilities, round_sizes, schedule_name
 
 # task counts of the benchmarks (EvalPlus HumanEval+ / MBPP+ v0.2, BigCodeBench v0.1 full / hard)
 TASKS = {"humaneval": 164, "mbpp": 378, "bigcodebench-complete-full": 1140, "bigcodebench-complete-hard": 148,
@@ -37,6 +37,33 @@ SOURCES = {  # where each assumption comes from (printed with it)
 }
 
 
+# early-stop schedules the projection compares (n = 20; others scale): even rounds, and a first round
+# then the rest in one (each round prefills the program's prompt again, privcode.filters.early_stop)
+SCHEDULES = (1, 2, 4, 5, 10, (2, 18), (4, 16), (5, 15), (10, 10), (5, 5, 10), (2, 4, 14))
+
+
+def default_schedule(n: int):
+    """The projection's early stop where the config sets none: a first round of n/4, then the rest
+    (fewest prefills for the share that passes early; the candidates' table shows the others)."""
+    first = max(1, n // 4)
+    return [first, n - first] if first < n else n
+
+
+def candidate_schedules(n: int) -> list:
+    """SCHEDULES scaled to n (round sizes x n/20, summing to n), each once."""
+    out = []
+    for k in SCHEDULES:
+        if isinstance(k, int):
+            c = max(1, round(k * n / 20))
+            c = c if c < n else None
+        else:
+            c = [max(1, round(m * n / 20)) for m in k[:-1]]
+            c = c + [n - sum(c)] if sum(c) < n else None
+        if c is not None and c not in out:
+            out.append(c)
+    return out
+
+
 @dataclass
 class Plan:
     dp_steps: int
@@ -44,7 +71,7 @@ class Plan:
     ft_epochs: float
     ft_batch: int
     n: int                       # descriptions per program
-    early_stop_round: int        # rounds of k for the early-stop projection (config, else 5)
+    early_stop_round: int | list  # the early-stop projection's rounds (config, else default_schedule)
     tau: float                   # roundtrip.threshold (a measured early stop replays at it)
     benchmarks: list
     exec_workers: int
@@ -58,6 +85,7 @@ class Plan:
     temperature: float
     top_p: float
     scorer_batch: int
+    scorer_tf32: bool            # roundtrip.scorer_tf32: which measured BERTScore cost the projection takes
     dataset_records: int = 75_197
     exec_pass: float = 0.70
     roundtrip_keep: float = 0.5
@@ -88,13 +116,13 @@ class Plan:
         rt, gen = stage_options(RoundTripConfig, c["roundtrip"]), stage_options(GenerateConfig, c["generate"])
         data = {**prepare.__kwdefaults__, **c["data"]}  # prepare-data's options: its keyword arguments
         plan = cls(dp_steps=dp.steps, dp_batch=dp.batch_size, ft_epochs=ft.epochs, ft_batch=ft.batch_size,
-                   n=rt.n, early_stop_round=rt.early_stop_round or 5, tau=rt.threshold,
+                   n=rt.n, early_stop_round=rt.early_stop_round or default_schedule(rt.n), tau=rt.threshold,
                    benchmarks=list(c["evaluate"]["benchmarks"]), exec_workers=c["exec_filter"]["workers"],
                    private_fraction=data["private_fraction"], answer_cap=gen.max_new_tokens,
                    dp_micro_batch=dp.micro_batch_size, dp_micro_tokens=dp.micro_batch_tokens,
                    ft_micro_batch=ft.micro_batch_size, gen_batch=gen.batch_size,
                    eval_batch=stage_options(EvalConfig, c["evaluate"]).batch_size,
-                   temperature=rt.temperature, top_p=rt.top_p, scorer_batch=rt.scorer_batch_size,
+                   temperature=rt.temperature, top_p=rt.top_p, scorer_batch=rt.scorer_batch_size, scorer_tf32=rt.scorer_tf32,
                    description_tokens=rt.max_new_tokens)
         plan.answer_tokens = min(plan.answer_tokens, plan.answer_cap)
         for k, v in (assume or {}).items():
@@ -127,8 +155,13 @@ class Plan:
     def eval_tasks(self) -> int:
         return sum(TASKS.get(b, 0) for b in self.benchmarks)
 
+    def reach(self, schedule=None) -> list[float]:
+        """Chance that a program gets each round of `schedule` (default the plan's), under the model."""
+        k = self.early_stop_round if schedule is None else schedule
+        return reach_probabilities(self.n, k, self.roundtrip_keep, self.stop_pass_p)
+
     def descriptions_early_stop(self) -> float:
-        return expected_descriptions(self.n, self.early_stop_round, self.roundtrip_keep, self.stop_pass_p)
+        return sum(q * m for q, m in zip(self.reach(), round_sizes(self.n, self.early_stop_round)))
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -138,10 +171,46 @@ class Plan:
         return d
 
 
-def project(plan: Plan, units: dict, early_stop_descriptions: float | None = None) -> dict:
+def round_cost(plan: Plan, units: dict) -> tuple[float, float] | None:
+    """(seconds per round, seconds per description) of the describer for one program: a line through
+    the two measured round trips (all n at once, and the first round's size), exact at both — the
+    first term is the round's fixed cost (its prompt's prefill), the second the decoding; the fixed
+    cost is clamped at 0 (noise). None without both units."""
+    full, part = units.get("roundtrip") or {}, units.get("roundtrip_round") or {}
+    if not full.get("tok_s") or not part.get("tok_s"):
+        return None
+    n, k, tok = plan.n, part.get("n", round_sizes(plan.n, plan.early_stop_round)[0]), plan.description_tokens
+    a, b = n * tok / full["tok_s"], k * tok / part["tok_s"]  # seconds per program, round of n / of k
+    if k == n:
+        return 0.0, a / n
+    per = (a - b) / (n - k)
+    fixed = a - n * per
+    return (fixed, per) if fixed >= 0 else (0.0, a / n)
+
+
+def score_cost(plan: Plan, units: dict) -> float | None:
+    """BERTScore seconds per sentence at the plan's scorer precision (None: not measured)."""
+    return (units.get("roundtrip") or {}).get("score_s_per_sentence_tf32" if plan.scorer_tf32 else
+                                              "score_s_per_sentence")
+
+
+def early_stop_seconds(plan: Plan, units: dict, schedule=None, reach: list | None = None) -> float | None:
+    """Round-trip seconds for all programs with early stop in rounds of `schedule` (default the plan's):
+    each round reached costs its prefill, its decoding and its scoring (its descriptions and the
+    problem once). `reach`: each round's share of programs (default the plan's model)."""
+    cost, sc = round_cost(plan, units), score_cost(plan, units)
+    if cost is None or sc is None:
+        return None
+    sizes = round_sizes(plan.n, plan.early_stop_round if schedule is None else schedule)
+    reach = plan.reach(schedule) if reach is None else reach
+    return plan.programs * sum(q * (cost[0] + m * cost[1] + (m + 1) * sc) for q, m in zip(reach, sizes))
+
+
+def project(plan: Plan, units: dict, early_stop_reach: list | None = None, alternatives: bool = True) -> dict:
     """Seconds of one card per stage ({stage: {"work", "seconds", "gpu_hours"[, early stop]}}) from
-    `units` (privcode.bench.pipeline_bench); None where a unit failed. `early_stop_descriptions`: a
-    measured mean per program (else the plan's model)."""
+    `units` (privcode.bench.pipeline_bench); None where a unit failed. `early_stop_reach`: each round's
+    measured share of programs (a replay, `measured_early_stop`; else the plan's model). With
+    `alternatives`, total["other_scorer"] is the column with the other BERTScore precision where measured."""
     out: dict = {}
 
     def get(stage, key):
@@ -162,16 +231,26 @@ def project(plan: Plan, units: dict, early_stop_descriptions: float | None = Non
     out["exec"] = {"work": f"{plan.prompts} programs in the sandbox", "seconds": 0.0, "gpu_hours": 0.0,
                    "cpu_core_hours": None if cpu is None else cpu / 3600,
                    "wall_hours": None if cpu is None else cpu / plan.exec_workers / 3600}
-    t, sc = get("roundtrip", "tok_s"), get("roundtrip", "score_s_per_sentence")
+    t, sc = get("roundtrip", "tok_s"), score_cost(plan, units)
     desc = plan.programs * plan.n
     put("roundtrip", f"{plan.programs} programs x {plan.n} x {plan.description_tokens} tokens",
         None if not t or sc is None else desc * plan.description_tokens / t + desc * (1 + 1 / plan.n) * sc)
-    e = plan.descriptions_early_stop() if early_stop_descriptions is None else early_stop_descriptions
-    te, k = get("roundtrip_round", "tok_s"), plan.early_stop_round
-    es = None if not te or sc is None else plan.programs * e * (plan.description_tokens / te + (1 + 1 / k) * sc)
-    out["roundtrip"].update(descriptions_per_program_early_stop=e,
-                            early_stop_source="measured" if early_stop_descriptions is not None else "model",
-                            seconds_early_stop=es, gpu_hours_early_stop=None if es is None else es / 3600)
+    sizes = round_sizes(plan.n, plan.early_stop_round)
+    reach = plan.reach() if early_stop_reach is None else early_stop_reach
+    es = early_stop_seconds(plan, units, reach=reach)
+    cost = round_cost(plan, units)
+    out["roundtrip"].update(
+        early_stop_schedule=schedule_name(plan.n, plan.early_stop_round),
+        descriptions_per_program_early_stop=sum(q * m for q, m in zip(reach, sizes)),
+        rounds_per_program_early_stop=sum(reach),
+        early_stop_source="measured" if early_stop_reach is not None else "model",
+        seconds_early_stop=es, gpu_hours_early_stop=None if es is None else es / 3600,
+        round_s_per_program=None if cost is None else cost[0], describe_s_per_description=None if cost is None
+        else cost[1],
+        schedules={schedule_name(plan.n, k): {
+            "rounds": k, "descriptions": sum(q * m for q, m in zip(plan.reach(k), round_sizes(plan.n, k))),
+            "gpu_hours": None if (x := early_stop_seconds(plan, units, k)) is None else x / 3600}
+            for k in candidate_schedules(plan.n)})
     s = get("stage6", "s_per_token")
     recs = plan.ft_epochs * plan.kept
     put("stage6", f"{plan.ft_epochs:g} epochs x {plan.kept} records x {plan.record_tokens} tokens",
@@ -185,6 +264,11 @@ def project(plan: Plan, units: dict, early_stop_descriptions: float | None = Non
         full - out["roundtrip"]["gpu_hours"] + out["roundtrip"]["gpu_hours_early_stop"]
     out["total"] = {"gpu_hours": full, "gpu_hours_early_stop": es_total,
                     "cpu_core_hours": out["exec"]["cpu_core_hours"]}
+    other = replace(plan, scorer_tf32=not plan.scorer_tf32)
+    if alternatives and score_cost(other, units) is not None:  # the same column with the other scorer precision
+        t = project(other, units, early_stop_reach, alternatives=False)["total"]
+        out["total"]["other_scorer"] = {"scorer_tf32": other.scorer_tf32, "gpu_hours": t["gpu_hours"],
+                                        "gpu_hours_early_stop": t["gpu_hours_early_stop"]}
     return out
 
 
@@ -202,13 +286,14 @@ def table(res: dict) -> str:
     lines += [f"| prompts / programs / kept | {p['prompts']} / {p['programs']} / {p['kept']} | derived: "
               f"records x (1 - private_fraction {p['private_fraction']}), x exec_pass, x roundtrip_keep |",
               f"| early stop: descriptions per program | {p['descriptions_per_program_early_stop']:.2f} of {p['n']} "
-              f"| model: rounds of {p['early_stop_round']}, keep x pass chance (filters.early_stop) |",
+              f"| model: {schedule_name(p['n'], p['early_stop_round'])}, keep x pass chance (filters.early_stop) |",
               "", "| unit | measured | shape |", "|---|---:|---|"]
     for stage, v in u.items():
         if v.get("error"):
             lines.append(f"| {stage} | failed | {v['error'][:120]} |")
             continue
-        val = {k: v[k] for k in ("s_per_token", "t_opt_s", "tok_s", "per_core", "score_s_per_sentence") if k in v}
+        val = {k: v[k] for k in ("s_per_token", "t_opt_s", "tok_s", "per_core", "score_s_per_sentence",
+                                 "score_s_per_sentence_tf32") if v.get(k) is not None}
         lines.append(f"| {stage} | {', '.join(f'{k} {x:.4g}' for k, x in val.items())} | {v.get('shape', '')} |")
     lines += ["", "| stage | work | GPU-hours | with early stop |", "|---|---|---:|---:|"]
     for stage, v in pr.items():
@@ -220,4 +305,17 @@ def table(res: dict) -> str:
         lines.append(f"| {stage} | {v['work']}{extra} | {_h(v['gpu_hours'])} | {_h(es)} |")
     t = pr["total"]
     lines.append(f"| **total** | one card | **{_h(t['gpu_hours'])}** | **{_h(t['gpu_hours_early_stop'])}** |")
+    if t.get("other_scorer"):
+        o = t["other_scorer"]
+        lines.append(f"| total, `roundtrip.scorer_tf32: {str(o['scorer_tf32']).lower()}` | BERTScore in "
+                     f"{'TF32' if o['scorer_tf32'] else 'fp32'} | {_h(o['gpu_hours'])} | {_h(o['gpu_hours_early_stop'])} |")
+    rt = pr["roundtrip"]
+    if rt.get("round_s_per_program") is not None:
+        lines += ["", f"Round trip with early stop ({rt['early_stop_source']}: {rt['early_stop_schedule']}, "
+                  f"{rt['rounds_per_program_early_stop']:.2f} rounds and {rt['descriptions_per_program_early_stop']:.2f} "
+                  f"descriptions per program): each round costs {1e3 * rt['round_s_per_program']:.1f} ms per program "
+                  f"(its prompt's prefill) + {1e3 * rt['describe_s_per_description']:.1f} ms per description (decoding), "
+                  "fitted to the two measured round trips; other schedules under the model:", "",
+                  "| schedule | descriptions per program | round trip GPU-hours |", "|---|---:|---:|"]
+        lines += [f"| {name} | {v['descriptions']:.2f} | {_h(v['gpu_hours'])} |" for name, v in rt["schedules"].items()]
     return "\n".join(lines)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
@@ -21,10 +22,12 @@ KNOWN_SCORER_LAYERS = {
 
 class Scorer:
     """BERTScore F1 with one model loaded once. `model` is a hub name, a local directory or a
-    `pkg:` reference; the layer comes from `num_layers`, bert-score's table or KNOWN_SCORER_LAYERS."""
+    `pkg:` reference; the layer comes from `num_layers`, bert-score's table or KNOWN_SCORER_LAYERS.
+    `tf32`: the encoder's fp32 matmuls on CUDA's TF32 tensor cores (faster; F1s move slightly, so a
+    program near τ can flip: docs/performance.md has the measured gap); off: fp32 throughout."""
 
     def __init__(self, model: str = "roberta-large", num_layers: int | None = None, batch_size: int = 64,
-                 device: str | None = None):
+                 device: str | None = None, tf32: bool = False):
         from bert_score import BERTScorer
         from bert_score.utils import model2layers
 
@@ -43,6 +46,7 @@ class Scorer:
             raise PrivcodeError(f"bert-score does not know which layer of '{model}' to use: set "
                                 f"'scorer_num_layers' (e.g. 6, the last, for MiniLM-L6)", field="scorer_num_layers")
         self.model, self.path, self.num_layers, self.batch_size = model, path, int(num_layers), batch_size
+        self.tf32 = bool(tf32)
         try:
             self._scorer = BERTScorer(model_type=path, num_layers=self.num_layers, device=device,
                                       rescale_with_baseline=False, idf=False)
@@ -63,12 +67,27 @@ class Scorer:
             raise ValueError("cands and refs differ in length")
         out: list[float] = []
         chunk = self.batch_size * 8  # bert-score embeds unique sentences per call; chunks give progress
-        for s in range(0, len(cands), chunk):
-            _, _, f = self._scorer.score(cands[s:s + chunk], refs[s:s + chunk], batch_size=self.batch_size)
-            out.extend(float(x) for x in f.tolist())
-            if progress is not None:
-                progress(len(cands[s:s + chunk]))
+        with matmul_precision("high" if self.tf32 else "highest"):
+            for s in range(0, len(cands), chunk):
+                _, _, f = self._scorer.score(cands[s:s + chunk], refs[s:s + chunk], batch_size=self.batch_size)
+                out.extend(float(x) for x in f.tolist())
+                if progress is not None:
+                    progress(len(cands[s:s + chunk]))
         return out
 
     def describe(self) -> dict:
-        return {"model": self.model, "path": self.path, "num_layers": self.num_layers}
+        return {"model": self.model, "path": self.path, "num_layers": self.num_layers, "tf32": self.tf32}
+
+
+@contextmanager
+def matmul_precision(level: str):
+    """torch's float32 matmul precision for the block ('highest': fp32; 'high': TF32 tensor cores on
+    CUDA, no effect on CPU), restored after."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -4,8 +4,11 @@
         --params '{"n": 20, "early_stop_round": 5, "early_stop_threshold": 0.92, "threshold": 0.0, ...}'
 
 With `early_stop_round: k` (> 0) a program gets its `n` descriptions k at a time (⌈n/k⌉ rounds, the
-last one shorter); each round is scored at once, and a program whose best F1 so far is ≥ τ_s
-(`early_stop_threshold`, default `threshold`) gets no more rounds. Off by default (`k = 0`).
+last one shorter), or with a list such as `[5, 15]` in rounds of those sizes (they sum to n); each
+round is scored at once, and a program whose best F1 so far is ≥ τ_s (`early_stop_threshold`,
+default `threshold`) gets no more rounds. Off by default (`k = 0`). Each round prefills its
+program's prompt again, so few rounds that grow ([5, 15]) can cost less GPU time than many even
+ones, though they make more descriptions (`privcode bench pipeline` projects both).
 
 Why the keep decision at τ_s has the same distribution as with all n: the n descriptions of a
 program are i.i.d. draws given the program (same prompt, same sampling settings, fresh random
@@ -39,11 +42,26 @@ from privcode.errors import PrivcodeError
 ROUND_SEED_STRIDE = 1 << 32
 
 
-def round_sizes(n: int, k: int) -> list[int]:
-    """Descriptions per round: ⌈n/k⌉ rounds of k, the last one shorter (k = 0: one round of n)."""
+def round_sizes(n: int, k) -> list[int]:
+    """Descriptions per round: an int k gives ⌈n/k⌉ rounds of k, the last one shorter (k = 0: one round
+    of n); a list is the sizes themselves (each ≥ 1, summing to n; ValueError otherwise)."""
+    if isinstance(k, (list, tuple)):
+        sizes = list(k)
+        if not sizes or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in sizes) \
+                or sum(sizes) != n:
+            raise ValueError(f"round sizes {sizes} must be integers >= 1 that sum to n={n}")
+        return sizes
     if k <= 0 or k >= n:
         return [n]
     return [k] * (n // k) + ([n % k] if n % k else [])
+
+
+def schedule_name(n: int, k) -> str:
+    """'rounds of 5' / '5+15': how a schedule reads in tables."""
+    sizes = round_sizes(n, k)
+    if len(set(sizes[:-1])) <= 1 and sizes[-1] <= sizes[0]:
+        return f"rounds of {sizes[0]}" if len(sizes) > 1 else f"one round of {n}"
+    return "+".join(map(str, sizes))
 
 
 def describe_in_rounds(todo, n: int, k: int, tau: float, chunk: int, seed: int, describe, score, done) -> int:
@@ -97,19 +115,42 @@ def check_threshold(records, tau: float, path) -> None:
 
 
 # --- what it saves (privcode bench pipeline) -------------------------------------------------------
-def descriptions_needed(rec: dict, tau: float, n: int, k: int) -> int:
-    """Descriptions an early stop at τ_s=`tau` with rounds of `k` would have made for one scores.jsonl
+def rounds_needed(rec: dict, tau: float, n: int, k) -> int:
+    """Rounds an early stop at τ_s=`tau` with the schedule `k` would have run for one scores.jsonl
     record of a run with all n (its valid F1s by description index)."""
+    sizes = round_sizes(n, k)
     hits = [v["index"] for v in rec["valid"] if v["f1"] >= tau]
-    return n if not hits else min(n, -(-(min(hits) + 1) // k) * k)
+    if not hits:
+        return len(sizes)
+    first, made = min(hits), 0
+    for r, m in enumerate(sizes):
+        made += m
+        if first < made:
+            return r + 1
+    return len(sizes)
 
 
-def expected_descriptions(n: int, k: int, keep: float, p: float) -> float:
-    """Expected descriptions per program under a model: a share `keep` of programs pass τ_s (with all
-    n), and for those the first passing description is geometric with per-description probability p
-    (conditioned on passing within n); the others take all n."""
+def descriptions_needed(rec: dict, tau: float, n: int, k) -> int:
+    """Descriptions an early stop at τ_s=`tau` with the schedule `k` would have made for one
+    scores.jsonl record of a run with all n."""
+    return sum(round_sizes(n, k)[:rounds_needed(rec, tau, n, k)])
+
+
+def reach_probabilities(n: int, k, keep: float, p: float) -> list[float]:
+    """Chance that a program gets round r of the schedule `k`, under a model: a share `keep` of programs
+    pass τ_s (with all n), and for those the first passing description is geometric with
+    per-description probability p (conditioned on passing within n); the others get every round."""
+    sizes = round_sizes(n, k)
     if keep <= 0 or p <= 0:
-        return float(n)
+        return [1.0] * len(sizes)
     z = 1 - (1 - p) ** n
-    passed = sum(min(n, -(-g // k) * k) * p * (1 - p) ** (g - 1) / z for g in range(1, n + 1))
-    return (1 - keep) * n + keep * passed
+    out, made = [], 0
+    for m in sizes:  # reach round r: no pass among the first `made` descriptions
+        out.append((1 - keep) + keep * ((1 - p) ** made - (1 - p) ** n) / z)
+        made += m
+    return out
+
+
+def expected_descriptions(n: int, k, keep: float, p: float) -> float:
+    """Expected descriptions per program under the model of `reach_probabilities`."""
+    return sum(q * m for q, m in zip(reach_probabilities(n, k, keep, p), round_sizes(n, k)))

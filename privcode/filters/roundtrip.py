@@ -77,14 +77,17 @@ class RoundTripConfig(Params):
     scorer_model: str = "roberta-large"  # hub name, local path or pkg:NAME/sub/path
     scorer_num_layers: int | None = None  # None: bert-score's table or KNOWN_SCORER_LAYERS
     scorer_batch_size: int = 64
+    scorer_tf32: bool = False            # the scorer's matmuls in TF32 on CUDA (faster, F1s move slightly:
+                                         # privcode.filters.bertscore); off: fp32, the paper's arithmetic
     dtype: str = "float32"
     seed: int = 0
     limit: int | None = None             # filter only the first `limit` programs (demo budget)
     prefill: bool = False                # start each answer with PREFILL (small models ignore the format)
     shards: int = 0                      # describer processes, one per GPU: 0 = one per device in
                                          # CUDA_VISIBLE_DEVICES (privcode.shard); BERTScore runs once, here
-    early_stop_round: int = 0            # > 0: describe this many at a time, stop a program once one
-                                         # passes early_stop_threshold (privcode.filters.early_stop); 0: off
+    early_stop_round: int | list = 0     # > 0: describe this many at a time (or a list of round sizes summing
+                                         # to n, e.g. [5, 15]), stop a program once one passes
+                                         # early_stop_threshold (privcode.filters.early_stop); 0: off
     early_stop_threshold: float | None = None  # τ_s, exact for every τ ≤ τ_s (None: threshold)
     compile_layers: bool = False         # backend fast: torch.compile of the decoder layers, shared by all of them
 
@@ -110,12 +113,20 @@ class RoundTripConfig(Params):
         need(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit",
              "must be null or an integer >= 1")
         need(isinstance(self.prefill, bool), "prefill", "must be true or false")
+        need(isinstance(self.scorer_tf32, bool), "scorer_tf32", "must be true or false")
         need(isinstance(self.shards, int) and self.shards >= 0, "shards",
              "must be an integer >= 0 (0: one process per visible GPU)")
         need(self.temperature > 0 or self.n == 1, "n", "n > 1 needs temperature > 0 (greedy gives one answer)")
         k = self.early_stop_round
-        need(isinstance(k, int) and (k == 0 or 0 < k < self.n), "early_stop_round",
-             f"must be 0 (off) or an integer in 1..n-1 (n={self.n}): descriptions per round")
+        if isinstance(k, (list, tuple)):
+            self.early_stop_round = k = list(k)
+            need(len(k) >= 2 and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in k)
+                 and sum(k) == self.n, "early_stop_round",
+                 f"a list must hold two or more round sizes, integers >= 1 that sum to n={self.n} (got {k})")
+        else:
+            need(isinstance(k, int) and not isinstance(k, bool) and (k == 0 or 0 < k < self.n), "early_stop_round",
+                 f"must be 0 (off), an integer in 1..n-1 (n={self.n}): descriptions per round, or a list of "
+                 "round sizes that sum to n")
         need(self.early_stop_threshold is None or (isinstance(self.early_stop_threshold, (int, float))
                                                    and self.early_stop_threshold >= self.threshold),
              "early_stop_threshold", f"must be null or a number >= threshold ({self.threshold}): the keep "
@@ -155,7 +166,8 @@ def _gen_settings(model_ref, cfg):
     gen = {"model": model_ref, **{k: getattr(cfg, k) for k in _GEN_KEYS}}
     if cfg.stop_threshold is not None:  # the stored F1s and the stopping depend on these too
         gen["early_stop"] = {"round": cfg.early_stop_round, "threshold": cfg.stop_threshold,
-                             "scorer": cfg.scorer_model, "layers": cfg.scorer_num_layers}
+                             "scorer": cfg.scorer_model, "layers": cfg.scorer_num_layers,
+                             **({"tf32": True} if cfg.scorer_tf32 else {})}
     return gen
 
 
@@ -336,13 +348,13 @@ def run(model_ref: str, in_path, out: Path, cfg: RoundTripConfig, backend=None, 
         mine, seen = shard.child_progress(out, me)
         idx = [i for i in range(len(samples))[me[0]::me[1]] if samples[i]["id"] not in seen]
         if scorer is None and cfg.stop_threshold is not None:  # early stop scores each round here
-            scorer = Scorer(cfg.scorer_model, cfg.scorer_num_layers, cfg.scorer_batch_size)
+            scorer = Scorer(cfg.scorer_model, cfg.scorer_num_layers, cfg.scorer_batch_size, tf32=cfg.scorer_tf32)
         _, generated, _ = _generate([samples[i] for i in idx], mine, model_ref, cfg, backend, idx, scorer=scorer)
         return {"samples": len(idx), "descriptions_generated": generated, "shard": shard_spec}
     n = shard.count(cfg.shards)
     failed_dir = out.parent / f".{out.name}.failed"
     if scorer is None:  # loaded first: a bad scorer setting fails before generation, not after
-        scorer = Scorer(cfg.scorer_model, cfg.scorer_num_layers, cfg.scorer_batch_size)
+        scorer = Scorer(cfg.scorer_model, cfg.scorer_num_layers, cfg.scorer_batch_size, tf32=cfg.scorer_tf32)
     if cfg.threshold == RoundTripConfig.threshold and scorer.model != RoundTripConfig.scorer_model:
         log.warning("threshold %.2f is PrivCode's value for roberta-large; BERTScore F1 of '%s' is on another "
                     "scale (MiniLM-L6: use ~0.45)", cfg.threshold, scorer.model)
