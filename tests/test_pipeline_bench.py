@@ -145,7 +145,7 @@ def test_markdown_table_and_from_json(result, capsys):
     assert f"**{t['gpu_hours']:.3f}**" in md and f"**{t['gpu_hours_early_stop']:.3f}**" in md
     assert "roundtrip_keep | 0.4 | --assume" in md
     for name, v in res["projection"]["roundtrip"]["schedules"].items():
-        assert f"| {name} | {v['descriptions']:.2f} | {v['gpu_hours']:.3f} |" in md
+        assert f"| {name} | {v['descriptions']:.2f} | {v['rounds_per_program']:.2f} | {v['gpu_hours']:.3f} |" in md
     capsys.readouterr()
     pipeline_bench.main(["--from", str(out)])
     assert capsys.readouterr().out.strip() == md.strip()
@@ -224,3 +224,14 @@ def test_measured_early_stop_replays_each_rounds_share(tmp_path):
     plan.early_stop_round = 4  # rounds of 4: round r reached unless the first pass is below 4r
     want = [sum(f is None or f >= 4 * r for f in firsts) / 8 for r in range(5)]
     assert measured_early_stop(tmp_path / "s.jsonl", plan, 0.9) == want
+
+
+def test_candidate_schedules_scale_to_n_and_are_distinct():
+    from privcode.bench.pipeline_plan import candidate_schedules, default_schedule
+    from privcode.filters.early_stop import round_sizes
+
+    for n in (4, 8, 20, 40):
+        sizes = [round_sizes(n, k) for k in candidate_schedules(n)]
+        assert all(sum(s) == n and len(s) >= 2 for s in sizes) and len(set(map(tuple, sizes))) == len(sizes)
+        assert round_sizes(n, default_schedule(n)) in sizes
+    assert candidate_schedules(20)[:5] == [1, 2, 4, 5, 10] and [5, 15] in candidate_schedules(20)

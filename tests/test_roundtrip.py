@@ -478,17 +478,18 @@ def test_scorer_tf32_only_inside_scoring_and_same_f1_on_cpu():
 
     cands, refs = ["**You are tasked with adding two integers. [END]**", "a cake"], [PROGRAMS["add"][0]] * 2
     fp32, tf32 = rt.Scorer(MINILM), rt.Scorer(MINILM, tf32=True)
-    seen = []
-    tf32._scorer._model.register_forward_hook(lambda *a: seen.append(torch.get_float32_matmul_precision()))
+    seen: dict = {"tf32": [], "fp32": []}
+    for name, s in (("tf32", tf32), ("fp32", fp32)):
+        s._scorer._model.register_forward_hook(lambda *a, n=name: seen[n].append(torch.get_float32_matmul_precision()))
     before = torch.get_float32_matmul_precision()
     try:
-        torch.set_float32_matmul_precision("medium")
-        got = tf32.f1(cands, refs)
+        torch.set_float32_matmul_precision("medium")  # a process-wide setting neither scorer keeps
+        got, want = tf32.f1(cands, refs), fp32.f1(cands, refs)
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(before)
-    assert seen and set(seen) == {"high"}
-    assert got == fp32.f1(cands, refs) and tf32.describe()["tf32"] is True
+    assert seen["tf32"] and set(seen["tf32"]) == {"high"} and set(seen["fp32"]) == {"highest"}
+    assert got == want and tf32.describe()["tf32"] is True
     with pytest.raises(PrivcodeError, match="'scorer_tf32'"):
         cfg(scorer_tf32="yes")
 

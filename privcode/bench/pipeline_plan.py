@@ -59,7 +59,7 @@ def candidate_schedules(n: int) -> list:
         else:
             c = [max(1, round(m * n / 20)) for m in k[:-1]]
             c = c + [n - sum(c)] if sum(c) < n else None
-        if c is not None and c not in out:
+        if c is not None and round_sizes(n, c) not in [round_sizes(n, x) for x in out]:
             out.append(c)
     return out
 
@@ -122,8 +122,8 @@ class Plan:
                    dp_micro_batch=dp.micro_batch_size, dp_micro_tokens=dp.micro_batch_tokens,
                    ft_micro_batch=ft.micro_batch_size, gen_batch=gen.batch_size,
                    eval_batch=stage_options(EvalConfig, c["evaluate"]).batch_size,
-                   temperature=rt.temperature, top_p=rt.top_p, scorer_batch=rt.scorer_batch_size, scorer_tf32=rt.scorer_tf32,
-                   description_tokens=rt.max_new_tokens)
+                   temperature=rt.temperature, top_p=rt.top_p, scorer_batch=rt.scorer_batch_size,
+                   scorer_tf32=rt.scorer_tf32, description_tokens=rt.max_new_tokens)
         plan.answer_tokens = min(plan.answer_tokens, plan.answer_cap)
         for k, v in (assume or {}).items():
             if k not in SOURCES:
@@ -249,6 +249,7 @@ def project(plan: Plan, units: dict, early_stop_reach: list | None = None, alter
         else cost[1],
         schedules={schedule_name(plan.n, k): {
             "rounds": k, "descriptions": sum(q * m for q, m in zip(plan.reach(k), round_sizes(plan.n, k))),
+            "rounds_per_program": sum(plan.reach(k)),
             "gpu_hours": None if (x := early_stop_seconds(plan, units, k)) is None else x / 3600}
             for k in candidate_schedules(plan.n)})
     s = get("stage6", "s_per_token")
@@ -308,14 +309,18 @@ def table(res: dict) -> str:
     if t.get("other_scorer"):
         o = t["other_scorer"]
         lines.append(f"| total, `roundtrip.scorer_tf32: {str(o['scorer_tf32']).lower()}` | BERTScore in "
-                     f"{'TF32' if o['scorer_tf32'] else 'fp32'} | {_h(o['gpu_hours'])} | {_h(o['gpu_hours_early_stop'])} |")
+                     f"{'TF32' if o['scorer_tf32'] else 'fp32'} | {_h(o['gpu_hours'])} | "
+                     f"{_h(o['gpu_hours_early_stop'])} |")
     rt = pr["roundtrip"]
     if rt.get("round_s_per_program") is not None:
         lines += ["", f"Round trip with early stop ({rt['early_stop_source']}: {rt['early_stop_schedule']}, "
-                  f"{rt['rounds_per_program_early_stop']:.2f} rounds and {rt['descriptions_per_program_early_stop']:.2f} "
-                  f"descriptions per program): each round costs {1e3 * rt['round_s_per_program']:.1f} ms per program "
-                  f"(its prompt's prefill) + {1e3 * rt['describe_s_per_description']:.1f} ms per description (decoding), "
+                  f"{rt['rounds_per_program_early_stop']:.2f} rounds and "
+                  f"{rt['descriptions_per_program_early_stop']:.2f} descriptions per program): each round costs "
+                  f"{1e3 * rt['round_s_per_program']:.1f} ms per program (its prompt's prefill) + "
+                  f"{1e3 * rt['describe_s_per_description']:.1f} ms per description (decoding), "
                   "fitted to the two measured round trips; other schedules under the model:", "",
-                  "| schedule | descriptions per program | round trip GPU-hours |", "|---|---:|---:|"]
-        lines += [f"| {name} | {v['descriptions']:.2f} | {_h(v['gpu_hours'])} |" for name, v in rt["schedules"].items()]
+                  "| schedule | descriptions per program | rounds per program | round trip GPU-hours |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {v['descriptions']:.2f} | {v['rounds_per_program']:.2f} | {_h(v['gpu_hours'])} |"
+                  for name, v in rt["schedules"].items()]
     return "\n".join(lines)

@@ -64,7 +64,7 @@ def schedule_name(n: int, k) -> str:
     return "+".join(map(str, sizes))
 
 
-def describe_in_rounds(todo, n: int, k: int, tau: float, chunk: int, seed: int, describe, score, done) -> int:
+def describe_in_rounds(todo, n: int, k, tau: float, chunk: int, seed: int, describe, score, done) -> int:
     """Describe the programs of `todo` ([(index, record)]) in rounds, `chunk` programs at a time.
 
     `describe(part, m, seed)` → m texts per record of `part` ([(index, record)]: the index is the
