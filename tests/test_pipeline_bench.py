@@ -188,20 +188,24 @@ def test_what_a_config_leaves_out_is_what_the_workflow_and_the_stages_would_use(
 
 
 @slow
-def test_with_units_takes_earlier_units_and_refuses_another_card(result, tmp_path):
+def test_with_units_takes_earlier_units_and_refuses_another_card(result, tmp_path, capsys):
     """--with-units: a projection measured over two runs of one card has the first run's units as they were
     (not measured again) and the second's; a JSON from another card is refused."""
     from privcode.bench import pipeline_bench
 
     res, out = result
     first = tmp_path / "first.json"
-    first.write_text(json.dumps({**res, "units": {k: v for k, v in res["units"].items() if k in ("stage1", "exec")}}))
+    units = {k: v for k, v in res["units"].items() if k in ("stage1", "exec", "roundtrip")}
+    units["roundtrip"] = {**units["roundtrip"], "score_s_per_sentence_tf32": 1e-4}  # as a CUDA run records
+    first.write_text(json.dumps({**res, "units": units}))
     both = tmp_path / "both.json"
     pipeline_bench.main(["--shape", "small", "--device", "cpu", "--config", PAPER, "--with-units", str(first),
                          "--stages", "generate", "--out", str(both)])
     got = json.loads(both.read_text())["units"]
-    assert set(got) == {"stage1", "exec", "generate"}
+    assert set(got) == {"stage1", "exec", "roundtrip", "generate"}
     assert got["stage1"] == res["units"]["stage1"] and got["exec"] == res["units"]["exec"]  # taken, not re-measured
+    # units missing: no totals, and the other scorer's line says so instead of failing
+    assert "with roundtrip.scorer_tf32 true: – GPU-h, – with early stop" in capsys.readouterr().out
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**res, "info": {**res["info"], "card": "NVIDIA H200"}}))
     with pytest.raises(SystemExit, match="measured on NVIDIA H200"):

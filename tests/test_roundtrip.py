@@ -477,7 +477,7 @@ def test_scorer_tf32_only_inside_scoring_and_same_f1_on_cpu():
     import torch
 
     cands, refs = ["**You are tasked with adding two integers. [END]**", "a cake"], [PROGRAMS["add"][0]] * 2
-    fp32, tf32 = rt.Scorer(MINILM), rt.Scorer(MINILM, tf32=True)
+    fp32, tf32 = rt.Scorer(MINILM, device="cpu"), rt.Scorer(MINILM, device="cpu", tf32=True)
     seen: dict = {"tf32": [], "fp32": []}
     for name, s in (("tf32", tf32), ("fp32", fp32)):
         s._scorer._model.register_forward_hook(lambda *a, n=name: seen[n].append(torch.get_float32_matmul_precision()))

@@ -39,7 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from privcode.bench import parser, save_result
-from privcode.bench.pipeline_plan import Plan, project, table
+from privcode.bench.pipeline_plan import Plan, _h, project, table
 from privcode.filters.early_stop import round_sizes
 
 SHAPES = {"paper": {"junior": "1.5b", "describer": "8b", "premium": "7b"},
@@ -294,8 +294,8 @@ def main(argv=None) -> None:
         print(f"target {k} {t['target']}: {t['value']} {'' if t['met'] is None else ('MET' if t['met'] else 'MISSED')}")
     other = res["projection"]["total"].get("other_scorer")
     if other:
-        print(f"  with roundtrip.scorer_tf32 {str(other['scorer_tf32']).lower()}: {other['gpu_hours']:.3f} GPU-h, "
-              f"{other['gpu_hours_early_stop']:.3f} with early stop")
+        print(f"  with roundtrip.scorer_tf32 {str(other['scorer_tf32']).lower()}: {_h(other['gpu_hours'])} GPU-h, "
+              f"{_h(other['gpu_hours_early_stop'])} with early stop")
     save_result(res, a.out or f"benchmarks/bench_pipeline_{a.shape}.json")
 
 
