@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from privcode.filters.early_stop import reach_probabilities, round_sizes, schedule_name
+from privcode.filters.early_stop import mean_descriptions, reach_probabilities, round_sizes, schedule_name
 
 # task counts of the benchmarks (EvalPlus HumanEval+ / MBPP+ v0.2, BigCodeBench v0.1 full / hard)
 TASKS = {"humaneval": 164, "mbpp": 378, "bigcodebench-complete-full": 1140, "bigcodebench-complete-hard": 148,
@@ -161,7 +161,7 @@ class Plan:
         return reach_probabilities(self.n, k, self.roundtrip_keep, self.stop_pass_p)
 
     def descriptions_early_stop(self) -> float:
-        return sum(q * m for q, m in zip(self.reach(), round_sizes(self.n, self.early_stop_round)))
+        return mean_descriptions(self.n, self.early_stop_round, self.reach())
 
     def describe(self) -> dict:
         d = asdict(self)
@@ -235,20 +235,19 @@ def project(plan: Plan, units: dict, early_stop_reach: list | None = None, alter
     desc = plan.programs * plan.n
     put("roundtrip", f"{plan.programs} programs x {plan.n} x {plan.description_tokens} tokens",
         None if not t or sc is None else desc * plan.description_tokens / t + desc * (1 + 1 / plan.n) * sc)
-    sizes = round_sizes(plan.n, plan.early_stop_round)
     reach = plan.reach() if early_stop_reach is None else early_stop_reach
     es = early_stop_seconds(plan, units, reach=reach)
     cost = round_cost(plan, units)
     out["roundtrip"].update(
         early_stop_schedule=schedule_name(plan.n, plan.early_stop_round),
-        descriptions_per_program_early_stop=sum(q * m for q, m in zip(reach, sizes)),
+        descriptions_per_program_early_stop=mean_descriptions(plan.n, plan.early_stop_round, reach),
         rounds_per_program_early_stop=sum(reach),
         early_stop_source="measured" if early_stop_reach is not None else "model",
         seconds_early_stop=es, gpu_hours_early_stop=None if es is None else es / 3600,
         round_s_per_program=None if cost is None else cost[0], describe_s_per_description=None if cost is None
         else cost[1],
         schedules={schedule_name(plan.n, k): {
-            "rounds": k, "descriptions": sum(q * m for q, m in zip(plan.reach(k), round_sizes(plan.n, k))),
+            "rounds": k, "descriptions": mean_descriptions(plan.n, k, plan.reach(k)),
             "rounds_per_program": sum(plan.reach(k)),
             "gpu_hours": None if (x := early_stop_seconds(plan, units, k)) is None else x / 3600}
             for k in candidate_schedules(plan.n)})

@@ -151,6 +151,11 @@ def reach_probabilities(n: int, k, keep: float, p: float) -> list[float]:
     return out
 
 
+def mean_descriptions(n: int, k, reach: list[float]) -> float:
+    """Descriptions per program of the schedule `k` when round r is reached by a share reach[r]."""
+    return sum(q * m for q, m in zip(reach, round_sizes(n, k)))
+
+
 def expected_descriptions(n: int, k, keep: float, p: float) -> float:
     """Expected descriptions per program under the model of `reach_probabilities`."""
-    return sum(q * m for q, m in zip(reach_probabilities(n, k, keep, p), round_sizes(n, k)))
+    return mean_descriptions(n, k, reach_probabilities(n, k, keep, p))
