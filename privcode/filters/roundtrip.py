@@ -120,8 +120,11 @@ class RoundTripConfig(Params):
         k = self.early_stop_round
         if isinstance(k, (list, tuple)):
             self.early_stop_round = k = list(k)
-            need(len(k) >= 2 and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in k)
-                 and sum(k) == self.n, "early_stop_round",
+            try:  # the sizes' own check (ints >= 1 summing to n), and two rounds at least
+                ok = len(early_stop.round_sizes(self.n, k)) >= 2
+            except ValueError:
+                ok = False
+            need(ok, "early_stop_round",
                  f"a list must hold two or more round sizes, integers >= 1 that sum to n={self.n} (got {k})")
         else:
             need(isinstance(k, int) and not isinstance(k, bool) and (k == 0 or 0 < k < self.n), "early_stop_round",
