@@ -175,7 +175,7 @@ def test_what_a_config_leaves_out_is_what_the_workflow_and_the_stages_would_use(
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     assert p.exec_workers == schema["properties"]["exec_filter"]["properties"]["workers"]["default"] == 2
     gen, rt = GenerateConfig(), RoundTripConfig()
-    assert (p.answer_cap, p.gen_batch) == (gen.max_new_tokens, gen.batch_size)
+    assert (p.answer_cap, p.gen_batch, p.rt_batch) == (gen.max_new_tokens, gen.batch_size, rt.batch_size)
     assert (p.n, p.tau, p.temperature, p.top_p, p.scorer_batch, p.description_tokens, p.early_stop_round,
             p.scorer_tf32) == (rt.n, rt.threshold, rt.temperature, rt.top_p, rt.scorer_batch_size, rt.max_new_tokens,
                                [5, 15], rt.scorer_tf32)
@@ -239,3 +239,35 @@ def test_candidate_schedules_scale_to_n_and_are_distinct():
         assert all(sum(s) == n and len(s) >= 2 for s in sizes) and len(set(map(tuple, sizes))) == len(sizes)
         assert round_sizes(n, default_schedule(n)) in sizes
     assert candidate_schedules(20)[:5] == [1, 2, 4, 5, 10] and [5, 15] in candidate_schedules(20)
+
+
+def test_round_trip_units_decode_the_configs_rows(tmp_path):
+    """#17 item 4: the round-trip units decode roundtrip.batch_size rows (paper.yaml: 0, sized from the free
+    memory as the stage sizes them; CPU_AUTO_ROWS whole prompts on CPU) unless --rt-rows says otherwise, in
+    whole prompts of the unit's n; paper.yaml's generation stages all size their rows from memory."""
+    import yaml
+
+    from privcode.bench import pipeline_bench as pb
+    from privcode.bench.pipeline_plan import Plan
+    from privcode.synth.fast import CPU_AUTO_ROWS
+
+    paper = Plan.from_config(PAPER)
+    assert (paper.gen_batch, paper.rt_batch, paper.eval_batch) == (0, 0, 0)
+    assert [pb.roundtrip_rows(paper, r, False) for r in (None, 0, 640)] == [0, 0, 640]
+    assert pb.roundtrip_rows(paper, None, True) == paper.n  # small shapes on CPU: one program's n
+    cfg = yaml.safe_load(open(PAPER))
+    cfg["roundtrip"].update(n=4, early_stop_round=[3, 1], batch_size=512)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert pb.roundtrip_rows(Plan.from_config(path), None, False) == 512
+
+    def rows(rt_rows):  # what the first-round unit decoded (its n: the schedule's first round, 3)
+        out = tmp_path / "u.json"
+        pb.main(["--shape", "small", "--device", "cpu", "--config", str(path), "--stages", "roundtrip_round",
+                 "--rt-rows", str(rt_rows), "--out", str(out)])
+        u = json.loads(out.read_text())["units"]["roundtrip_round"]
+        assert u["n"] == 3 and "error" not in u, u
+        return int(u["shape"].split(" rows")[0].rsplit(", ", 1)[1])
+
+    assert rows(0) == CPU_AUTO_ROWS - CPU_AUTO_ROWS % 3 and rows(8) == 6
+    assert [pb.whole_prompts(r, 20) for r in (0, 7, 20, 1030)] == [0, 20, 20, 1020]

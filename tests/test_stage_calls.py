@@ -2,7 +2,7 @@
 every prompt of a run samples from its own random stream (its index in the input), so with the fast
 backend a stage's outputs for a seed are the same however it is cut into calls, resumed or sharded;
 calls hold several batches for backends that refill rows; `batch_size: 0` sizes rows with backend fast
-(CPU_AUTO_ROWS without a GPU) and is one clear error with hf."""
+(CPU_AUTO_ROWS without a GPU), is CPU_AUTO_ROWS with auto's hf and one clear error with hf named as such."""
 from __future__ import annotations
 
 import os
@@ -213,9 +213,8 @@ def test_batch_size_0_sizes_rows_with_fast_and_is_refused_by_hf(tiny_model, tmp_
     assert calls.call_size(Plain(), ps, greedy, 16) == 2 * 16 and calls.call_size(Plain(), ps, n20, 16) == 2
     with pytest.raises(PrivcodeError, match="'batch_size'.*needs backend fast.*backend 'hf'"):
         calls.call_size(Plain(), ps, greedy, 0)
-    for name, why in (("hf", "backend 'hf' decodes"), ("auto", "what backend auto chose here")):  # CPU: auto is hf
-        with pytest.raises(PrivcodeError, match=f"'batch_size'.*{why}"):
-            get_backend(name, str(tiny_model), batch_size=0)
+    with pytest.raises(PrivcodeError, match="'batch_size'.*backend 'hf' decodes"):
+        get_backend("hf", str(tiny_model), batch_size=0)
     with pytest.raises(PrivcodeError, match="'batch_size': must be an integer >= 0"):
         get_backend("fast", str(tiny_model), batch_size=-1)
     assert rt.RoundTripConfig(batch_size=0).batch_size == 0
@@ -234,3 +233,26 @@ def test_stream_counters_that_would_wrap_are_refused(fast):
         fast.generate_ids([[1, 2]], SamplingParams(**{**p.__dict__, "streams": (1 << 22,)}))
     with pytest.raises(ValueError, match="2 entries for 1 prompts"):
         fast.generate_ids([[1, 2]], SamplingParams(**{**p.__dict__, "streams": (0, 1)}))
+
+
+def test_auto_without_a_gpu_runs_batch_size_0_as_hf_at_cpu_auto_rows(tiny_model, programs, tmp_path, scorer):
+    """paper.yaml's generation stages say batch_size 0 with backend auto: without a GPU auto is hf, which
+    then decodes CPU_AUTO_ROWS rows (the descriptions of an hf run at that batch_size) instead of refusing
+    the config hours into a run; a fixed batch_size is kept, and hf named as such still refuses 0."""
+    import torch
+
+    from privcode.synth import get_backend
+    from privcode.synth.fast import CPU_AUTO_ROWS
+    from privcode.synth.hf import HFBackend
+
+    if torch.cuda.is_available():
+        pytest.skip("auto is fast on a GPU")
+    be = get_backend("auto", str(tiny_model), batch_size=0)
+    assert isinstance(be, HFBackend) and be.batch_size == CPU_AUTO_ROWS
+    assert get_backend("auto", str(tiny_model), batch_size=3).batch_size == 3
+    with pytest.raises(PrivcodeError, match="'batch_size': must be an integer >= 0"):
+        get_backend("auto", str(tiny_model), batch_size=False)
+    a = _roundtrip(tiny_model, programs, tmp_path / "auto", scorer, backend="auto", batch_size=0)
+    b = _roundtrip(tiny_model, programs, tmp_path / "hf", scorer, backend="hf", batch_size=CPU_AUTO_ROWS)
+    c = _roundtrip(tiny_model, programs, tmp_path / "hf1", scorer, backend="hf", batch_size=3)
+    assert a == b != c  # hf's draws depend on its batch: the run took CPU_AUTO_ROWS rows, not another count

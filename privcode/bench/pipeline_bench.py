@@ -15,9 +15,11 @@ junior Qwen2.5-Coder-1.5B, describer Llama-3.1-8B, premium Qwen2.5-Coder-7B; `sm
   stage1     one DP step with PrivSA (train_bench `privcode-dp-privsa-eager`, the default since
              privsa_compile is off) on the junior's micro-batch of rows of `record_tokens`:
              seconds per token and per optimizer step, from steps of 1 and K micro-batches
-  generate   FastHFBackend greedy tok/s (generate_bench) at generate.batch_size rows
+  generate   FastHFBackend greedy tok/s (generate_bench) at generate.batch_size rows (0: the rows the stage
+             would size from this card's free memory, as every generation unit with a batch_size of 0)
   exec       sandbox snippets per second per core on realistic snippets (exec_bench, strongest backend)
-  roundtrip  FastHFBackend sampling tok/s with the config's n (rows = prompts x n), T and top-p;
+  roundtrip  FastHFBackend sampling tok/s with the config's n (rows = prompts x n, roundtrip.batch_size
+             unless --rt-rows), T and top-p;
              `roundtrip_round` the same with n = the early-stop schedule's first round (one prefill per
              round; pipeline_plan.round_cost fits a round's fixed and per-description cost to the two);
              BERTScore: a random 17-layer roberta-large encoder, seconds per sentence in fp32 and
@@ -164,26 +166,37 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def roundtrip_rows(plan: Plan, rt_rows: int | None, small: bool) -> int:
+    """The round-trip units' rows: --rt-rows, else the config's roundtrip.batch_size (small shapes on CPU: n)."""
+    return rt_rows if rt_rows is not None else (plan.n if small else plan.rt_batch)
+
+
+def whole_prompts(rows: int, k: int) -> int:
+    """`rows` as a stage decodes them with k samples per prompt: whole prompts (at least one); 0 stays 0
+    (the backend sizes the rows from the free memory, whole prompts too)."""
+    return rows and max(1, rows // k) * k
+
+
 def _measure(plan: Plan, shapes: dict, device: str, small: bool, a) -> dict:
     """{stage: unit} — a failing unit is recorded, not fatal."""
     rec = 16 if small else plan.record_tokens
     cap = (lambda paper, tiny: tiny) if small else (lambda paper, tiny: paper)  # tiny sizes on CPU
     k = round_sizes(plan.n, plan.early_stop_round)[0]  # the first round's size (round_cost fits the rest)
-    rows = a.rt_rows or (plan.n if small else 640)
+    rows = roundtrip_rows(plan, a.rt_rows, small)
     jobs = {
         "stage1": lambda: train_unit(shapes["junior"], device, "privcode-dp-privsa-eager", rec,
                                      cap(plan.dp_rows, 2)),
         "generate": lambda: gen_unit(shapes["junior"], device, cap(plan.gen_batch, 2), cap(plan.prompt_tokens, 8),
                                      cap(plan.answer_tokens, 8), compile=a.compile, attention=a.attention),
         "exec": lambda: exec_unit(cap(200, 4), min(plan.exec_workers, os.cpu_count() or 1)),
-        "roundtrip": lambda: {**gen_unit(shapes["describer"], device, max(1, rows // plan.n) * plan.n,
+        "roundtrip": lambda: {**gen_unit(shapes["describer"], device, whole_prompts(rows, plan.n),
                                          cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
                                          plan.n, plan.temperature, plan.top_p, compile=a.compile,
                                          attention=a.attention),
                               **{k.replace("s_per", "score_s_per"): v for k, v in score_unit(
                                   small, device, cap(plan.scorer_batch, 2), cap(min(plan.description_tokens, 510), 8),
                                   cap(5, 1)).items() if k.startswith("s_per")}},
-        "roundtrip_round": lambda: {**gen_unit(shapes["describer"], device, max(1, rows // k) * k,
+        "roundtrip_round": lambda: {**gen_unit(shapes["describer"], device, whole_prompts(rows, k),
                                                cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
                                                k, plan.temperature, plan.top_p, compile=a.compile,
                                                attention=a.attention), "n": k},
@@ -266,7 +279,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
                     help="override an assumption (see the table's sources)")
-    ap.add_argument("--rt-rows", type=int, default=None, help="round-trip rows per batch (default 640; small: n)")
+    ap.add_argument("--rt-rows", type=int, default=None, help="round-trip rows per batch (default: the config's "
+                    "roundtrip.batch_size, 0 sizing them from the free memory as the stage does; small: n)")
     ap.add_argument("--stages", default=None, help="comma list: measure only these units")
     ap.add_argument("--early-stop-scores", default=None, help="a full-n round-trip scores.jsonl: measure the "
                     "early-stop saving on it instead of the model")

@@ -80,8 +80,9 @@ class Plan:
     dp_micro_batch: int          # junior's rows cap per DP micro-batch
     dp_micro_tokens: int         # junior's padded-token budget per DP micro-batch (0: none)
     ft_micro_batch: int
-    gen_batch: int
+    gen_batch: int               # rows per batch of each generation stage (0: the backend sizes them from memory)
     eval_batch: int
+    rt_batch: int
     temperature: float
     top_p: float
     scorer_batch: int
@@ -121,7 +122,7 @@ class Plan:
                    private_fraction=data["private_fraction"], answer_cap=gen.max_new_tokens,
                    dp_micro_batch=dp.micro_batch_size, dp_micro_tokens=dp.micro_batch_tokens,
                    ft_micro_batch=ft.micro_batch_size, gen_batch=gen.batch_size,
-                   eval_batch=stage_options(EvalConfig, c["evaluate"]).batch_size,
+                   eval_batch=stage_options(EvalConfig, c["evaluate"]).batch_size, rt_batch=rt.batch_size,
                    temperature=rt.temperature, top_p=rt.top_p, scorer_batch=rt.scorer_batch_size,
                    scorer_tf32=rt.scorer_tf32, description_tokens=rt.max_new_tokens)
         plan.answer_tokens = min(plan.answer_tokens, plan.answer_cap)

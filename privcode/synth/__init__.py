@@ -7,19 +7,23 @@
 """
 from __future__ import annotations
 
+import logging
+
 from privcode.errors import PrivcodeError
 from privcode.synth.base import Backend, SamplingParams, cut_at_stop
 from privcode.synth.calls import check_batch_size
 
 __all__ = ["Backend", "SamplingParams", "cut_at_stop", "get_backend"]
+log = logging.getLogger(__name__)
 
 
 def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str = "float32",
                 compile_layers: bool = False) -> Backend:
     """hf: plain batched transformers; fast: static KV cache + CUDA graphs (privcode.synth.fast);
     vllm: vLLM when installed; auto: vLLM, else fast on a GPU, else hf. `compile_layers` (fast only:
-    torch.compile of the decoder layers, shared by all of them) is refused by the others, auto's choice included;
-    so is `batch_size` 0 (rows from the free GPU memory: fast; vllm sizes its own) by hf."""
+    torch.compile of the decoder layers, shared by all of them) is refused by the others, auto's choice included.
+    `batch_size` 0 lets the backend size its batches: fast from the free GPU memory (CPU_AUTO_ROWS without
+    one), vllm its own; auto without a GPU takes hf at CPU_AUTO_ROWS rows; hf named as such refuses it."""
     asked = name
     if name == "auto":
         import torch
@@ -34,6 +38,11 @@ def get_backend(name: str, model_ref: str, *, batch_size: int = 16, dtype: str =
         else:
             name = "hf"
     chose = " (what backend auto chose here)" if asked == "auto" else ""
+    if asked == "auto" and name == "hf" and type(batch_size) is int and batch_size == 0:
+        from privcode.synth.fast import CPU_AUTO_ROWS  # no GPU to size from: the rows fast takes without one
+
+        log.info("backend auto chose hf (no GPU): batch_size 0 -> %d rows", CPU_AUTO_ROWS)
+        batch_size = CPU_AUTO_ROWS
     check_batch_size(name, batch_size, chose)
     if compile_layers and name != "fast":
         raise PrivcodeError(f"true needs backend fast; backend '{name}'{chose} has no compiled decoder layers: "

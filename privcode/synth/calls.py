@@ -13,7 +13,8 @@ CALL_BATCHES batches' worth of sequences. For the others (hf: batch after batch)
 checkpoint: CHECKPOINT_BATCHES batches. A batch is `batch_size` rows (sequences: n per prompt when
 sampling); `batch_size` 0 lets the fast backend size it from the free GPU memory for the longest prompt
 of the stage's input (`FastHFBackend.rows`, CPU_AUTO_ROWS without a GPU), vllm sizes its own batches
-(a call then holds CALL_BATCHES * SELF_SIZED_ROWS sequences), and hf refuses it (`check_batch_size`).
+(a call then holds CALL_BATCHES * SELF_SIZED_ROWS sequences), and hf refuses it (`check_batch_size`)
+unless backend auto chose hf for want of a GPU (it then decodes CPU_AUTO_ROWS rows: `get_backend`).
 
 Streams. `streams[i]` is prompt i's index in the stage's whole input (not in the call): it goes to the
 backend as `SamplingParams.streams`, so no two prompts of a run, in one call or in different calls,
