@@ -11,7 +11,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
         g++ default-jdk-headless rustc nodejs npm php-cli mono-mcs \
     && npm install -g typescript@5 @types/node@20 \
     && npm cache clean --force \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* /tmp/* /var/tmp/*
 RUN useradd --uid 65534 --no-create-home --shell /usr/sbin/nologin sandbox 2>/dev/null || true
 USER 65534:65534
 WORKDIR /tmp

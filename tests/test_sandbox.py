@@ -275,7 +275,9 @@ def test_container_command_line_docker(fake_engine):
     opt = {a[i]: a[i + 1] for i in range(len(a) - 1) if a[i].startswith("--")}
     assert opt["--network"] == "none" and opt["--user"] == "65534:65534" and opt["--cap-drop"] == "ALL"
     assert opt["--security-opt"] == "no-new-privileges" and "--read-only" in a and opt["--pids-limit"] == "48"
-    assert opt["--tmpfs"].startswith("/tmp:rw,exec,nosuid,nodev,size=")
+    tmpfs = [a[i + 1] for i in range(len(a) - 1) if a[i] == "--tmpfs"]
+    assert tmpfs[0].startswith("/tmp:rw,exec,nosuid,nodev,size=") and tmpfs[1].startswith("/sys:ro,")  # no sysfs
+    assert not any("notmpcopyup" in t for t in tmpfs) and "--read-only-tmpfs=false" not in a  # podman's only
     img = a.index("privcode-sandbox")
     assert a[img + 1:img + 5] == ["/usr/bin/python3", "-I", "-B", "-c"]  # the server, from the image
     assert json.loads(a[-1])["workdir"] == "/tmp/sandbox"
@@ -286,6 +288,19 @@ def test_container_command_line_docker(fake_engine):
     ts = b.plan("typescript")
     assert ts.tools["tsc"] == "/usr/local/lib/node_modules/typescript/bin/tsc"
     assert ts.extra["types"] == ("--typeRoots", "/usr/local/lib/node_modules/@types", "--types", "node")
+
+
+def test_container_command_line_podman(fake_engine):
+    """podman differs from docker where it would break the contract or the fork server (found running it): its
+    read-only root gets writable /run and /var/tmp unless --read-only-tmpfs=false; a tmpfs starts as a copy of
+    the image's directory unless notmpcopyup (root-owned leftovers the server cannot wipe taint every worker);
+    `rm -f` waits 10 s for the server (PID 1 ignores SIGTERM) unless -t 0."""
+    spec = fake_engine("podman")._server_spec(Limits(nproc=32, mem_mb=512))
+    a = spec.argv
+    assert a[:4] == ["/usr/bin/podman", "run", "--rm", "-i"] and "--read-only-tmpfs=false" in a
+    tmpfs = [a[i + 1] for i in range(len(a) - 1) if a[i] == "--tmpfs"]
+    assert [t.split(":")[0] for t in tmpfs] == ["/tmp", "/sys"] and all(t.endswith(",notmpcopyup") for t in tmpfs)
+    assert spec.kill_argv == ["/usr/bin/podman", "rm", "-f", "-t", "0", a[a.index("--name") + 1]]
 
 
 def test_container_command_line_apptainer(fake_engine, monkeypatch):

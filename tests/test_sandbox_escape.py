@@ -224,9 +224,12 @@ mounts = {}
 for line in open("/proc/self/mountinfo"):
     left, _, right = line.partition(" - ")
     a, b = left.split(), right.split()
-    mounts[a[4]] = (b[0], "ro" in a[5].split(","))
+    mounts[a[4]] = (b[0], "ro" in a[5].split(","), a[3])
 f["tmpfs"] = [mounts.get("/tmp", ("?",))[0], mounts.get("/dev/shm", ("?",))[0]]
-f["rw"] = sorted(m for m, (_, ro) in mounts.items() if not ro)
+f["rw"] = sorted(m for m, (_, ro, _) in mounts.items() if not ro)
+f["rw_writable"] = sorted(m for m in f["rw"] if os.access(m, os.W_OK))
+f["sysfs"] = sorted(m for m, (t, _, _) in mounts.items() if t == "sysfs")
+f["binds"] = {m: r for m, (_, _, r) in mounts.items() if r != "/"}  # a subtree of another file system
 f["host_tmp_files"] = [p for p in host["host_files"] if os.path.exists(p)]
 f["fds"] = sorted(int(x) for x in os.listdir("/proc/self/fd"))
 f["env"] = sorted(os.environ)
@@ -244,8 +247,19 @@ def _probe_code(host: Host) -> str:
             "stat_is_sock = stat.S_ISSOCK\n" + PROBE)
 
 
-def contract_failures(facts: dict) -> list[str]:
-    """What the probe's facts violate of the isolation contract (empty: it holds)."""
+# A container's root is its image's file system (containers/sandbox.Dockerfile: no project files), so the image's
+# own /home, /var, /srv ... are there; what must not be: a bind of anything of the host but the engine's own
+# generated files, the host's sysfs, a place the snippet can write outside /tmp and /dev/shm. The engine's cgroup
+# mounts (podman, cgroup v1: a root-owned tmpfs holding the container's own cgroups, read-only) are its own too,
+# and so are the masks over its own /proc and /dev (/proc/sys, /proc/keys ... bound read-only or to /dev/null).
+IMAGE_DIRS = {"/srv", "/root", "/home", "/run", "/var", "/sys"}
+ENGINE_FILES = {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv"}
+
+
+def contract_failures(facts: dict, isolation: str = "") -> list[str]:
+    """What the probe's facts violate of the isolation contract (empty: it holds). `isolation` "container":
+    the root may hold the image's own directories (IMAGE_DIRS, above)."""
+    image = isolation == "container"
     own = {n: os.readlink(f"/proc/self/ns/{n}") for n in facts["ns"]}
     bad = []
     if 0 in facts["uid"]:
@@ -259,16 +273,25 @@ def contract_failures(facts: dict) -> list[str]:
         bad.append("sees host processes")
     if SHM_KEY in facts["sysv_keys"]:
         bad.append("sees the host's System V IPC")
-    if set(facts["root"]) - TOP:
+    if set(facts["root"]) - TOP and not image:
         bad.append(f"root holds {sorted(set(facts['root']) - TOP)}")
-    if facts["visible"]:
-        bad.append(f"sees {facts['visible']}")
+    visible = [p for p in facts["visible"] if not (image and p in IMAGE_DIRS)]
+    if visible:
+        bad.append(f"sees {visible}")
+    if facts["sysfs"]:
+        bad.append(f"sees the host's sysfs at {facts['sysfs']}")
+    cgroup = lambda m: m == "/sys/fs/cgroup" or m.startswith("/sys/fs/cgroup/")  # noqa: E731
+    masked = lambda m: any(m.startswith(d) for d in ("/proc/", "/dev/"))  # noqa: E731 - its own /proc's masks
+    binds = sorted(m for m in facts["binds"] if image and not (m in ENGINE_FILES or cgroup(m) or masked(m)))
+    if binds:
+        bad.append(f"host file systems bound at {binds[:5]}")
     if facts["sockets"]:
         bad.append(f"sees sockets {facts['sockets'][:5]}")
     if facts["tmpfs"] != ["tmpfs", "tmpfs"] or facts["host_tmp_files"]:
         bad.append(f"/tmp, /dev/shm not private tmpfs ({facts['tmpfs']}, sees {facts['host_tmp_files']})")
     allowed_rw = ("/tmp", "/dev/shm", "/dev", "/proc")
-    rw = [m for m in facts["rw"] if not any(m == a or m.startswith(a + "/") for a in allowed_rw)]
+    rw = [m for m in facts["rw"] if not any(m == a or m.startswith(a + "/") for a in allowed_rw)
+          and not (image and cgroup(m) and m not in facts["rw_writable"])]
     if rw:
         bad.append(f"writable mounts {rw[:5]}")
     if [fd for fd in facts["fds"] if fd > 3]:
@@ -302,7 +325,7 @@ def test_isolating_is_exactly_the_backends_that_meet_the_contract(host, name):
     b = _backend(name)
     for fork_server in (True, False):
         for how, facts in _probe(b, host, fork_server).items():
-            bad = contract_failures(facts)
+            bad = contract_failures(facts, b.isolation)
             assert (not bad) == (b.isolation in sb.ISOLATING), (name, how, fork_server, bad)
             if b.isolation in sb.ISOLATING:
                 assert facts["seccomp"] == "2" and facts["no_new_privs"] == "1", facts
@@ -339,10 +362,26 @@ END = '''if LEAKS:
 '''
 
 
-def attacks(h: Host, have: dict, seccomp: bool) -> list[tuple[str, str, str, object]]:
-    """(id, lang, code, expected reason: None = kept, a str, or a set of acceptable ones)."""
+def memory_bound_mb(b) -> int | None:
+    """What bounds a snippet's memory with all its processes: the step's mem_mb in the worker's cgroup; a
+    docker/podman container's own limit (the engine's cgroup); None without a cgroup."""
+    if b.name == "container" and (b.describe().get("engine") in ("docker", "podman")):
+        return b.engine_memory_mb(Limits(**{k: v for k, v in LIMITS.items() if k != "output_bytes"}))
+    return LIMITS["mem_mb"] if cgroup.mode() != "none" else None
+
+
+def attacks(h: Host, have: dict, seccomp: bool, bound_mb: int | None = LIMITS["mem_mb"], image: bool = False) -> list:
+    """(id, lang, code, expected reason: None = kept, a str, or a set of acceptable ones). `bound_mb`
+    (memory_bound_mb): the memory attacks take a few hundred MiB more than it, and end as "oom". `image`: the
+    root is a container image's, whose own IMAGE_DIRS are not the host's."""
+    kids = 3 if bound_mb is None else bound_mb // 200 + 2       # children of 200 MiB
+    memfds = 100 if bound_mb is None else bound_mb // 4 + 100   # memfds of 4 MiB
+    # a container's OOM killer may take the server too, or reclaim stall it past the wall limit: never kept
+    engine = bound_mb is not None and bound_mb != LIMITS["mem_mb"]
+    memfd_oom = {None, "oom"} if bound_mb is None else {"oom", "killed", "timeout"} if engine else "oom"
     paths = [str(h.root), str(h.results), str(h.table), str(h.private), str(h.records), str(h.root / "pyproject.toml"),
              h.sock_path, "/work", "/srv", "/root", "/home", "/run", "/var", str(Path.home())]
+    paths = [p for p in paths if not (image and p in IMAGE_DIRS)]
     targets = [str(h.root), str(h.results), str(h.private), str(Path.home()), "/home", "/dev/shm", "/tmp",
                "/var/tmp", "/", "/usr", "/etc", "/opt"]
     t, sl = h.tok, h.sleep_token
@@ -446,9 +485,9 @@ while True:
         pass
 """, {"timeout", "killed"}),
         ("mem_big", "python", "x = bytearray(2 * 2**30)\n", "oom"),
-        ("mem_children", "python", """import os, time
+        ("mem_children", "python", f"""import os, time
 kids = []
-for i in range(3):
+for i in range({kids}):
     pid = os.fork()
     if pid == 0:
         b = bytearray(200 * 2**20)
@@ -457,16 +496,16 @@ for i in range(3):
     kids.append(pid)
 for k in kids:
     os.waitpid(k, 0)
-""", "oom" if cgroup.mode() != "none" else {None, "oom"}),
-        ("memfd", "python", """import os
+""", "oom" if bound_mb is not None else {None, "oom"}),
+        ("memfd", "python", f"""import os
 chunk = b"1" * 2**20
 fds = []
-for i in range(100):
+for i in range({memfds}):
     fd = os.memfd_create("m%d" % i)
     for j in range(4):
         os.write(fd, chunk)
     fds.append(fd)
-""", "oom" if cgroup.mode() != "none" else {None, "oom"}),
+""", memfd_oom),
         ("disk_fill", "python", """with open("/tmp/fill", "wb") as f:
     while True:
         f.write(b"0" * 2**20)
@@ -554,12 +593,12 @@ def _exec_filter(h: Host, name: str, fork_server: bool, samples) -> tuple[Path, 
 def test_attacks_through_the_exec_filter(host, name, fork_server):
     b = _backend(name)
     facts = _probe(b, host, fork_server, exec_too=False)["in-process python"]
-    bad = contract_failures(facts)
+    bad = contract_failures(facts, b.isolation)
     if bad:  # never aim denial-of-service programs at a backend that has not shown it isolates
         assert b.isolation not in sb.ISOLATING, bad
         pytest.skip(f"{name} does not isolate ({bad[0]}): no attacks; the filter refuses it without the opt-in")
     have = {lang: not isinstance(b.plan(lang), str) for lang in ("cpp", "rust")}
-    samples = attacks(host, have, facts["seccomp"] == "2")
+    samples = attacks(host, have, facts["seccomp"] == "2", memory_bound_mb(b), b.isolation == "container")
     out, proc, cli_pid = _exec_filter(host, name, fork_server, samples)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

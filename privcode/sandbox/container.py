@@ -193,16 +193,27 @@ class ContainerBackend(Backend):
         return path in self._image_tools().get("_dirs", set())
 
     # ---- command lines ----
+    @staticmethod
+    def engine_memory_mb(limits: Limits) -> int:
+        """docker/podman: the memory of a whole container, in the engine's cgroup (compile steps included: the
+        per-step `mem_mb` bounds each process's address space only); apptainer stays in the worker's cgroup."""
+        return max(COMPILE_MEM_MB, 2 * int(limits.mem_mb)) + 256
+
     def container_argv(self, limits: Limits, name: str, cmd: list[str]) -> list[str]:
         eng, exe = self._found_engine or (self._forced or "docker", self._forced or "docker")
         tmpfs = max(64, 4 * int(limits.fsize_mb)) * 1024 * 1024
         if eng in ("docker", "podman"):
-            mem = max(COMPILE_MEM_MB, 2 * int(limits.mem_mb)) + 256
+            mem = self.engine_memory_mb(limits)
             fsz = max(int(limits.fsize_mb), 64) * 1024 * 1024
+            # podman: its read-only root otherwise gets writable /run and /var/tmp (not wiped between
+            # snippets), and a tmpfs starts as a copy of the image's directory (notmpcopyup: empty)
+            own = ["--read-only-tmpfs=false"] if eng == "podman" else []
+            copy = ",notmpcopyup" if eng == "podman" else ""
             return [exe, "run", "--rm", "-i", "--name", name, "--network", "none",
                     "--user", f"{SANDBOX_UID}:{SANDBOX_GID}", "--cap-drop", "ALL",
-                    "--security-opt", "no-new-privileges", "--read-only", "--ipc", "private",
-                    "--tmpfs", f"/tmp:rw,exec,nosuid,nodev,size={tmpfs},mode=1777",
+                    "--security-opt", "no-new-privileges", "--read-only", *own, "--ipc", "private",
+                    "--tmpfs", f"/tmp:rw,exec,nosuid,nodev,size={tmpfs},mode=1777{copy}",
+                    "--tmpfs", f"/sys:ro,nosuid,nodev,noexec,size=4k{copy}",  # the host's sysfs: hidden
                     "--shm-size", str(tmpfs),
                     "--pids-limit", str(int(limits.nproc) + 16),
                     "--memory", f"{mem}m", "--memory-swap", f"{mem}m",
@@ -223,9 +234,14 @@ class ContainerBackend(Backend):
         from privcode.sandbox.forkserver import ServerSpec, server_command
         eng, exe = self._found_engine or (self._forced or "docker", self._forced or "docker")
         cfg = {"workdir": SANDBOX_DIR, "wipe": ["/tmp", "/dev/shm"], "own_ipc": True}
+        if eng in ("docker", "podman"):  # the engine's memory cgroup, seen from inside (v1, v2): its OOM kills
+            cfg["oom_counters"] = ["/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events"]
         name = f"privcode-sbx-{uuid.uuid4().hex[:16]}"
         argv = self.container_argv(limits, name, server_command(self.server_python(), cfg))
-        kill = [exe, "rm", "-f", name] if eng in ("docker", "podman") else None
+        # docker's rm -f kills at once; podman's stops first (SIGTERM, which the server as PID 1 ignores, then
+        # 10 s) unless told -t 0
+        kill = [exe, "rm", "-f", *(["-t", "0"] if eng == "podman" else []), name] if eng in ("docker", "podman") \
+            else None
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_HOST", "XDG_RUNTIME_DIR",
                                                             "CONTAINER_HOST", "APPTAINER_CACHEDIR")}
         # docker/podman: the engine's own cgroup (--memory, --pids-limit); apptainer: ours

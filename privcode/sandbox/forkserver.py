@@ -178,7 +178,7 @@ class Worker:
             self.kill()
             raise
         self.served += 1
-        resp["oom"] = self._oom_since_last()
+        resp["oom"] = self._oom_since_last() or bool(resp.get("oom"))  # ours, or the container's (the server's)
         if resp.get("tainted"):
             self.kill()
         return resp

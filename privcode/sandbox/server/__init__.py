@@ -27,7 +27,9 @@ Protocol (stdin/stdout of the server; frames are a 4-byte big-endian length + UT
                    "keep": bool}; step = {"name", "argv": [..] | "python": "<file>", "wall_s",
                    "cpu_s", "mem_mb", "fsize_mb", "nproc", "output_bytes", "env"}
   server -> host  {"steps": [{"name", "rc", "sig", "stdout", "stderr" (base64), "wall_s", "cpu_s",
-                   "timed_out", "exceeded", "leftovers", "disk_full", "error"}], "tainted": ".."}
+                   "timed_out", "exceeded", "leftovers", "disk_full", "error"}], "tainted": "..",
+                   "oom": bool (only with cfg "oom_counters": whether the container's own memory cgroup,
+                   read from inside, OOM-killed during the request)}
   "files" starts a snippet in a fresh, empty directory `workdir`; "keep" leaves it for the next
   step of the same snippet (compile, then run); otherwise -- or when a step fails -- everything
   the snippet wrote is deleted. EOF or {"op": "exit"} ends the server.

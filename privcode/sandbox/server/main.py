@@ -30,6 +30,8 @@ class Server(Cleanup):
         self.wipe_dirs = [d for d in cfg.get("wipe", ()) if os.geteuid() != 0 and os.path.ismount(d)]
         self.pid1 = os.getpid() == 1
         self.own_ipc = bool(cfg.get("own_ipc", self.pid1))
+        # a container's own memory cgroup (the engine's: the host cannot see it), read-only: its OOM kills
+        self.oom_file = next((f for f in cfg.get("oom_counters", ()) if os.access(f, os.R_OK)), None)
         self.tainted = ""
         prog = seccomp_program() if _libc is not None and cfg.get("seccomp", True) else None
         self.seccomp = seccomp_installer(prog) if prog else None
@@ -224,7 +226,23 @@ class Server(Cleanup):
         res["disk_full"] = self.disk_full()
         return res
 
+    def oom_kills(self):
+        """The OOM kills of the cgroup of `oom_file` (the line "oom_kill N" of memory.oom_control, v1, or of
+        memory.events, v2); 0 without one."""
+        try:
+            with open(self.oom_file) as fh:
+                return next((int(l.split()[1]) for l in fh if l.startswith("oom_kill ")), 0)
+        except (OSError, TypeError, ValueError, IndexError):
+            return 0
+
     def handle(self, req):
+        ooms = self.oom_kills()
+        resp = self._handle(req)
+        if self.oom_file:
+            resp["oom"] = self.oom_kills() > ooms
+        return resp
+
+    def _handle(self, req):
         if "files" in req:  # a new snippet: a fresh, empty directory
             self.wipe()
             os.mkdir(self.workdir, 0o755)
