@@ -316,3 +316,39 @@ def test_require_isolation_accepts_container(fake_engine, monkeypatch):
     b = fake_engine("docker")
     monkeypatch.setitem(sb._probe_cache, b._key("ok"), (True, ""))
     assert get_backend(b, require_isolation=True) is b
+
+
+def test_server_reports_the_oom_kills_of_a_counter_it_is_given(monkeypatch):
+    """A docker/podman container's memory cgroup is the engine's: the server reads its `oom_kill` count
+    (cfg "oom_counters") before and after each request, and a request during which it grew is `oom` --
+    children the engine's OOM killer takes would otherwise leave a snippet that exits 0 (kept). Here the
+    counter is a file the snippet itself bumps, on the rlimit backend (no engine needed): the first
+    request grows it (oom), the second leaves it (ok), a v1 memory.oom_control file is read the same way."""
+    import tempfile
+
+    from privcode.sandbox import forkserver
+
+    d = Path(tempfile.mkdtemp(prefix="privcode-oomctr-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        v2, v1 = d / "memory.events", d / "memory.oom_control"
+        v2.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+        v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 4\n")
+        for f in (v2, v1):
+            f.chmod(0o666)
+        plain = forkserver.server_command
+        monkeypatch.setattr(forkserver, "server_command",
+                            lambda py, cfg: plain(py, dict(cfg, oom_counters=[str(d / "absent"), str(v2)])))
+        b = _backend("rlimit")
+        bump = f"open({str(v2)!r}, 'w').write('oom 2\\noom_kill 2\\n')\n"
+        with b.pool(1) as pool:
+            got = [pool.run(code, "python", FAST) for code in (bump, "print(1)\n", bump)]
+        assert [r.status for r in got] == ["oom", "ok", "ok"], got  # 1 -> 2, then 2 stays 2 (twice)
+        monkeypatch.setattr(forkserver, "server_command",
+                            lambda py, cfg: plain(py, dict(cfg, oom_counters=[str(v1)])))
+        bump = f"open({str(v1)!r}, 'w').write('oom_kill_disable 0\\noom_kill 5\\n')\n"
+        with b.pool(1) as pool:
+            assert [pool.run(c, "python", FAST).status for c in (bump, "print(2)\n")] == ["oom", "ok"]
+    finally:
+        import shutil
+        shutil.rmtree(d)
