@@ -37,6 +37,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+from privcode.errors import PrivcodeError
 from privcode.sandbox.base import SANDBOX_DIR, SANDBOX_GID, SANDBOX_UID, Backend, Limits, probe
 from privcode.sandbox.toolchains import COMPILE_MEM_MB, TOOLS, Resolved
 
@@ -145,7 +146,10 @@ class ContainerBackend(Backend):
         tools = self._image_tools()
         if "python3" not in tools:
             return False, "the sandbox image has no python3 (needed by privcode.sandbox.server)"
-        r = self.run("id -u\n", "shell", Limits(wall_s=60))
+        try:
+            r = self.run("id -u\n", "shell", Limits(wall_s=60))
+        except PrivcodeError as e:  # the engine answers but cannot start the image (its runtime, its limits)
+            return False, f"{self._found_engine[0]}: cannot run the sandbox image {image_name()}: {e}"
         if r.status != "ok" or r.stdout.strip() != str(SANDBOX_UID):
             return False, f"probe run failed ({r.status}: {(r.stderr or r.detail).strip()[-300:]})"
         return True, ""
