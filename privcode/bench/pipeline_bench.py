@@ -193,9 +193,9 @@ def _measure(plan: Plan, shapes: dict, device: str, small: bool, a) -> dict:
                                          cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
                                          plan.n, plan.temperature, plan.top_p, compile=a.compile,
                                          attention=a.attention),
-                              **{k.replace("s_per", "score_s_per"): v for k, v in score_unit(
+                              **{key.replace("s_per", "score_s_per"): v for key, v in score_unit(
                                   small, device, cap(plan.scorer_batch, 2), cap(min(plan.description_tokens, 510), 8),
-                                  cap(5, 1)).items() if k.startswith("s_per")}},
+                                  cap(5, 1)).items() if key.startswith("s_per")}},
         "roundtrip_round": lambda: {**gen_unit(shapes["describer"], device, whole_prompts(rows, k),
                                                cap(plan.describe_prompt_tokens, 8), cap(plan.description_tokens, 8),
                                                k, plan.temperature, plan.top_p, compile=a.compile,
