@@ -17,6 +17,7 @@ import privcode.sandbox as sandbox
 from privcode.errors import PrivcodeError
 from privcode.langs import canonical_lang
 from privcode.sandbox import base as sb
+from privcode.sandbox import cgroup
 from privcode.sandbox import get_backend
 from privcode.sandbox.base import Limits, is_syntax_error
 
@@ -285,6 +286,7 @@ def test_container_command_line_docker(fake_engine):
     assert a[img + 1:img + 5] == ["/usr/bin/python3", "-I", "-B", "-c"]  # the server, from the image
     assert json.loads(a[-1])["workdir"] == "/tmp/sandbox"
     assert spec.kill_argv == ["/usr/bin/docker", "rm", "-f", opt["--name"]]
+    assert spec.engine_oom is not None and not spec.cgroup  # the engine's cgroup, watched from the host
     # toolchains are the image's
     assert b.plan("cpp").tools == {"g++": "/usr/bin/g++-12"}
     assert isinstance(b.plan("java"), str) and "not in the image" in b.plan("java")
@@ -355,3 +357,81 @@ def test_server_reports_the_oom_kills_of_a_counter_it_is_given(monkeypatch):
     finally:
         import shutil
         shutil.rmtree(d)
+
+
+def test_host_reads_the_engine_oom_counter_and_refuses_a_container_nobody_watches(monkeypatch):
+    """docker/podman: the host reads the OOM counter of the engine's cgroup of each container itself
+    (ServerSpec.engine_oom: docker hides the container's cgroups under the --tmpfs /sys, so the server inside
+    cannot). Here, on the rlimit backend, the counter is a file the snippet bumps and the server is given none:
+    the request that grows it is `oom`, the next `ok`. A worker whose counter neither the host finds nor the
+    server reads is refused at start; one the server can watch (hello "oom_counter") starts."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from privcode.sandbox import forkserver
+
+    d = Path(tempfile.mkdtemp(prefix="privcode-oomctr-", dir="/tmp"))  # the sandbox uid can reach it
+    d.chmod(0o755)
+    ctr = d / "memory.oom_control"
+    ctr.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 7\n")
+    ctr.chmod(0o666)
+    try:
+        b = _backend("rlimit")
+        plain_spec, plain_cmd = b._server_spec, forkserver.server_command
+
+        def spec(locate, counters=()):  # the host's locator, and the counters the server is given
+            monkeypatch.setattr(b, "_server_spec", lambda limits, langs=None: dataclasses.replace(
+                plain_spec(limits, langs), engine_oom=locate))
+            monkeypatch.setattr(forkserver, "server_command",
+                                lambda py, cfg: plain_cmd(py, dict(cfg, oom_counters=list(counters))))
+
+        spec(lambda: str(ctr))
+        bump = f"open({str(ctr)!r}, 'w').write('oom_kill_disable 0\\noom_kill 8\\n')\n"
+        with b.pool(1) as pool:
+            assert [pool.run(c, "python", FAST).status for c in (bump, "print(1)\n")] == ["oom", "ok"]
+        spec(lambda: None)
+        with pytest.raises(PrivcodeError, match="would go unseen"):
+            forkserver.Worker(b, FAST)
+        spec(lambda: None, counters=[str(ctr)])
+        w = forkserver.Worker(b, FAST)
+        try:
+            assert w.hello["oom_counter"] is True and w._engine_fd is None
+        finally:
+            w.close()
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.skipif(cgroup.mode() == "none", reason="no cgroup memory controller here")
+def test_oom_file_of_finds_the_memory_cgroup_of_another_process(tmp_path):
+    """cgroup.oom_file_of(pid): the OOM counter of the memory cgroup another process is in (how the host finds
+    a docker/podman container's, through its init's pid): for a process put into a worker cgroup, that cgroup's
+    own file; None for a process that does not exist."""
+    import subprocess
+
+    g = cgroup.create(64, 8)
+    assert g is not None
+    try:
+        p = subprocess.Popen(g.wrap(["sleep", "30"]))
+        try:
+            deadline = time.monotonic() + 10
+            while p.pid not in g.pids() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            name = "memory.events" if g.mode == "v2" else "memory.oom_control"
+            assert os.path.realpath(cgroup.oom_file_of(p.pid)) == os.path.realpath(g.file("memory", name))
+            # how the container backend finds it: the engine's `inspect` gives the container's init pid
+            from privcode.sandbox.container import engine_oom_file
+
+            fake = tmp_path / "docker"
+            want = "inspect --format {{.State.Pid}} c1"
+            fake.write_text(f'#!/bin/sh\n[ "$1 $2 $3 $4" = "{want}" ] && echo {p.pid} || exit 1\n')
+            fake.chmod(0o755)
+            assert engine_oom_file(str(fake), "c1", {}) == cgroup.oom_file_of(p.pid)
+            assert engine_oom_file(str(fake), "c2", {}) is None  # no such container
+        finally:
+            p.kill()
+            p.wait()
+    finally:
+        g.remove()
+    assert cgroup.oom_file_of(2**22 + 12345) is None

@@ -33,8 +33,10 @@ def test_exec_ab_script_runs_both_revisions_alternately():
     if subprocess.run(["git", "-C", str(root), "cat-file", "-e", "7d587dd^{commit}"], capture_output=True).returncode:
         import pytest
         pytest.skip("a shallow clone without commit 7d587dd")
-    env = {**os.environ, "PY": sys.executable, "N_TRIVIAL": "6", "N_REAL": "3", "WORKERS": "1",
-           "BACKEND": sb.get_backend("auto").name}
+    # the strongest backend both revisions drive: 7d587dd's container code cannot start today's image (it
+    # looks for python where the image has none), so where auto is the container, the next one that works
+    name = next(n for n in sb.BACKENDS if n != "container" and sb._registry()[n]().available())
+    env = {**os.environ, "PY": sys.executable, "N_TRIVIAL": "6", "N_REAL": "3", "WORKERS": "1", "BACKEND": name}
     r = subprocess.run(["bash", str(root / "scripts/exec_ab.sh"), "7d587dd", "1"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

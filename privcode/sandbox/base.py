@@ -150,6 +150,11 @@ class Backend(abc.ABC):
         """How to start privcode.sandbox.server in this sandbox (a forkserver.ServerSpec), for
         `langs` (None: every language that can run here)."""
 
+    def oom_detail(self, step: dict) -> str:
+        """The detail of an `oom` result: what bounds the sandbox's memory as a whole (the worker's cgroup gets
+        each step's mem_mb)."""
+        return f"memory limit {step['mem_mb']} MiB (cgroup: the sandbox as a whole)"
+
     # ---- toolchains ----
     def _tool_lookup(self, tool: str):
         """Resolved | str for one tool (see privcode.sandbox.toolchains)."""
@@ -284,10 +289,10 @@ class Backend(abc.ABC):
         if st.get("error") and st.get("rc") is None and st.get("sig") is None:
             oom = bool(resp.get("oom"))
             return RunResult("oom" if oom else "killed", None, backend=self.name, fork_server=fork_server,
-                             phase=step["name"], detail=(f"memory limit {step['mem_mb']} MiB (cgroup); "
-                                                         if oom else "") + f"sandbox: {st['error']}")
+                             phase=step["name"], detail=(f"{self.oom_detail(step)}; " if oom else "")
+                             + f"sandbox: {st['error']}")
         stdout, stderr = _decode(base64.b64decode(st["stdout"])), _decode(base64.b64decode(st["stderr"]))
-        status, detail = classify(st, step, stderr, bool(resp.get("oom")))
+        status, detail = classify(st, step, stderr, bool(resp.get("oom")), self.oom_detail(step))
         sig, rc = st.get("sig"), st.get("rc")
         return RunResult(status, -sig if sig is not None else rc, stdout, stderr, round(float(st["wall_s"]), 4),
                          self.name, round(float(st["cpu_s"]), 4), bool(st["exceeded"]), detail,

@@ -46,10 +46,11 @@ def _unescape(s: str) -> str:
     return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
-def _own_dirs() -> dict:
-    """{"v2": dir} and/or {"memory": dir, "pids": dir}: this process's cgroup directories."""
+def _own_dirs(pid="self") -> dict:
+    """{"v2": dir} and/or {"memory": dir, "pids": dir}: the cgroup directories of process `pid` (default
+    this one), as this process's cgroup mounts show them."""
     paths = {}
-    for line in _read("/proc/self/cgroup").splitlines():
+    for line in _read(f"/proc/{pid}/cgroup").splitlines():
         num, ctrls, path = line.split(":", 2)
         for c in (ctrls.split(",") if ctrls else ["v2"]):
             paths[c] = path
@@ -68,6 +69,30 @@ def _own_dirs() -> dict:
             elif p == root or p.startswith(root + "/"):
                 out[k] = mnt.rstrip("/") + p[len(root):]
     return {k: v.rstrip("/") or "/" for k, v in out.items()}
+
+
+def read_oom_kills(fd: int) -> int:
+    """The `oom_kill` count of an open memory.events (v2) or memory.oom_control (v1) file; 0 where it says none."""
+    for line in os.pread(fd, 4096, 0).decode().splitlines():
+        k, _, v = line.partition(" ")
+        if k == "oom_kill":
+            return int(v)
+    return 0
+
+
+def oom_file_of(pid: int) -> str | None:
+    """The file that counts the OOM kills of the memory cgroup process `pid` is in (v2 memory.events, v1
+    memory.oom_control), as this process sees it -- e.g. a docker/podman container's, found from the host
+    by its init's pid; None where it is not readable from here (another host, another cgroup namespace)."""
+    try:
+        dirs = _own_dirs(pid)
+    except (OSError, ValueError):
+        return None
+    for key, name in (("v2", "memory.events"), ("memory", "memory.oom_control")):
+        f = os.path.join(dirs[key], name) if key in dirs else None
+        if f and os.access(f, os.R_OK):
+            return f
+    return None
 
 
 def _clean_stale(parent: str) -> None:
@@ -210,13 +235,9 @@ class _Group:
             if self._oom_fd is None:
                 name = "memory.events" if self.mode == "v2" else "memory.oom_control"
                 self._oom_fd = os.open(self.file("memory", name), os.O_RDONLY | os.O_CLOEXEC)
-            for line in os.pread(self._oom_fd, 4096, 0).decode().splitlines():
-                k, _, v = line.partition(" ")
-                if k == "oom_kill":
-                    return int(v)
+            return read_oom_kills(self._oom_fd)
         except (OSError, ValueError):
-            pass
-        return 0
+            return 0
 
     def wrap(self, argv: list[str]) -> list[str]:
         """`argv` run by a /bin/sh that first joins this cgroup (every controller), then execs it:

@@ -35,8 +35,9 @@ def _signame(sig: int) -> str:
         return str(sig)
 
 
-def classify(st: dict, step: dict, stderr: str, oom_killed: bool) -> tuple[str, str]:
-    """(status, detail) of one step: `st` is the server's result, `step` what was asked."""
+def classify(st: dict, step: dict, stderr: str, oom_killed: bool, oom_detail: str | None = None) -> tuple[str, str]:
+    """(status, detail) of one step: `st` is the server's result, `step` what was asked; `oom_detail`: what
+    bounded the sandbox's memory as a whole when a cgroup OOM-killed (default: the step's mem_mb)."""
     sig, rc = st.get("sig"), st.get("rc")
     failed = sig is not None or rc != 0
     tail = stderr[-2000:]
@@ -45,7 +46,7 @@ def classify(st: dict, step: dict, stderr: str, oom_killed: bool) -> tuple[str, 
     if st.get("exceeded"):
         return "output_limit", f"output over {step['output_bytes']} bytes"
     if oom_killed:
-        return "oom", f"memory limit {step['mem_mb']} MiB (cgroup: the sandbox as a whole)"
+        return "oom", oom_detail or f"memory limit {step['mem_mb']} MiB (cgroup: the sandbox as a whole)"
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and st.get("cpu_s", 0) >= step["cpu_s"] - 0.25):
         return "timeout", f"cpu limit {step['cpu_s']}s"
     if failed and any(m in tail for m in MEMORY_MARKERS):

@@ -16,13 +16,16 @@ What it does (docker/podman): `run --rm -i --network none --user 65534:65534 --c
 engine's default seccomp profile applies. Every snippet goes through privcode.sandbox.server (the
 image's /usr/bin/python3): one container per snippet (`fork_server: false`) or one long-lived
 container per worker (the server is the container's PID 1). A container is killed with
-`<engine> rm -f <name>` (the client alone is not the container).
+`<engine> rm -f <name>` (the client alone is not the container). Its memory limit is the engine's
+cgroup: the host reads that cgroup's OOM kills itself (`engine_oom_file`: the container's init pid from
+`inspect`), the server inside too where it can see it (podman), and a container neither can watch is
+refused.
 Apptainer/Singularity: `exec --containall --net --network none --no-privs --uts` (PID, IPC,
 mount, network and UTS namespaces, an empty private /tmp, a clean environment); as root the
 server drops to uid 65534 with the image's setpriv. Limits: the server's rlimits and the
 worker's cgroup of privcode.sandbox.cgroup (the apptainer process tree stays in it).
-Neither engine is usable on the development machine: the contract test of
-tests/test_sandbox_escape.py runs on this backend only where one is.
+The contract test of tests/test_sandbox_escape.py runs on this backend only where an engine works
+(docs/sandbox.md: runs with Docker and Podman).
 
 Toolchains are the image's (probed once with `command -v`), not the host's.
 
@@ -38,6 +41,7 @@ import uuid
 from pathlib import Path
 
 from privcode.errors import PrivcodeError
+from privcode.sandbox import cgroup
 from privcode.sandbox.base import SANDBOX_DIR, SANDBOX_GID, SANDBOX_UID, Backend, Limits, probe
 from privcode.sandbox.toolchains import COMPILE_MEM_MB, TOOLS, Resolved
 
@@ -76,6 +80,18 @@ def _quiet(argv, timeout=60) -> tuple[int, str]:
     except (OSError, subprocess.TimeoutExpired) as e:
         return 1, f"{type(e).__name__}: {e}"
     return r.returncode, (r.stderr.strip() or r.stdout.strip())[-300:]
+
+
+def engine_oom_file(exe: str, name: str, env: dict) -> str | None:
+    """The host's path of the OOM counter of docker/podman container `name`'s memory cgroup (through its
+    init's pid, `inspect`); None where the engine runs elsewhere (DOCKER_HOST) or the file is not readable."""
+    try:
+        r = subprocess.run([exe, "inspect", "--format", "{{.State.Pid}}", name], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=30, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    pid = r.stdout.strip()
+    return cgroup.oom_file_of(int(pid)) if r.returncode == 0 and pid.isdigit() and int(pid) > 0 else None
 
 
 class ContainerBackend(Backend):
@@ -196,6 +212,12 @@ class ContainerBackend(Backend):
     def _tool_isdir(self, path: str) -> bool:
         return path in self._image_tools().get("_dirs", set())
 
+    def oom_detail(self, step: dict) -> str:
+        eng = (self._found_engine or (self._forced,))[0]
+        if eng in ("docker", "podman"):
+            return f"the container's memory limit ({eng}'s cgroup: the sandbox as a whole, engine_memory_mb)"
+        return super().oom_detail(step)
+
     # ---- command lines ----
     @staticmethod
     def engine_memory_mb(limits: Limits) -> int:
@@ -248,8 +270,10 @@ class ContainerBackend(Backend):
             else None
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_HOST", "XDG_RUNTIME_DIR",
                                                             "CONTAINER_HOST", "APPTAINER_CACHEDIR")}
-        # docker/podman: the engine's own cgroup (--memory, --pids-limit); apptainer: ours
-        return ServerSpec(argv, env, "/", cfg, kill_argv=kill, cgroup=kill is None)
+        # docker/podman: the engine's own cgroup (--memory, --pids-limit), whose OOM kills the host reads too
+        # (docker mounts the container's cgroups under its /sys, which the --tmpfs /sys hides); apptainer: ours
+        locate = (lambda: engine_oom_file(exe, name, env)) if kill is not None else None
+        return ServerSpec(argv, env, "/", cfg, kill_argv=kill, cgroup=kill is None, engine_oom=locate)
 
     def describe(self) -> dict:
         eng = self._found_engine

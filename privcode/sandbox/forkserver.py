@@ -30,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from privcode.errors import PrivcodeError
 from privcode.sandbox import cgroup
@@ -57,6 +58,10 @@ class ServerSpec:
     cleanup: list[str] = field(default_factory=list)
     kill_argv: list[str] | None = None
     cgroup: bool = True  # put the wrapper (and so the sandbox) into a cgroup of its own
+    # docker/podman: once the server answers, the host's path of the file counting the OOM kills of the
+    # engine's cgroup for this container (None: not readable from here); a worker whose OOM kills neither
+    # the host nor the server (hello "oom_counter") can see is refused
+    engine_oom: Callable[[], str | None] | None = None
 
 
 def server_command(python: str, cfg: dict) -> list[str]:
@@ -116,6 +121,26 @@ class Worker:
             self.kill()
             raise PrivcodeError(f"the {backend.name} sandbox worker did not start: {hello}")
         self.hello = hello
+        self._engine_fd = self._open_engine_counter()
+        self._ooms = self._oom_count()
+
+    def _open_engine_counter(self) -> int | None:
+        """An open descriptor of the engine cgroup's OOM counter (ServerSpec.engine_oom), or None; refuses a
+        container whose OOM kills nobody sees (a snippet's child killed, the snippet itself exiting 0: kept)."""
+        if self.spec.engine_oom is None:
+            return None
+        path = self.spec.engine_oom()
+        if path is not None:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+        if not self.hello.get("oom_counter"):
+            self.kill()
+            raise PrivcodeError(f"the {self.backend.name} sandbox worker: neither this host nor the server inside "
+                                "can read the container's memory cgroup, so an OOM kill inside it would go unseen "
+                                "(a snippet whose child is killed could be kept); run the engine on this host")
+        return None
 
     # ---- framing with deadlines (never blocks past them) ----
     def _write(self, data: bytes, deadline: float) -> None:
@@ -178,16 +203,24 @@ class Worker:
             self.kill()
             raise
         self.served += 1
-        resp["oom"] = self._oom_since_last() or bool(resp.get("oom"))  # ours, or the container's (the server's)
+        resp["oom"] = self._oom_since_last() or bool(resp.get("oom"))  # ours, the engine's, or the server's count
         if resp.get("tainted"):
             self.kill()
         return resp
 
+    def _oom_count(self) -> int:
+        """OOM kills so far in the worker's cgroup and in the engine's cgroup of its container."""
+        n = self.cg.oom_kills() if self.cg is not None else 0
+        if getattr(self, "_engine_fd", None) is not None:
+            try:
+                n += cgroup.read_oom_kills(self._engine_fd)
+            except (OSError, ValueError):
+                pass
+        return n
+
     def _oom_since_last(self) -> bool:
-        """Whether the cgroup OOM-killed since the previous request ended."""
-        if self.cg is None:
-            return False
-        n = self.cg.oom_kills()
+        """Whether a cgroup of the worker OOM-killed since the previous request ended."""
+        n = self._oom_count()
         seen, self._ooms = getattr(self, "_ooms", 0), n
         return n > seen
 
@@ -297,6 +330,9 @@ class Worker:
         cg, self.cg = self.cg, None
         if cg is not None:
             cg.remove()
+        fd, self._engine_fd = getattr(self, "_engine_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
 
 class WorkerPool:

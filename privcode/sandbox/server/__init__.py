@@ -22,7 +22,8 @@ Three kinds of process, all of the sandbox uid:
             from the start and the snippet's own data, never an earlier snippet's.
 
 Protocol (stdin/stdout of the server; frames are a 4-byte big-endian length + UTF-8 JSON):
-  server -> host  {"ready": true, "pid", "pid1", "python", "seccomp"}  once, at start
+  server -> host  {"ready": true, "pid", "pid1", "python", "seccomp", "oom_counter" (it reads one of cfg
+                   "oom_counters")}  once, at start
   host -> server  {"files": {name: text} (first step of a snippet), "env": {..}, "steps": [step],
                    "keep": bool}; step = {"name", "argv": [..] | "python": "<file>", "wall_s",
                    "cpu_s", "mem_mb", "fsize_mb", "nproc", "output_bytes", "env"}

@@ -286,7 +286,7 @@ def main():
     os.close(devnull)
     srv = Server(cfg)  # forks the template first (it inherits no protocol descriptor)
     write_frame(wfd, {"ready": True, "pid": os.getpid(), "pid1": srv.pid1, "seccomp": srv.seccomp is not None,
-                      "python": "%d.%d.%d" % sys.version_info[:3]})
+                      "oom_counter": srv.oom_file is not None, "python": "%d.%d.%d" % sys.version_info[:3]})
     while True:
         req = read_frame(rfd)
         if req is None or req.get("op") == "exit":
