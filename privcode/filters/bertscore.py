@@ -62,17 +62,25 @@ class Scorer:
             tok.model_max_length = min(512, max_pos - 2)
 
     def f1(self, cands: list[str], refs: list[str], progress=None) -> list[float]:
-        """BERTScore F1 of each (candidate, reference) pair, in order."""
+        """BERTScore F1 of each (candidate, reference) pair, in order. A pair with an empty (or blank) side
+        scores 0.0, as bert-score itself sets it, without reaching bert-score's encoder for it (whose
+        path for an empty sentence fails under transformers 5: no build_inputs_with_special_tokens)."""
         if len(cands) != len(refs):
             raise ValueError("cands and refs differ in length")
-        out: list[float] = []
+        scored = [i for i, (c, r) in enumerate(zip(cands, refs)) if c.strip() and r.strip()]
+        out = [0.0] * len(cands)
         chunk = self.batch_size * 8  # bert-score embeds unique sentences per call; chunks give progress
         with matmul_precision("high" if self.tf32 else "highest"):
-            for s in range(0, len(cands), chunk):
-                _, _, f = self._scorer.score(cands[s:s + chunk], refs[s:s + chunk], batch_size=self.batch_size)
-                out.extend(float(x) for x in f.tolist())
+            for s in range(0, len(scored), chunk):
+                part = scored[s:s + chunk]
+                _, _, f = self._scorer.score([cands[i] for i in part], [refs[i] for i in part],
+                                             batch_size=self.batch_size)
+                for i, x in zip(part, f.tolist()):
+                    out[i] = float(x)
                 if progress is not None:
-                    progress(len(cands[s:s + chunk]))
+                    progress(len(part))
+        if progress is not None and len(scored) < len(cands):
+            progress(len(cands) - len(scored))
         return out
 
     def describe(self) -> dict:
