@@ -230,6 +230,34 @@ def test_measured_early_stop_replays_each_rounds_share(tmp_path):
     assert measured_early_stop(tmp_path / "s.jsonl", plan, 0.9) == want
 
 
+def test_fit_pass_p_recovers_the_models_p_and_predicts_its_reach():
+    """early_stop.fit_pass_p: first passes drawn from the projection's model (a share `keep` passes, the first
+    pass geometric in p within n) give back p, and the model at that p predicts the reach replayed on the draws
+    (what scripts/early_stop_reach.py compares with a real run); passes no earlier than uniform give p ~ 0,
+    no pass at all 0."""
+    import random
+
+    from privcode.filters.early_stop import fit_pass_p, mean_descriptions, reach_probabilities, round_sizes
+
+    rng, n, keep = random.Random(7), 20, 0.5
+    for p in (0.05, 0.15, 0.3, 0.6):
+        firsts = []
+        for _ in range(20_000):
+            f = None
+            if rng.random() < keep:
+                while f is None:  # a geometric first pass, conditioned on one within n
+                    f = next((j for j in range(n) if rng.random() < p), None)
+            firsts.append(f)
+        got = fit_pass_p(firsts, n)
+        assert abs(got - p) < 0.1 * p, (p, got)
+        sizes = round_sizes(n, [5, 15])
+        replay = [sum(f is None or f >= sum(sizes[:r]) for f in firsts) / len(firsts) for r in range(len(sizes))]
+        model = reach_probabilities(n, [5, 15], keep, got)
+        assert abs(mean_descriptions(n, [5, 15], model) - mean_descriptions(n, [5, 15], replay)) < 0.1
+    assert fit_pass_p([j % n for j in range(1000)], n) < 0.01
+    assert fit_pass_p([None, None], n) == 0.0
+
+
 def test_candidate_schedules_scale_to_n_and_are_distinct():
     from privcode.bench.pipeline_plan import candidate_schedules, default_schedule
     from privcode.filters.early_stop import round_sizes

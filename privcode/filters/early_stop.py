@@ -151,6 +151,26 @@ def reach_probabilities(n: int, k, keep: float, p: float) -> list[float]:
     return out
 
 
+def fit_pass_p(firsts, n: int) -> float:
+    """The per-description pass chance p of `reach_probabilities`' model that best explains measured first
+    passes: `firsts` holds, per program, the index (0..n-1) of its first description at or above τ, None where
+    none passes; the programs that pass fix p by maximum likelihood of a geometric first pass conditioned on a
+    pass within n (its mean matched; 0 where no program passes, ~0 where passes are no earlier than uniform)."""
+    xs = [f for f in firsts if f is not None]
+    if not xs:
+        return 0.0
+    mean = sum(xs) / len(xs)
+
+    def excess(p):  # E[index | a pass within n] - mean: falls from (n-1)/2 - mean (p -> 0) to -mean (p = 1)
+        q = 1 - p
+        return q / p - n * q ** n / (1 - q ** n) - mean
+    lo, hi = 1e-9, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
 def mean_descriptions(n: int, k, reach: list[float]) -> float:
     """Descriptions per program of the schedule `k` when round r is reached by a share reach[r]."""
     return sum(q * m for q, m in zip(reach, round_sizes(n, k)))
