@@ -60,6 +60,25 @@ def test_clipped_sum_does_not_depend_on_the_number_of_processes(tiny_model, tmp_
     torch.testing.assert_close(two["update"], one["update"], rtol=1e-4, atol=1e-7)
 
 
+def test_process_group_is_torn_down_at_exit(tmp_path):
+    """engine.init_distributed registers the process group's teardown at exit: every rank of a 2-process gloo
+    run finds the group destroyed once its program ends (a handler registered before init runs after it; atexit
+    is last-in first-out). Without the teardown gloo's threads may abort a finished rank at finalization."""
+    script = tmp_path / "w.py"
+    script.write_text("import atexit, torch\n"
+                      "from privcode.dp import engine\n"
+                      "atexit.register(lambda: print('initialized at exit:', torch.distributed.is_initialized()))\n"
+                      "rank, world = engine.init_distributed()\n"
+                      "torch.distributed.barrier()\n"
+                      "print('rank', rank, 'of', world)\n")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--tee=1", str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert "rank 0 of 2" in out and "rank 1 of 2" in out, out[-2000:]
+    assert out.count("initialized at exit: False") == 2 and "initialized at exit: True" not in out, out[-2000:]
+
+
 def test_same_epsilon_on_one_and_two_processes(tiny_model, tmp_path):
     data = mark_private(write_records(tmp_path / "private" / "d40" / "records.jsonl", 40).parent)
     params = json.dumps({"epsilon": 3.0, "delta": 1e-3, "steps": 2, "batch_size": 10, "max_length": 48,

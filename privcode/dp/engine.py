@@ -25,6 +25,7 @@ them; ranks run in lock step, padding micro-batches contribute no gradient).
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import math
@@ -93,8 +94,21 @@ def init_distributed() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(backend=backend)
+        atexit.register(_destroy_group)
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world
+
+
+def _destroy_group() -> None:
+    """At exit, while the interpreter is still whole: tear the process group down. Without it gloo's worker
+    threads can outlive it and abort the process during finalization (SIGABRT, "terminate called without an
+    active exception": pytorch/pytorch#190489; seen once in CI on a 2-process test), and torchrun then reports
+    a run that finished as failed."""
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting: nothing is left to report to
+            pass
 
 
 class _NoiseOnce:
